@@ -1,0 +1,73 @@
+"""Pack an experiment's workdir, and gpupool's in-session runtime, for shipping to a session."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from gpupool.errors import SpecError
+
+EXCLUDE_DIRS = {".git", "__pycache__", ".venv", "venv", "gpupool-session", ".ipynb_checkpoints",
+                ".mypy_cache", ".pytest_cache", ".ruff_cache"}
+MAX_BUNDLE_BYTES = 200 * 1024 * 1024
+RUNTIME_MODULES = ("__init__.py", "runtime.py", "manifest.py", "torch.py", "bootstrap.py")
+
+
+def _workdir_files(workdir: Path) -> Iterator[Path]:
+    for root, dirs, files in os.walk(workdir):
+        dirs[:] = sorted(d for d in dirs if d not in EXCLUDE_DIRS)
+        for name in sorted(files):
+            path = Path(root) / name
+            if not path.is_symlink() and not name.endswith(".pyc"):
+                yield path
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), mode, 0  # fixed mtime: same code, same bytes
+    tar.addfile(info, io.BytesIO(data))
+
+
+def pack_workdir(workdir: Path, target: Path) -> str:
+    """Write ``workdir`` as a reproducible .tar.gz at ``target``; returns its sha256."""
+    workdir = Path(workdir)
+    if not workdir.is_dir():
+        raise SpecError("experiment", [("workdir", f"{workdir} is not a directory")])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".partial")
+    total = 0
+    with tarfile.open(tmp, "w:gz", compresslevel=6) as tar:
+        for path in _workdir_files(workdir):
+            data = path.read_bytes()
+            total += len(data)
+            if total > MAX_BUNDLE_BYTES:
+                tmp.unlink(missing_ok=True)
+                raise SpecError("experiment", [("workdir", (
+                    f"{workdir} holds more than {MAX_BUNDLE_BYTES >> 20} MiB; keep data sets out "
+                    "of the workdir and load them from the session"))])
+            _add(tar, path.relative_to(workdir).as_posix(), data, path.stat().st_mode & 0o755)
+    os.replace(tmp, target)
+    return hashlib.sha256(target.read_bytes()).hexdigest()
+
+
+def runtime_sources() -> dict[str, bytes]:
+    """gpupool's in-session modules (standard library only), as ``gpupool/<file>`` -> bytes."""
+    here = Path(__file__).parent
+    return {f"gpupool/{name}": (here / name).read_bytes() for name in RUNTIME_MODULES}
+
+
+def pack_runtime(target: Path) -> None:
+    """A .tar.gz holding the in-session runtime, to put on ``sys.path`` in a remote session."""
+    with tarfile.open(target, "w:gz") as tar:
+        for name, data in sorted(runtime_sources().items()):
+            _add(tar, name, data)
+
+
+def safe_extract(archive: Path, directory: Path) -> None:
+    """Extract regular files only, refusing paths that leave ``directory``."""
+    with tarfile.open(archive, "r:*") as tar:
+        tar.extractall(directory, filter="data")

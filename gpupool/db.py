@@ -1,0 +1,148 @@
+"""The state database: tables (SQLAlchemy Core), engine set-up, and migrations on first use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+from gpupool.errors import StateError
+
+metadata = sa.MetaData()
+
+ACTIVE_STATES = ("created", "submitted", "running")
+
+experiments = sa.Table(
+    "experiments", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(64), nullable=False, index=True),
+    sa.Column("spec", sa.Text, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False, index=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("bundle", sa.Text, nullable=False),
+    sa.Column("hops", sa.Integer, nullable=False, default=0),
+    sa.Column("errors", sa.Integer, nullable=False, default=0),
+    sa.Column("gpu_seconds", sa.Float, nullable=False, default=0.0),
+    sa.Column("last_step", sa.Integer),
+    sa.Column("last_checkpoint", sa.String(128)),
+    sa.Column("wait_reason", sa.Text),
+    sa.Column("not_before", sa.Float),
+    sa.Column("message", sa.Text),
+)
+
+attempts = sa.Table(
+    "attempts", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("experiment_id", sa.String(64), sa.ForeignKey("experiments.id"), nullable=False, index=True),
+    sa.Column("seq", sa.Integer, nullable=False),
+    sa.Column("provider", sa.String(32), nullable=False),
+    sa.Column("account", sa.String(64), nullable=False, default="default"),
+    sa.Column("state", sa.String(16), nullable=False, index=True),
+    sa.Column("remote_id", sa.Text),
+    sa.Column("url", sa.Text),
+    sa.Column("end_reason", sa.Text),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("started_at", sa.Float),
+    sa.Column("ended_at", sa.Float),
+    sa.Column("deadline", sa.Float),
+    sa.Column("last_heartbeat", sa.Float),
+    sa.Column("step_start", sa.Integer),
+    sa.Column("step", sa.Integer),
+    sa.Column("rate", sa.Float),
+    sa.Column("checkpoint_in", sa.String(128)),
+    sa.Column("checkpoint_out", sa.String(128)),
+    sa.Column("gpu_seconds", sa.Float, nullable=False, default=0.0),
+    sa.Column("detail", sa.Text),
+    sa.UniqueConstraint("experiment_id", "seq", name="uq_attempt_seq"),
+)
+# At most one active attempt per experiment, enforced by the database itself.
+sa.Index(
+    "uq_one_active_attempt", attempts.c.experiment_id, unique=True,
+    sqlite_where=attempts.c.state.in_(ACTIVE_STATES),
+    postgresql_where=attempts.c.state.in_(ACTIVE_STATES),
+)
+
+quota_ledger = sa.Table(
+    "quota_ledger", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("provider", sa.String(32), nullable=False),
+    sa.Column("account", sa.String(64), nullable=False),
+    sa.Column("attempt_id", sa.String(64), unique=True),  # one charge per attempt, ever
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("ended_at", sa.Float, nullable=False),
+    sa.Column("seconds", sa.Float, nullable=False),
+    sa.Index("ix_ledger_account", "provider", "account", "ended_at"),
+)
+
+events = sa.Table(
+    "events", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("experiment_id", sa.String(64), index=True),
+    sa.Column("attempt_id", sa.String(64)),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("message", sa.Text, nullable=False),
+)
+
+provider_health = sa.Table(
+    "provider_health", metadata,
+    sa.Column("provider", sa.String(32), primary_key=True),
+    sa.Column("account", sa.String(64), primary_key=True),
+    sa.Column("unavailable_until", sa.Float),
+    sa.Column("reason", sa.Text),
+    sa.Column("failures", sa.Integer, nullable=False, default=0),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+leases = sa.Table(
+    "leases", metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("owner", sa.String(128), nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+)
+
+
+def create_engine(url: str) -> sa.Engine:
+    """An engine for ``url``; SQLite files get WAL, a busy timeout and enforced foreign keys."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return sa.create_engine(url, pool_pre_ping=True)
+    if parsed.database and parsed.database != ":memory:":
+        _ensure_parent(Path(parsed.database))
+    engine = sa.create_engine(url, connect_args={"timeout": 30})
+    sa.event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def _ensure_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise StateError(f"cannot create the state directory {path.parent}: {err}") from None
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def migrate(engine: sa.Engine) -> None:
+    """Bring the schema to the newest revision (creates it on first use)."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    try:
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+    except sa.exc.SQLAlchemyError as err:
+        raise StateError(f"cannot prepare the state database {engine.url!r}: {err}") from None

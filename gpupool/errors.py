@@ -1,0 +1,98 @@
+"""Every error gpupool raises on purpose.
+
+    GpupoolError                      root: a message that says what, where and what to do next
+    ├── SpecError                     an experiment or pool file is invalid (carries every problem)
+    ├── ConfigError                   pool configuration or environment is unusable
+    ├── StateError                    the state database cannot be used
+    │   └── IllegalTransition         a state change the lifecycle does not allow
+    ├── NotFound                      no experiment / attempt with that id
+    ├── CheckpointError               the checkpoint store refused or failed
+    │   ├── CorruptCheckpoint         a checkpoint's files do not match its manifest
+    │   └── UnsafePath                a manifest names a path outside its checkpoint
+    ├── ProviderError                 a provider failed (network, protocol, remote error)
+    │   ├── CredentialsError          credentials missing, invalid, expired or revoked
+    │   ├── ProviderUnavailable       no capacity now: the scheduler should try elsewhere
+    │   └── RateLimited               the service asked us to slow down (``retry_after``)
+    └── RuntimeErrorInSession         misuse of gpupool.runtime inside a training script
+"""
+
+from __future__ import annotations
+
+
+class GpupoolError(Exception):
+    """Root of gpupool's errors; ``str(err)`` is meant for the user."""
+
+    exit_code = 1
+
+
+class SpecError(GpupoolError):
+    """An input file failed validation; ``problems`` lists ``(location, message)`` pairs."""
+
+    exit_code = 2
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]):
+        self.source = source
+        self.problems = problems
+        lines = [f"{source}: {len(problems)} problem(s)"]
+        lines += [f"  {where}: {what}" for where, what in problems]
+        super().__init__("\n".join(lines))
+
+
+class ConfigError(GpupoolError):
+    exit_code = 2
+
+
+class StateError(GpupoolError):
+    pass
+
+
+class IllegalTransition(StateError):
+    def __init__(self, kind: str, ident: str, current: str, target: str):
+        self.kind, self.ident, self.current, self.target = kind, ident, current, target
+        super().__init__(f"{kind} {ident}: cannot move from {current} to {target}")
+
+
+class NotFound(GpupoolError):
+    exit_code = 3
+
+
+class CheckpointError(GpupoolError):
+    pass
+
+
+class CorruptCheckpoint(CheckpointError):
+    def __init__(self, name: str, reason: str):
+        self.name, self.reason = name, reason
+        super().__init__(f"checkpoint {name} is corrupt: {reason}")
+
+
+class UnsafePath(CheckpointError):
+    pass
+
+
+class ProviderError(GpupoolError):
+    def __init__(self, provider: str, message: str):
+        self.provider = provider
+        super().__init__(f"{provider}: {message}")
+
+
+class CredentialsError(ProviderError):
+    pass
+
+
+class ProviderUnavailable(ProviderError):
+    """No capacity now. ``until`` (epoch seconds) says when to try again, if known."""
+
+    def __init__(self, provider: str, message: str, until: float | None = None):
+        self.until = until
+        super().__init__(provider, message)
+
+
+class RateLimited(ProviderError):
+    def __init__(self, provider: str, message: str, retry_after: float | None = None):
+        self.retry_after = retry_after
+        super().__init__(provider, message)
+
+
+class RuntimeErrorInSession(GpupoolError):
+    pass

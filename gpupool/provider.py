@@ -1,0 +1,238 @@
+"""The one interface every provider adapter implements, and how adapters are found.
+
+Adapters are light objects built from their section of the pool configuration. What an adapter
+cannot do is data (``unsupported``), and each maps its remote status strings to
+``AttemptState`` in one dict (``status_map``). Adapters are discovered through the
+``gpupool.providers`` entry-point group and imported only when first used, so a third party can
+add one without touching the core and ``import gpupool`` loads no provider SDK.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from gpupool import runtime
+from gpupool.errors import ConfigError, SpecError
+from gpupool.manifest import Manifest
+from gpupool.states import AttemptState
+
+if TYPE_CHECKING:
+    from gpupool.spec import ExperimentSpec
+    from gpupool.state import Attempt
+    from gpupool.store import CheckpointStore
+
+ENTRY_POINT_GROUP = "gpupool.providers"
+
+
+class Clock(Protocol):
+    def __call__(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class Availability:
+    ok: bool
+    reason: str = ""
+    until: float | None = None  # epoch seconds when it may change, if known
+
+
+@dataclass(frozen=True)
+class Quota:
+    """GPU time of one account in its current window."""
+
+    used_seconds: float
+    total_seconds: float | None  # None: unlimited
+    resets_at: float | None = None
+    source: str = "ledger"  # "api", "ledger" or "estimate"
+
+    @property
+    def remaining_seconds(self) -> float | None:
+        if self.total_seconds is None:
+            return None
+        return max(0.0, self.total_seconds - self.used_seconds)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Everything a provider needs to start one attempt."""
+
+    attempt_id: str
+    experiment_id: str
+    account: str
+    spec: ExperimentSpec
+    bundle: Path  # the experiment's code as a .tar.gz (see gpupool.bundle)
+    store: CheckpointStore  # the experiment's checkpoints
+    restore: Manifest | None  # the verified checkpoint to resume from, if any
+    checkpoint_interval: float
+    now: float
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Submission:
+    remote_id: str
+    url: str | None = None  # e.g. the Colab link a person must open
+    message: str | None = None
+    deadline: float | None = None  # when the session will be cut (epoch), if known
+
+
+@dataclass(frozen=True)
+class PollResult:
+    state: AttemptState
+    step: int | None = None
+    heartbeat: float | None = None
+    rate: float | None = None  # steps per second
+    started_at: float | None = None
+    message: str | None = None  # why it ended, or what it waits for
+
+
+class Provider(abc.ABC):
+    """A place where attempts run. Subclasses set ``name`` and implement the abstract methods."""
+
+    name: ClassVar[str]
+    status_map: ClassVar[dict[str, AttemptState]] = {}
+    unsupported: ClassVar[dict[str, str]] = {}
+    Config: ClassVar[type[BaseModel]]
+
+    def __init__(self, config: BaseModel, data_dir: Path, clock: Clock):
+        self.config = config
+        self.data_dir = Path(data_dir)
+        self.clock = clock
+
+    @classmethod
+    def from_section(cls, section: dict[str, Any], data_dir: Path, clock: Clock) -> Provider:
+        try:
+            config = cls.Config.model_validate(section)
+        except ValidationError as err:
+            problems = [(f"providers.{cls.name}." + ".".join(map(str, e["loc"])), e["msg"])
+                        for e in err.errors()]
+            raise SpecError("pool configuration", problems) from None
+        return cls(config, data_dir, clock)
+
+    # -- what the provider offers --------------------------------------------------------
+
+    @property
+    def enabled(self) -> bool:
+        return bool(getattr(self.config, "enabled", True))
+
+    def accounts(self) -> list[str]:
+        return ["default"]
+
+    def max_concurrent(self, account: str) -> int | None:
+        return getattr(self.config, "max_concurrent", None)
+
+    def session_seconds(self) -> float | None:
+        """The longest a session may last here (the provider's cap), None if unlimited."""
+        return getattr(self.config, "session_seconds", None)
+
+    def gpu_kinds(self) -> set[str] | None:
+        """GPU kinds this provider can give (lowercase), None if it cannot tell."""
+        return None
+
+    def startup_seconds(self) -> float:
+        return float(getattr(self.config, "startup_seconds", 60.0))
+
+    @abc.abstractmethod
+    def check_credentials(self) -> tuple[bool, str]:
+        """(usable, hint): whether credentials are found and work, and what to do if not."""
+
+    def availability(self, account: str, now: float) -> Availability:
+        return Availability(True)
+
+    def quota(self, account: str, now: float, charged: float) -> Quota | None:
+        """Remaining GPU time; ``charged`` is what the ledger charged in the current window."""
+        return None
+
+    def quota_window_start(self, now: float) -> float:
+        """Start of the window the ledger sums over (the Kaggle week, a rolling day...)."""
+        return 0.0
+
+    # -- attempts ------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def submit(self, launch: Launch) -> Submission:
+        """Start the attempt. Must be idempotent per ``launch.attempt_id``: a scheduler that
+        crashed after submitting calls it again. Raise ``ProviderUnavailable`` for no capacity."""
+
+    @abc.abstractmethod
+    def poll(self, attempt: Attempt, now: float) -> PollResult:
+        """The attempt's state now, with progress when known."""
+
+    @abc.abstractmethod
+    def cancel(self, attempt: Attempt) -> None:
+        """Stop the attempt (best effort, idempotent)."""
+
+    @abc.abstractmethod
+    def logs(self, attempt: Attempt) -> str:
+        """The attempt's log text so far (kept readable after the session ends)."""
+
+    @abc.abstractmethod
+    def collect(self, attempt: Attempt, store: CheckpointStore) -> list[Manifest]:
+        """Relay the checkpoints this attempt produced into ``store`` (verified); idempotent."""
+
+    def cleanup(self, attempt: Attempt) -> None:
+        """Free remote resources after the attempt's checkpoints are collected."""
+
+
+def runtime_env(launch: Launch, *, provider: str, session_dir: str, restore_dir: str | None,
+                deadline: float | None) -> dict[str, str]:
+    """The variables gpupool.runtime reads inside the session, plus the experiment's env."""
+    env = dict(launch.spec.env)
+    env.update({
+        runtime.ENV_EXPERIMENT: launch.experiment_id,
+        runtime.ENV_ATTEMPT: launch.attempt_id,
+        runtime.ENV_PROVIDER: provider,
+        runtime.ENV_SESSION_DIR: session_dir,
+        runtime.ENV_INTERVAL: str(launch.checkpoint_interval),
+        runtime.ENV_KEEP_LAST: str(launch.spec.checkpoint.keep_last),
+    })
+    if restore_dir:
+        env[runtime.ENV_RESTORE_DIR] = restore_dir
+    if deadline is not None:
+        env[runtime.ENV_DEADLINE] = f"{deadline:.3f}"
+    env.update(launch.extra_env)
+    return env
+
+
+def classify_exit(returncode: int | None, outcome: str | None) -> tuple[AttemptState, str]:
+    """How a session ended, from its exit code and what the runtime wrote (``outcome.json``)."""
+    if outcome == "done" and returncode in (0, None):
+        return AttemptState.SUCCEEDED, "training completed"
+    if outcome == "yield" or returncode == runtime.EXIT_YIELD:
+        return AttemptState.YIELDED, "session ended at its deadline; checkpoint saved"
+    if returncode == 0:
+        return AttemptState.SUCCEEDED, "the run command exited 0"
+    if returncode is None:
+        return AttemptState.LOST, "the session ended without an exit status"
+    if returncode < 0 or returncode in (128 + 9, 128 + 15):
+        return AttemptState.LOST, f"the training process was killed (signal {abs(returncode) % 128})"
+    return AttemptState.FAILED, f"the run command failed with exit code {returncode}"
+
+
+# -- discovery ---------------------------------------------------------------------------
+
+def available_providers() -> dict[str, metadata.EntryPoint]:
+    """Provider names found through entry points (nothing imported yet)."""
+    return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def load_provider_class(name: str) -> type[Provider]:
+    entry = available_providers().get(name)
+    if entry is None:
+        known = ", ".join(sorted(available_providers())) or "none"
+        raise ConfigError(f"unknown provider {name!r} (installed: {known})")
+    try:
+        cls = entry.load()
+    except ImportError as err:
+        raise ConfigError(
+            f"provider {name!r} could not be imported ({err}); reinstall gpupool "
+            f"or the package that provides it"
+        ) from None
+    if not (isinstance(cls, type) and issubclass(cls, Provider)):
+        raise ConfigError(f"entry point {name!r} does not name a gpupool Provider")
+    return cls

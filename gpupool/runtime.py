@@ -1,0 +1,241 @@
+"""The in-session runtime: the part of gpupool that runs inside a training script.
+
+Standard library only (plus ``gpupool.manifest``), so it works in any Colab, Kaggle or local
+session. A resumable training script looks like this::
+
+    from gpupool import runtime
+    import gpupool.torch as gt
+
+    session = runtime.session()
+    step = 0
+    if session.restore_dir:                       # None on the very first attempt
+        step = gt.load_training_state(session.restore_dir, model=model, optimizer=opt).step
+    while step < total_steps:
+        train_one_step(); step += 1
+        session.report(step, loss=loss)           # progress and heartbeat, cheap
+        if session.checkpoint_due() or session.should_stop():
+            with session.checkpoint(step) as folder:   # published atomically on exit
+                gt.save_training_state(folder, model=model, optimizer=opt, step=step)
+        if session.should_stop():                  # the session deadline is near, or SIGTERM
+            session.yield_session()                # exits; gpupool resumes it elsewhere
+    session.complete(step)
+
+Outside gpupool (no ``GPUPOOL_*`` variables) the same script runs standalone, checkpointing
+into ``./gpupool-session``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from gpupool.manifest import Manifest, list_local, publish_local
+
+ENV_EXPERIMENT = "GPUPOOL_EXPERIMENT"
+ENV_ATTEMPT = "GPUPOOL_ATTEMPT"
+ENV_PROVIDER = "GPUPOOL_PROVIDER"
+ENV_SESSION_DIR = "GPUPOOL_SESSION_DIR"
+ENV_RESTORE_DIR = "GPUPOOL_RESTORE_DIR"
+ENV_DEADLINE = "GPUPOOL_DEADLINE"
+ENV_INTERVAL = "GPUPOOL_CHECKPOINT_INTERVAL"
+ENV_KEEP_LAST = "GPUPOOL_KEEP_LAST"
+ENV_LOG_EVENTS = "GPUPOOL_LOG_EVENTS"
+
+EXIT_YIELD = 75  # EX_TEMPFAIL: "stopped on purpose, resume me"
+EVENT_PREFIX = "[gpupool] "
+PROGRESS_EVERY = 1.0  # seconds between progress records: report() stays cheap
+
+
+class Session:
+    """What a training script needs from gpupool during one session."""
+
+    def __init__(self, env: dict[str, str] | None = None, *, install_sigterm: bool = True):
+        env = dict(os.environ if env is None else env)
+        self.experiment = env.get(ENV_EXPERIMENT, "standalone")
+        self.attempt = env.get(ENV_ATTEMPT, "standalone")
+        self.provider = env.get(ENV_PROVIDER, "standalone")
+        self.session_dir = Path(env.get(ENV_SESSION_DIR) or "gpupool-session").absolute()
+        self.checkpoint_root = self.session_dir / "checkpoints"
+        self.deadline = float(env[ENV_DEADLINE]) if env.get(ENV_DEADLINE) else None
+        self.interval = float(env.get(ENV_INTERVAL) or 600)
+        self.keep_last = int(env.get(ENV_KEEP_LAST) or 3)
+        self.log_events = env.get(ENV_LOG_EVENTS) == "1"
+        self._given_restore = Path(env[ENV_RESTORE_DIR]) if env.get(ENV_RESTORE_DIR) else None
+        self._stop_requested = False
+        self._last_checkpoint = time.monotonic()
+        self._last_progress = 0.0
+        self._save_seconds = 0.0
+        self._background: threading.Thread | None = None
+        self._background_error: BaseException | None = None
+        self.session_dir.mkdir(parents=True, exist_ok=True)
+        if install_sigterm:
+            self._install_sigterm()
+
+    # -- where to restore from ------------------------------------------------------------
+
+    @property
+    def restore_dir(self) -> Path | None:
+        """The newest checkpoint to resume from: one written earlier in this session, or the
+        one gpupool brought in; None when training starts from scratch."""
+        own = list_local(self.checkpoint_root)
+        if own:
+            return self.checkpoint_root / own[0].name
+        return self._given_restore
+
+    @property
+    def restore_manifest(self) -> Manifest | None:
+        directory = self.restore_dir
+        if directory is None:
+            return None
+        from gpupool.manifest import read_local
+
+        return read_local(directory)
+
+    # -- when to stop and when to save ----------------------------------------------------
+
+    def should_stop(self) -> bool:
+        """True once the session must end: SIGTERM arrived or the deadline (minus the time a
+        checkpoint takes to save) is reached. Save, then call ``yield_session()``."""
+        if self._stop_requested:
+            return True
+        if self.deadline is None:
+            return False
+        return time.time() + 2 * self._save_seconds >= self.deadline
+
+    def checkpoint_due(self) -> bool:
+        return time.monotonic() - self._last_checkpoint >= self.interval
+
+    def seconds_left(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.time())
+
+    def _install_sigterm(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def _on_term(signum: int, frame: Any) -> None:
+            self._stop_requested = True
+            self.event("sigterm")
+
+        signal.signal(signal.SIGTERM, _on_term)
+
+    # -- progress -------------------------------------------------------------------------
+
+    def report(self, step: int, **metrics: float) -> None:
+        """Record progress; written at most once a second, so call it every step."""
+        now = time.monotonic()
+        if now - self._last_progress < PROGRESS_EVERY:
+            return
+        self._last_progress = now
+        self.event("progress", step=step, metrics=metrics)
+
+    def event(self, kind: str, **fields: Any) -> None:
+        record = {"event": kind, "time": time.time(), "attempt": self.attempt, **fields}
+        line = json.dumps(record, default=str)
+        with open(self.session_dir / "events.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+        if self.log_events:
+            print(EVENT_PREFIX + line, flush=True)
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def checkpoint(self, step: int, *, final: bool = False, **metadata: Any) -> Iterator[Path]:
+        """A fresh folder to save into; on a clean exit it is published atomically."""
+        self.wait_for_background()
+        started = time.monotonic()
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.session_dir))
+        try:
+            yield staging
+            self._publish(staging, step, final, metadata)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        self._save_seconds = time.monotonic() - started
+
+    def checkpoint_in_background(self, step: int, write: Callable[[Path], Any], **metadata: Any) -> None:
+        """Run ``write(folder)`` and the publish in a thread; the loop goes on meanwhile.
+
+        ``write`` must only touch a snapshot of the training state (see
+        ``gpupool.torch.snapshot_training_state``). A crash during the write leaves no
+        checkpoint: the publish happens only after ``write`` returns.
+        """
+        self.wait_for_background()
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.session_dir))
+        self._last_checkpoint = time.monotonic()
+
+        def _run() -> None:
+            started = time.monotonic()
+            try:
+                write(staging)
+                self._publish(staging, step, False, metadata)
+            except BaseException as err:  # surfaced by wait_for_background()
+                self._background_error = err
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            self._save_seconds = time.monotonic() - started
+
+        self._background = threading.Thread(target=_run, name="gpupool-checkpoint", daemon=False)
+        self._background.start()
+
+    def wait_for_background(self) -> None:
+        """Wait for a background checkpoint; re-raise its error here, in the training loop."""
+        if self._background is not None:
+            self._background.join()
+            self._background = None
+        if self._background_error is not None:
+            err, self._background_error = self._background_error, None
+            raise err
+
+    def _publish(self, staging: Path, step: int, final: bool, metadata: dict[str, Any]) -> None:
+        manifest = publish_local(
+            staging, self.checkpoint_root, step=step, final=final, experiment=self.experiment,
+            attempt=self.attempt, provider=self.provider, metadata=metadata,
+        )
+        self._last_checkpoint = time.monotonic()
+        self.event("checkpoint", step=step, name=manifest.name, bytes=manifest.total_bytes)
+        self._prune()
+
+    def _prune(self) -> None:
+        for old in list_local(self.checkpoint_root)[self.keep_last :]:
+            shutil.rmtree(self.checkpoint_root / old.name, ignore_errors=True)
+
+    # -- ending the session ---------------------------------------------------------------
+
+    def complete(self, step: int, **metrics: float) -> None:
+        """Training is finished: gpupool marks the experiment done after this session."""
+        self.wait_for_background()
+        self._write_outcome("done", step)
+        self.event("complete", step=step, metrics=metrics)
+
+    def yield_session(self, step: int | None = None) -> None:
+        """End this session on purpose (deadline or SIGTERM); gpupool resumes elsewhere."""
+        self.wait_for_background()
+        self._write_outcome("yield", step)
+        self.event("yield", step=step)
+        sys.exit(EXIT_YIELD)
+
+    def _write_outcome(self, outcome: str, step: int | None) -> None:
+        path = self.session_dir / "outcome.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"outcome": outcome, "step": step, "time": time.time()}))
+        os.replace(tmp, path)
+
+
+_session: Session | None = None
+
+
+def session() -> Session:
+    """The session of this process (created on first use)."""
+    global _session
+    if _session is None:
+        _session = Session()
+    return _session

@@ -1,0 +1,138 @@
+"""The experiment file: what to run, where it may run, how to checkpoint, and its limits.
+
+Shaped after SkyPilot's task YAML::
+
+    name: mnist-mlp
+    workdir: .                  # shipped to every session as a bundle
+    setup: pip install -r requirements.txt
+    run: python train.py
+    resources: {gpu: any}       # any | none | T4 | ... ; gpu_memory_gb: 12
+    providers: [colab, kaggle, local]
+    checkpoint: {interval: 10m, keep_last: 3}
+    limits: {max_hops: 20, retries_on_error: 2, gpu_hours: 40}
+    env: {EPOCHS: "20"}
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from gpupool.durations import parse_duration
+from gpupool.errors import SpecError
+from gpupool.yamlfile import load_yaml_model
+
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{1,48}[a-z0-9]$")
+ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Resources(_Strict):
+    gpu: str = Field("any", description="any, none, or a kind such as T4, P100, A100, L4")
+    gpu_memory_gb: float | None = Field(None, gt=0)
+
+    @field_validator("gpu")
+    @classmethod
+    def _gpu_kind(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", value):
+            raise ValueError("must be any, none, or a GPU kind such as T4")
+        return value
+
+    @property
+    def wants_gpu(self) -> bool:
+        return self.gpu.lower() != "none"
+
+
+class CheckpointPolicy(_Strict):
+    interval: float | Literal["auto"] = Field(600.0, description="seconds between checkpoints")
+    keep_last: int = Field(3, ge=1, le=1000)
+    min_interval: float = 60.0
+    max_interval: float = 3600.0
+
+    @field_validator("interval", "min_interval", "max_interval", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        if value == "auto":
+            return value
+        seconds = parse_duration(value)
+        if seconds <= 0:
+            raise ValueError("must be longer than zero")
+        return seconds
+
+
+class Limits(_Strict):
+    max_hops: int = Field(50, ge=0, description="sessions after the first one")
+    retries_on_error: int = Field(2, ge=0, description="attempts that may fail with an error")
+    gpu_hours: float | None = Field(None, gt=0, description="budget summed over attempts")
+
+
+class ExperimentSpec(_Strict):
+    name: str
+    workdir: Path = Path(".")
+    setup: str | None = None
+    run: str
+    resources: Resources = Resources()
+    providers: list[str] = Field(default_factory=lambda: ["local"], min_length=1)
+    checkpoint: CheckpointPolicy = CheckpointPolicy()
+    limits: Limits = Limits()
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not NAME_PATTERN.fullmatch(value):
+            raise ValueError(
+                "must be 3-50 characters of lowercase letters, digits and '-', "
+                "starting and ending with a letter or digit (it names Kaggle kernels and files)"
+            )
+        return value
+
+    @field_validator("run")
+    @classmethod
+    def _run(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must be the command that starts training, e.g. python train.py")
+        return value
+
+    @field_validator("providers")
+    @classmethod
+    def _providers(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("lists a provider twice")
+        for name in value:
+            if not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
+                raise ValueError(f"{name!r} is not a provider name (e.g. colab, kaggle, local)")
+        return value
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            bad = [k for k in value if not ENV_KEY.fullmatch(str(k))]
+            if bad:
+                raise ValueError(f"not valid environment variable names: {', '.join(map(str, bad))}")
+            if any(str(k).startswith("GPUPOOL_") for k in value):
+                raise ValueError("GPUPOOL_* variables are set by gpupool itself")
+            return {str(k): str(v) for k, v in value.items()}
+        return value
+
+    @field_validator("workdir")
+    @classmethod
+    def _workdir(cls, value: Path, info: ValidationInfo) -> Path:
+        base = (info.context or {}).get("base_dir")
+        return (Path(base) / value).resolve() if base is not None else value
+
+
+def load_experiment(path: str | Path, *, check_workdir: bool = True) -> ExperimentSpec:
+    """Read and validate an experiment file; relative ``workdir`` is taken from the file's folder."""
+    path = Path(path)
+    spec = load_yaml_model(path, ExperimentSpec, context={"base_dir": path.parent.resolve()})
+    if check_workdir and not spec.workdir.is_dir():
+        raise SpecError(str(path), [("workdir", f"{spec.workdir} is not a directory")])
+    return spec

@@ -1,0 +1,329 @@
+"""State of the pool: experiments, attempts, quota ledger, events, provider health.
+
+All writes go through this module; every state change goes through ``_transition``, which
+rejects moves the lifecycle in ``gpupool.states`` does not allow.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from gpupool import db
+from gpupool.errors import IllegalTransition, NotFound, StateError
+from gpupool.states import ATTEMPT_MOVES, EXPERIMENT_MOVES, AttemptState, ExperimentState
+
+
+@dataclass(frozen=True)
+class Experiment:
+    id: str
+    name: str
+    spec: dict[str, Any]
+    state: ExperimentState
+    created_at: float
+    updated_at: float
+    bundle: str
+    hops: int
+    errors: int
+    gpu_seconds: float
+    last_step: int | None
+    last_checkpoint: str | None
+    wait_reason: str | None
+    not_before: float | None
+    message: str | None
+
+
+@dataclass(frozen=True)
+class Attempt:
+    id: str
+    experiment_id: str
+    seq: int
+    provider: str
+    account: str
+    state: AttemptState
+    remote_id: str | None
+    url: str | None
+    end_reason: str | None
+    created_at: float
+    started_at: float | None
+    ended_at: float | None
+    deadline: float | None
+    last_heartbeat: float | None
+    step_start: int | None
+    step: int | None
+    rate: float | None
+    checkpoint_in: str | None
+    checkpoint_out: str | None
+    gpu_seconds: float
+    detail: str | None
+
+    def duration(self, now: float) -> float:
+        if self.started_at is None:
+            return 0.0
+        return max(0.0, (self.ended_at or now) - self.started_at)
+
+
+class State:
+    """Typed access to the state database."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = db.create_engine(url)
+        db.migrate(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- experiments ----------------------------------------------------------------------
+
+    def create_experiment(self, name: str, spec: dict[str, Any], bundle: str, now: float) -> Experiment:
+        ident = f"{name}-{secrets.token_hex(3)}"
+        row = dict(
+            id=ident, name=name, spec=json.dumps(spec), state=ExperimentState.PENDING.value,
+            created_at=now, updated_at=now, bundle=bundle, hops=0, errors=0, gpu_seconds=0.0,
+        )
+        with self.engine.begin() as conn:
+            conn.execute(db.experiments.insert().values(**row))
+            _event(conn, now, ident, None, "created", f"experiment {name} created")
+        return self.experiment(ident)
+
+    def experiment(self, ident: str) -> Experiment:
+        with self.engine.connect() as conn:
+            row = conn.execute(db.experiments.select().where(db.experiments.c.id == ident)).first()
+            if row is None:
+                row = _unique_prefix(conn, ident)
+        return _experiment(row)
+
+    def experiments(
+        self, states: Iterable[ExperimentState] | None = None, *, limit: int | None = None,
+        offset: int = 0,
+    ) -> list[Experiment]:
+        query = db.experiments.select().order_by(db.experiments.c.created_at.desc())
+        if states is not None:
+            query = query.where(db.experiments.c.state.in_([s.value for s in states]))
+        if limit is not None:
+            query = query.limit(limit).offset(offset)
+        with self.engine.connect() as conn:
+            return [_experiment(r) for r in conn.execute(query)]
+
+    def count_experiments(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(db.experiments)).scalar_one())
+
+    def move_experiment(
+        self, ident: str, target: ExperimentState, now: float, *, event: str | None = None, **fields: Any
+    ) -> Experiment:
+        with self.engine.begin() as conn:
+            self._move_experiment(conn, ident, target, now, event=event, **fields)
+        return self.experiment(ident)
+
+    def _move_experiment(
+        self, conn: sa.Connection, ident: str, target: ExperimentState, now: float, *,
+        event: str | None = None, **fields: Any,
+    ) -> None:
+        table = db.experiments
+        current = conn.execute(sa.select(table.c.state).where(table.c.id == ident)).scalar_one_or_none()
+        if current is None:
+            raise NotFound(f"no experiment {ident}")
+        _transition(conn, table, "experiment", ident, ExperimentState(current), target,
+                    EXPERIMENT_MOVES, dict(fields, updated_at=now))
+        if event:
+            _event(conn, now, ident, None, target.value, event)
+
+    def update_experiment(self, ident: str, now: float, **fields: Any) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(db.experiments.update().where(db.experiments.c.id == ident)
+                         .values(updated_at=now, **fields))
+
+    # -- attempts -------------------------------------------------------------------------
+
+    def create_attempt(
+        self, experiment_id: str, provider: str, account: str, now: float, **fields: Any
+    ) -> Attempt:
+        """Record a new attempt and move its experiment to RUNNING, in one transaction."""
+        with self.engine.begin() as conn:
+            seq = conn.execute(
+                sa.select(sa.func.coalesce(sa.func.max(db.attempts.c.seq), 0))
+                .where(db.attempts.c.experiment_id == experiment_id)
+            ).scalar_one() + 1
+            ident = f"{experiment_id}-a{seq}"
+            try:
+                conn.execute(db.attempts.insert().values(
+                    id=ident, experiment_id=experiment_id, seq=seq, provider=provider,
+                    account=account, state=AttemptState.CREATED.value, created_at=now,
+                    gpu_seconds=0.0, **fields,
+                ))
+            except sa.exc.IntegrityError:
+                raise StateError(f"experiment {experiment_id} already has an active attempt") from None
+            self._move_experiment(conn, experiment_id, ExperimentState.RUNNING, now, wait_reason=None)
+            _event(conn, now, experiment_id, ident, "placed", f"attempt {seq} placed on {provider}")
+        return self.attempt(ident)
+
+    def attempt(self, ident: str) -> Attempt:
+        with self.engine.connect() as conn:
+            row = conn.execute(db.attempts.select().where(db.attempts.c.id == ident)).first()
+        if row is None:
+            raise NotFound(f"no attempt {ident}")
+        return _attempt(row)
+
+    def attempts(self, experiment_id: str | None = None, *, active: bool | None = None) -> list[Attempt]:
+        query = db.attempts.select().order_by(db.attempts.c.experiment_id, db.attempts.c.seq)
+        if experiment_id is not None:
+            query = query.where(db.attempts.c.experiment_id == experiment_id)
+        if active is not None:
+            clause = db.attempts.c.state.in_(db.ACTIVE_STATES)
+            query = query.where(clause if active else sa.not_(clause))
+        with self.engine.connect() as conn:
+            return [_attempt(r) for r in conn.execute(query)]
+
+    def move_attempt(
+        self, ident: str, target: AttemptState, now: float, *, event: str | None = None, **fields: Any
+    ) -> Attempt:
+        with self.engine.begin() as conn:
+            row = conn.execute(db.attempts.select().where(db.attempts.c.id == ident)).first()
+            if row is None:
+                raise NotFound(f"no attempt {ident}")
+            _transition(conn, db.attempts, "attempt", ident, AttemptState(row.state), target,
+                        ATTEMPT_MOVES, fields)
+            if event:
+                _event(conn, now, row.experiment_id, ident, target.value, event)
+        return self.attempt(ident)
+
+    def update_attempt(self, ident: str, **fields: Any) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(db.attempts.update().where(db.attempts.c.id == ident).values(**fields))
+
+    # -- quota ledger ---------------------------------------------------------------------
+
+    def charge(self, attempt: Attempt, seconds: float, now: float) -> bool:
+        """Charge an ended attempt's GPU time once; False if it was already charged."""
+        with self.engine.begin() as conn:
+            try:
+                conn.execute(db.quota_ledger.insert().values(
+                    provider=attempt.provider, account=attempt.account, attempt_id=attempt.id,
+                    started_at=attempt.started_at or now, ended_at=now, seconds=seconds,
+                ))
+            except sa.exc.IntegrityError:
+                return False
+        return True
+
+    def charged_seconds(self, provider: str, account: str, since: float) -> float:
+        ledger = db.quota_ledger
+        query = sa.select(sa.func.coalesce(sa.func.sum(ledger.c.seconds), 0.0)).where(
+            ledger.c.provider == provider, ledger.c.account == account, ledger.c.ended_at >= since
+        )
+        with self.engine.connect() as conn:
+            return float(conn.execute(query).scalar_one())
+
+    # -- provider health ------------------------------------------------------------------
+
+    def mark_unavailable(self, provider: str, account: str, until: float, reason: str, now: float) -> int:
+        """Record a refusal; returns how many times in a row the provider has failed."""
+        table = db.provider_health
+        with self.engine.begin() as conn:
+            row = conn.execute(table.select().where(
+                table.c.provider == provider, table.c.account == account)).first()
+            failures = (row.failures if row else 0) + 1
+            values = dict(unavailable_until=until, reason=reason, failures=failures, updated_at=now)
+            if row is None:
+                conn.execute(table.insert().values(provider=provider, account=account, **values))
+            else:
+                conn.execute(table.update().where(
+                    table.c.provider == provider, table.c.account == account).values(**values))
+        return failures
+
+    def mark_healthy(self, provider: str, account: str, now: float) -> None:
+        table = db.provider_health
+        with self.engine.begin() as conn:
+            conn.execute(table.delete().where(table.c.provider == provider, table.c.account == account))
+
+    def health(self) -> dict[tuple[str, str], dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(db.provider_health.select()).mappings().all()
+        return {(r["provider"], r["account"]): dict(r) for r in rows}
+
+    # -- events and leases ----------------------------------------------------------------
+
+    def add_event(self, now: float, experiment_id: str | None, attempt_id: str | None,
+                  kind: str, message: str) -> None:
+        with self.engine.begin() as conn:
+            _event(conn, now, experiment_id, attempt_id, kind, message)
+
+    def events(self, experiment_id: str, limit: int = 200) -> list[dict[str, Any]]:
+        query = (db.events.select().where(db.events.c.experiment_id == experiment_id)
+                 .order_by(db.events.c.id.desc()).limit(limit))
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query).mappings()][::-1]
+
+    def acquire_lease(self, name: str, owner: str, now: float, ttl: float) -> bool:
+        """Take or renew the named lease; False while another owner holds an unexpired one."""
+        table = db.leases
+        with self.engine.begin() as conn:
+            row = conn.execute(table.select().where(table.c.name == name).with_for_update()).first()
+            if row is None:
+                try:
+                    conn.execute(table.insert().values(name=name, owner=owner, expires_at=now + ttl))
+                except sa.exc.IntegrityError:
+                    return False
+                return True
+            if row.owner != owner and row.expires_at > now:
+                return False
+            conn.execute(table.update().where(table.c.name == name)
+                         .values(owner=owner, expires_at=now + ttl))
+            return True
+
+    def release_lease(self, name: str, owner: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(db.leases.delete().where(db.leases.c.name == name, db.leases.c.owner == owner))
+
+
+def _transition(
+    conn: sa.Connection, table: sa.Table, kind: str, ident: str, current: Any, target: Any,
+    moves: dict[Any, frozenset[Any]], fields: dict[str, Any],
+) -> None:
+    """The one place states change: checks the move, then updates only if nobody moved first."""
+    if target != current and target not in moves[current]:
+        raise IllegalTransition(kind, ident, current.value, target.value)
+    result = conn.execute(
+        table.update().where(table.c.id == ident, table.c.state == current.value)
+        .values(state=target.value, **fields)
+    )
+    if result.rowcount != 1:
+        raise IllegalTransition(kind, ident, f"{current.value} (changed concurrently)", target.value)
+
+
+def _event(conn: sa.Connection, now: float, experiment_id: str | None, attempt_id: str | None,
+           kind: str, message: str) -> None:
+    conn.execute(db.events.insert().values(
+        at=now, experiment_id=experiment_id, attempt_id=attempt_id, kind=kind, message=message))
+
+
+def _unique_prefix(conn: sa.Connection, prefix: str) -> Any:
+    """Let users type an unambiguous prefix of an experiment id (or its name)."""
+    table = db.experiments
+    rows = conn.execute(table.select().where(
+        sa.or_(table.c.id.startswith(prefix, autoescape=True), table.c.name == prefix)
+    ).order_by(table.c.created_at.desc()).limit(2)).all()
+    if not rows:
+        raise NotFound(f"no experiment {prefix!r}; `gpupool status` lists them")
+    if len(rows) > 1 and rows[0].name != prefix:
+        raise NotFound(f"{prefix!r} matches several experiments; give more of the id")
+    return rows[0]
+
+
+def _experiment(row: Any) -> Experiment:
+    data = dict(row._mapping)
+    data["spec"] = json.loads(data["spec"])
+    data["state"] = ExperimentState(data["state"])
+    return Experiment(**data)
+
+
+def _attempt(row: Any) -> Attempt:
+    data = dict(row._mapping)
+    data["state"] = AttemptState(data["state"])
+    return Attempt(**data)

@@ -1,0 +1,247 @@
+"""The checkpoint store: immutable checkpoint directories on any fsspec filesystem.
+
+Layout under the store's root::
+
+    <experiment-id>/ckpt-000000001200-1732350000000-9f2c4e1a/
+        state.pt ...            training files, written once, never overwritten
+        manifest.json           written last: the checkpoint exists once this does
+
+``latest`` is the newest checkpoint whose manifest parses *and* whose files match it; torn or
+corrupt checkpoints are skipped (and reported through ``on_corrupt``). Copies between stores
+("relays") stream the bytes, hash them on the way and write the manifest only when all match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import secrets
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+from gpupool.errors import CheckpointError, CorruptCheckpoint
+from gpupool.manifest import (
+    CHUNK,
+    MANIFEST,
+    PREFIX,
+    Manifest,
+    ManifestError,
+    check_relative_path,
+    verify_local,
+)
+
+CorruptHandler = Callable[[Manifest | str, str], None]
+
+
+class CheckpointStore:
+    """Checkpoints of one experiment under ``url`` (a local path or any fsspec URL)."""
+
+    def __init__(self, url: str, *, on_corrupt: CorruptHandler | None = None, **storage_options: Any):
+        self.url = url
+        self.fs, self.root = _filesystem(url, storage_options)
+        self.on_corrupt = on_corrupt
+
+    def __repr__(self) -> str:
+        return f"CheckpointStore({self.url!r})"
+
+    def child(self, name: str) -> CheckpointStore:
+        """The store of one experiment, under a sub-folder of this one."""
+        check_relative_path(name)
+        sub = CheckpointStore.__new__(CheckpointStore)
+        sub.url, sub.fs, sub.root = posixpath.join(self.url, name), self.fs, self._path(name)
+        sub.on_corrupt = self.on_corrupt
+        return sub
+
+    def _path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def list(self) -> list[Manifest]:
+        """Checkpoints with a parseable manifest, newest first (files not yet verified)."""
+        manifests = []
+        for name in self._checkpoint_dirs():
+            manifest = self._read_manifest(name)
+            if manifest is not None:
+                manifests.append(manifest)
+        return sorted(manifests, key=lambda m: (m.step, m.created, m.name), reverse=True)
+
+    def _checkpoint_dirs(self) -> list[str]:
+        try:
+            entries = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return []
+        names = (posixpath.basename(str(e).rstrip("/")) for e in entries)
+        return [n for n in names if n.startswith(PREFIX)]
+
+    def _read_manifest(self, name: str) -> Manifest | None:
+        path = self._path(name, MANIFEST)
+        try:
+            with self.fs.open(path, "rb") as handle:
+                manifest = Manifest.from_json(handle.read())
+        except FileNotFoundError:
+            return None  # still being written, or torn: never visible
+        except (ManifestError, OSError) as err:
+            self._report(name, f"unreadable manifest: {err}")
+            return None
+        if manifest.name != name:
+            self._report(name, f"manifest names {manifest.name}")
+            return None
+        return manifest
+
+    def verify(self, manifest: Manifest) -> None:
+        """Raise ``CorruptCheckpoint`` unless every file has the size and sha256 listed."""
+        for entry in manifest.files:
+            path = self._path(manifest.name, entry.path)
+            try:
+                digest, size = _hash_stream(self.fs, path)
+            except FileNotFoundError:
+                raise CorruptCheckpoint(manifest.name, f"{entry.path} is missing") from None
+            if size != entry.size or digest != entry.sha256:
+                raise CorruptCheckpoint(manifest.name, f"{entry.path} does not match its manifest")
+
+    def latest(self, *, verify: bool = True) -> Manifest | None:
+        """The newest complete checkpoint that verifies; corrupt ones are reported and skipped."""
+        for manifest in self.list():
+            if not verify:
+                return manifest
+            try:
+                self.verify(manifest)
+            except CorruptCheckpoint as err:
+                self._report(manifest, err.reason)
+                continue
+            return manifest
+        return None
+
+    def get(self, name: str) -> Manifest:
+        manifest = self._read_manifest(name)
+        if manifest is None:
+            raise CheckpointError(f"no complete checkpoint named {name} in {self.url}")
+        return manifest
+
+    def _report(self, what: Manifest | str, reason: str) -> None:
+        if self.on_corrupt is not None:
+            self.on_corrupt(what, reason)
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def check_writable(self) -> None:
+        """Write and remove a probe file, so an unusable store fails before any training."""
+        probe = self._path(f".probe-{secrets.token_hex(4)}")
+        try:
+            self.fs.makedirs(self.root, exist_ok=True)
+            with self.fs.open(probe, "wb") as handle:
+                handle.write(b"gpupool")
+            self.fs.rm(probe)
+        except (OSError, PermissionError, ValueError) as err:
+            raise CheckpointError(
+                f"checkpoint store {self.url} is not writable ({err}); "
+                "fix its permissions or set store_url in the pool configuration"
+            ) from None
+
+    def copy_from(self, source: CheckpointStore, manifest: Manifest) -> Manifest:
+        """Relay one checkpoint from ``source`` into this store, verifying every byte."""
+        if self._read_manifest(manifest.name) is not None:
+            return manifest  # immutable: already here
+        self.fs.makedirs(self._path(manifest.name), exist_ok=True)
+        for entry in manifest.files:
+            src = source._path(manifest.name, entry.path)
+            dst = self._path(manifest.name, entry.path)
+            self._copy_verified(source.fs, src, dst, entry.size, entry.sha256, manifest.name)
+        self._write_manifest(manifest)
+        return manifest
+
+    def import_local(self, directory: Path, manifest: Manifest) -> Manifest:
+        """Publish a checkpoint held in a local directory (as sessions write them)."""
+        local = fsspec.filesystem("file")
+        if self._read_manifest(manifest.name) is not None:
+            return manifest
+        for entry in manifest.files:
+            src = str(Path(directory) / entry.path)
+            dst = self._path(manifest.name, entry.path)
+            self._copy_verified(local, src, dst, entry.size, entry.sha256, manifest.name)
+        self._write_manifest(manifest)
+        return manifest
+
+    def download(self, manifest: Manifest, directory: Path) -> Path:
+        """Copy a checkpoint to a local directory and verify it there; returns the directory."""
+        directory = Path(directory)
+        local = fsspec.filesystem("file")
+        for entry in manifest.files:
+            target = directory / entry.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _stream(self.fs, self._path(manifest.name, entry.path), local, str(target))
+        (directory / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
+        try:
+            verify_local(directory, manifest)
+        except ManifestError as err:
+            raise CorruptCheckpoint(manifest.name, str(err)) from None
+        return directory
+
+    def _copy_verified(self, src_fs: Any, src: str, dst: str, size: int, sha: str, name: str) -> None:
+        self.fs.makedirs(posixpath.dirname(dst), exist_ok=True)
+        try:
+            digest, copied = _stream(src_fs, src, self.fs, dst)
+        except FileNotFoundError:
+            self._discard(name)
+            raise CorruptCheckpoint(name, f"{src} is missing") from None
+        if copied != size or digest != sha:
+            self._discard(name)
+            raise CorruptCheckpoint(name, f"{posixpath.basename(dst)} changed in transit")
+
+    def _write_manifest(self, manifest: Manifest) -> None:
+        with self.fs.open(self._path(manifest.name, MANIFEST), "wb") as handle:
+            handle.write(manifest.to_json().encode())
+
+    def _discard(self, name: str) -> None:
+        try:
+            self.fs.rm(self._path(name), recursive=True)
+        except (FileNotFoundError, OSError):
+            pass
+
+    def delete(self, name: str) -> None:
+        """Remove a checkpoint: its manifest first, so it stops being visible at once."""
+        try:
+            self.fs.rm(self._path(name, MANIFEST))
+        except FileNotFoundError:
+            pass
+        self._discard(name)
+
+    def prune(self, keep_last: int, *, protect: Iterable[str] = ()) -> list[str]:
+        """Delete all but the newest ``keep_last`` checkpoints (never one in ``protect``)."""
+        keep = {m.name for m in self.list()[:keep_last]} | set(protect)
+        removed = [m.name for m in self.list() if m.name not in keep]
+        for name in removed:
+            self.delete(name)
+        return removed
+
+
+def _filesystem(url: str, options: dict[str, Any]) -> tuple[Any, str]:
+    try:
+        fs, root = fsspec.core.url_to_fs(url, **options)
+    except (ImportError, ValueError) as err:
+        raise CheckpointError(f"cannot open checkpoint store {url}: {err}") from None
+    return fs, root.rstrip("/") or "/"
+
+
+def _hash_stream(fs: Any, path: str) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    with fs.open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def _stream(src_fs: Any, src: str, dst_fs: Any, dst: str) -> tuple[str, int]:
+    """Copy in fixed-size chunks (constant memory) and return the sha256 and size copied."""
+    digest, size = hashlib.sha256(), 0
+    with src_fs.open(src, "rb") as reader, dst_fs.open(dst, "wb") as writer:
+        while chunk := reader.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+            writer.write(chunk)
+    return digest.hexdigest(), size

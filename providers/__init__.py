@@ -1,0 +1,1 @@
+"""gpupool's provider adapters: local, kaggle and colab (found through entry points)."""

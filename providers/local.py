@@ -1,0 +1,332 @@
+"""The local provider: one supervised subprocess per attempt on this machine.
+
+Each attempt gets a session folder under ``<data_dir>/sessions/<attempt>``; the supervisor
+(``gpupool.bootstrap``) runs detached from the scheduler, so a scheduler that dies or restarts
+leaves training running, and finds it again from the files the supervisor wrote.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from gpupool.errors import ProviderError
+from gpupool.manifest import Manifest, ManifestError, list_local, verify_local
+from gpupool.provider import (
+    Availability,
+    Launch,
+    PollResult,
+    Provider,
+    Submission,
+    classify_exit,
+    runtime_env,
+)
+from gpupool.states import AttemptState
+
+if TYPE_CHECKING:
+    from gpupool.state import Attempt
+    from gpupool.store import CheckpointStore
+
+LOG_TAIL_BYTES = 64 * 1024
+
+
+class LocalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    max_concurrent: int = Field(1, ge=1)
+    session_seconds: float | None = Field(None, gt=0, description="cap each session (None: no cap)")
+    deadline_margin: float | None = Field(None, ge=0, description="stop this long before the cap")
+    gpus: Literal["auto", "none"] | list[str] = "auto"
+    cpu_fallback: bool = Field(True, description="run GPU experiments on the CPU when no GPU")
+    windows: list[str] = Field(default_factory=list, description='e.g. ["22:00-07:00"] local time')
+    python: str = Field(default_factory=lambda: sys.executable)
+
+    @field_validator("windows")
+    @classmethod
+    def _windows(cls, value: list[str]) -> list[str]:
+        for window in value:
+            _parse_window(window)
+        return value
+
+
+class LocalProvider(Provider):
+    name = "local"
+    Config = LocalConfig
+    config: LocalConfig
+
+    def __init__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self._gpus: list[str] | None = None
+
+    # -- what this machine offers ----------------------------------------------------------
+
+    def check_credentials(self) -> tuple[bool, str]:
+        gpus = self.detected_gpus()
+        if gpus:
+            return True, f"{len(gpus)} GPU(s): {', '.join(gpus)}"
+        if self.config.cpu_fallback:
+            return True, "no CUDA GPU found: experiments run on the CPU (cpu_fallback)"
+        return False, "no CUDA GPU found (nvidia-smi); set providers.local.cpu_fallback: true"
+
+    def detected_gpus(self) -> list[str]:
+        if self._gpus is None:
+            configured = self.config.gpus
+            if isinstance(configured, list):
+                self._gpus = list(configured)
+            else:
+                self._gpus = [] if configured == "none" else detect_gpus()
+        return self._gpus
+
+    def gpu_kinds(self) -> set[str] | None:
+        return {name.lower() for name in self.detected_gpus()}
+
+    def session_seconds(self) -> float | None:
+        return self.config.session_seconds
+
+    def startup_seconds(self) -> float:
+        return 5.0
+
+    def availability(self, account: str, now: float) -> Availability:
+        if not self.config.windows:
+            return Availability(True)
+        local = dt.datetime.fromtimestamp(now)
+        minute = local.hour * 60 + local.minute
+        if any(_inside(minute, _parse_window(w)) for w in self.config.windows):
+            return Availability(True)
+        return Availability(False, f"outside the local windows {', '.join(self.config.windows)}")
+
+    def accepts_cpu(self) -> bool:
+        return not self.detected_gpus() and self.config.cpu_fallback
+
+    # -- attempts --------------------------------------------------------------------------
+
+    def session_dir(self, attempt_id: str) -> Path:
+        return self.data_dir / "sessions" / attempt_id
+
+    def submit(self, launch: Launch) -> Submission:
+        session = self.session_dir(launch.attempt_id)
+        launched = _read_json(session / "launched.json")
+        if launched is not None:  # submitted before a scheduler crash: adopt it
+            return Submission(remote_id=str(launched["pid"]), deadline=launched.get("deadline"))
+        session.mkdir(parents=True, exist_ok=True)
+        restore_dir = self._prepare_restore(launch, session)
+        deadline, hard_end = self._deadlines(launch.now)
+        config = {
+            "session_dir": str(session), "bundle": str(launch.bundle), "setup": launch.spec.setup,
+            "run": launch.spec.run, "hard_end": hard_end, "runtime_path": _gpupool_root(),
+            "env": self._env(launch, session, restore_dir, deadline),
+        }
+        (session / "session.json").write_text(json.dumps(config, indent=1))
+        process = self._spawn(session)
+        self._children[launch.attempt_id] = process
+        record = {"pid": process.pid, "start": _process_start(process.pid), "deadline": deadline}
+        _write_json(session / "launched.json", record)
+        return Submission(remote_id=str(process.pid), deadline=deadline,
+                          message=f"pid {process.pid}, logs in {session / 'log.txt'}")
+
+    def _prepare_restore(self, launch: Launch, session: Path) -> str | None:
+        if launch.restore is None:
+            return None
+        target = session / "restore" / launch.restore.name
+        if not (target / "manifest.json").exists():
+            shutil.rmtree(target, ignore_errors=True)
+            launch.store.download(launch.restore, target)
+        return str(target)
+
+    def _deadlines(self, now: float) -> tuple[float | None, float | None]:
+        cap = self.config.session_seconds
+        if cap is None:
+            return None, None
+        margin = self.config.deadline_margin
+        if margin is None:
+            margin = min(300.0, 0.1 * cap)
+        return now + cap - margin, now + cap
+
+    def _env(self, launch: Launch, session: Path, restore: str | None, deadline: float | None) -> dict[str, str]:
+        env = runtime_env(launch, provider=self.name, session_dir=str(session),
+                          restore_dir=restore, deadline=deadline)
+        python_dir = str(Path(self.config.python).parent)
+        env["PATH"] = os.pathsep.join([python_dir, os.environ.get("PATH", "")])
+        if not self.detected_gpus():
+            env.setdefault("CUDA_VISIBLE_DEVICES", "")
+        return env
+
+    def _spawn(self, session: Path) -> subprocess.Popen[bytes]:
+        log = open(session / "log.txt", "ab")
+        try:
+            return subprocess.Popen(
+                [self.config.python, "-m", "gpupool.bootstrap", str(session / "session.json")],
+                cwd=session, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, env=_bootstrap_env(),
+            )
+        except OSError as err:
+            raise ProviderError(self.name, f"cannot start {self.config.python}: {err}") from None
+        finally:
+            log.close()
+
+    def poll(self, attempt: Attempt, now: float) -> PollResult:
+        session = self.session_dir(attempt.id)
+        self._reap(attempt.id)
+        progress = _last_progress(session)
+        started = (_read_json(session / "started.json") or {}).get("time")
+        ended = _read_json(session / "exit.json")
+        if ended is not None:
+            state, message = classify_exit(ended.get("returncode"), ended.get("outcome"))
+            return PollResult(state, step=progress.get("step"), heartbeat=ended.get("ended"),
+                              started_at=started, message=message + _tail_hint(session, state))
+        launched = _read_json(session / "launched.json")
+        if launched is None:
+            return PollResult(AttemptState.LOST, message="the session was never started")
+        if not _alive(int(launched["pid"]), launched.get("start")):
+            return PollResult(AttemptState.LOST, started_at=started, step=progress.get("step"),
+                              message="the session's supervisor died without an exit status")
+        state = AttemptState.RUNNING if started else AttemptState.SUBMITTED
+        return PollResult(state, step=progress.get("step"), heartbeat=progress.get("time"),
+                          started_at=started)
+
+    def _reap(self, attempt_id: str) -> None:
+        child = self._children.get(attempt_id)
+        if child is not None and child.poll() is not None:
+            del self._children[attempt_id]
+
+    def cancel(self, attempt: Attempt) -> None:
+        launched = _read_json(self.session_dir(attempt.id) / "launched.json")
+        if launched and _alive(int(launched["pid"]), launched.get("start")):
+            try:
+                os.kill(int(launched["pid"]), 15)
+            except ProcessLookupError:
+                pass
+
+    def logs(self, attempt: Attempt) -> str:
+        try:
+            return (self.session_dir(attempt.id) / "log.txt").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def collect(self, attempt: Attempt, store: CheckpointStore) -> list[Manifest]:
+        root = self.session_dir(attempt.id) / "checkpoints"
+        collected = []
+        for manifest in reversed(list_local(root)):
+            try:
+                verify_local(root / manifest.name, manifest)
+            except ManifestError:
+                continue  # torn by a kill mid-write: never published
+            collected.append(store.import_local(root / manifest.name, manifest))
+        return collected
+
+    def cleanup(self, attempt: Attempt) -> None:
+        session = self.session_dir(attempt.id)
+        for name in ("code", "restore", "checkpoints"):
+            shutil.rmtree(session / name, ignore_errors=True)
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+def detect_gpus() -> list[str]:
+    """GPU names from nvidia-smi; empty when there is none (or no driver)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def _gpupool_root() -> str:
+    import gpupool
+
+    return str(Path(gpupool.__file__).resolve().parent.parent)
+
+
+def _bootstrap_env() -> dict[str, str]:
+    env = dict(os.environ)
+    root = _gpupool_root()
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [root, env.get("PYTHONPATH")] if p)
+    return env
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (guards against pid reuse), where /proc exists."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+    fields = stat.rsplit(")", 1)[1].split()
+    return fields[0] != "Z" and (start is None or fields[19] == start)
+
+
+def _last_progress(session: Path) -> dict:
+    """The newest progress or checkpoint event the runtime wrote."""
+    path = session / "events.jsonl"
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(0, path.stat().st_size - LOG_TAIL_BYTES))
+            lines = handle.read().decode(errors="replace").splitlines()
+    except OSError:
+        return {}
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("step") is not None:
+            return record
+    return {}
+
+
+def _tail_hint(session: Path, state: AttemptState) -> str:
+    if state != AttemptState.FAILED:
+        return ""
+    try:
+        lines = (session / "log.txt").read_text(errors="replace").splitlines()[-5:]
+    except OSError:
+        return ""
+    return "; log ends with:\n" + "\n".join(lines)
+
+
+def _parse_window(text: str) -> tuple[int, int]:
+    try:
+        start, end = (dt.datetime.strptime(part.strip(), "%H:%M") for part in text.split("-"))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a window like 22:00-07:00") from None
+    return start.hour * 60 + start.minute, end.hour * 60 + end.minute
+
+
+def _inside(minute: int, window: tuple[int, int]) -> bool:
+    start, end = window
+    return start <= minute < end if start <= end else minute >= start or minute < end

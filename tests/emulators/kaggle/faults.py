@@ -1,0 +1,60 @@
+"""Faults a test queues on an endpoint; each request to that endpoint consumes one.
+
+Endpoints are named by RPC method ("SaveKernel", "GetKernelSessionStatus", ...) or by one of the
+plain-HTTP routes: "download" (output-file and dataset-zip GETs) and "upload" (blob PUTs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+RATE_LIMIT_BODY = {"error": {"code": 429, "message": "Too many requests", "status": "RESOURCE_EXHAUSTED"}}
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One injected misbehaviour. Build with the class methods, not the constructor."""
+
+    kind: str  # "http" | "hang" | "reset" | "truncate" | "extra_fields" | "status"
+    code: int = 500
+    body: dict[str, Any] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    fields: dict[str, Any] = field(default_factory=dict)
+    value: str = ""
+
+    @classmethod
+    def rate_limit(cls, retry_after: float | str = 1) -> Fault:
+        """HTTP 429 with Retry-After and the body Kaggle really sends."""
+        return cls("http", 429, RATE_LIMIT_BODY, {"Retry-After": str(retry_after)})
+
+    @classmethod
+    def http(cls, code: int = 500, body: dict[str, Any] | None = None) -> Fault:
+        """A bare HTTP error (500, 503, ...); the body has no "code" unless one is given."""
+        return cls("http", code, body if body is not None else {"message": f"emulated {code}"})
+
+    @classmethod
+    def hang(cls, seconds: float) -> Fault:
+        """Stall before answering normally (bounded by Config.max_hang_seconds and by stop())."""
+        return cls("hang", seconds=seconds)
+
+    @classmethod
+    def reset(cls) -> Fault:
+        """Close the connection with a TCP RST instead of answering."""
+        return cls("reset")
+
+    @classmethod
+    def truncate(cls) -> Fault:
+        """Answer with a Content-Length larger than the half body that is sent, then close."""
+        return cls("truncate")
+
+    @classmethod
+    def extra_fields(cls, **fields: Any) -> Fault:
+        """Answer normally, with these unknown top-level JSON fields added."""
+        return cls("extra_fields", fields=fields)
+
+    @classmethod
+    def status(cls, value: str) -> Fault:
+        """Answer a status call with this (possibly unknown) status string."""
+        return cls("status", value=value)
