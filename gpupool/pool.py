@@ -1,0 +1,78 @@
+"""The pool: settings, state database, checkpoint store and providers, opened together."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from gpupool.bundle import pack_workdir
+from gpupool.errors import ConfigError, SpecError
+from gpupool.manifest import Manifest
+from gpupool.provider import Provider, available_providers, load_provider_class
+from gpupool.settings import PoolSettings
+from gpupool.spec import ExperimentSpec
+from gpupool.state import Experiment, State
+from gpupool.store import CheckpointStore
+
+
+class Pool:
+    """One user's (or team's) pool. ``clock`` returns epoch seconds; tests pass a fake one."""
+
+    def __init__(self, settings: PoolSettings, *, clock: Callable[[], float] = time.time,
+                 providers: dict[str, Provider] | None = None):
+        self.settings = settings
+        self.clock = clock
+        self.data_dir = Path(settings.data_dir)
+        self.state = State(settings.resolved_database_url)
+        self.store_root = CheckpointStore(settings.resolved_store_url)
+        self._providers: dict[str, Provider] = dict(providers or {})
+
+    def close(self) -> None:
+        self.state.close()
+
+    # -- providers ------------------------------------------------------------------------
+
+    def provider_names(self) -> list[str]:
+        """Every provider installed or configured (configured ones may be disabled)."""
+        return sorted(set(available_providers()) | set(self.settings.providers) | set(self._providers))
+
+    def provider(self, name: str) -> Provider:
+        if name not in self._providers:
+            cls = load_provider_class(name)
+            section = self.settings.provider_section(name)
+            self._providers[name] = cls.from_section(section, self.data_dir / name, self.clock)
+        return self._providers[name]
+
+    def try_provider(self, name: str) -> Provider | None:
+        """The provider, or None if it is not installed / not configured properly."""
+        try:
+            return self.provider(name)
+        except (ConfigError, SpecError):
+            return None
+
+    # -- experiments ----------------------------------------------------------------------
+
+    def store_for(self, experiment_id: str) -> CheckpointStore:
+        store = self.store_root.child(experiment_id)
+        store.on_corrupt = lambda what, why: self._record_corrupt(experiment_id, what, why)
+        return store
+
+    def _record_corrupt(self, experiment_id: str, what: Manifest | str, why: str) -> None:
+        name = what.name if isinstance(what, Manifest) else what
+        self.state.add_event(self.clock(), experiment_id, None, "corrupt-checkpoint",
+                             f"checkpoint {name} skipped: {why}")
+
+    def submit(self, spec: ExperimentSpec) -> Experiment:
+        """Record a new experiment with a snapshot of its code; the scheduler places it."""
+        for name in spec.providers:
+            load_provider_class(name)  # unknown provider names fail here, not at placement
+        self.store_root.check_writable()
+        now = self.clock()
+        bundle_dir = self.data_dir / "bundles"
+        staging = bundle_dir / f"{spec.name}-{int(now * 1000)}.tar.gz"
+        pack_workdir(spec.workdir, staging)
+        spec_data = json.loads(spec.model_dump_json())
+        experiment = self.state.create_experiment(spec.name, spec_data, str(staging), now)
+        return experiment

@@ -1,0 +1,268 @@
+"""The scheduler's one step, ``reconcile_once(now)``: poll running attempts, finish ended ones
+(collect their checkpoints, charge quota, decide the hop), and place pending experiments.
+
+It keeps no state of its own between steps: everything lives in the state database, so a
+scheduler killed at any point is restarted and simply reconciles again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gpupool.errors import CheckpointError, GpupoolError, ProviderError, ProviderUnavailable, RateLimited
+from gpupool.placement import Candidate, Place, backoff_seconds, checkpoint_interval, choose
+from gpupool.pool import Pool
+from gpupool.provider import Launch, PollResult, Provider
+from gpupool.spec import ExperimentSpec
+from gpupool.state import Attempt, Experiment
+from gpupool.states import AttemptState, ExperimentState
+
+MAX_PLACEMENT_TRIES = 4  # providers tried in one step when each refuses at submit
+
+
+@dataclass
+class Report:
+    """What one step did (for logs and tests)."""
+
+    placed: list[str] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
+    waiting: dict[str, str] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(self, pool: Pool):
+        self.pool = pool
+        self.state = pool.state
+
+    def reconcile_once(self, now: float) -> Report:
+        report = Report()
+        for attempt in self.state.attempts(active=True):
+            try:
+                self._reconcile_attempt(attempt, now, report)
+            except GpupoolError as err:
+                report.problems.append(f"{attempt.id}: {err}")
+                self.state.add_event(now, attempt.experiment_id, attempt.id, "problem", str(err))
+        for experiment in self.state.experiments([ExperimentState.PENDING]):
+            if experiment.not_before is not None and experiment.not_before > now:
+                report.waiting[experiment.id] = experiment.wait_reason or "waiting"
+                continue
+            try:
+                self._place(experiment, now, report)
+            except GpupoolError as err:
+                report.problems.append(f"{experiment.id}: {err}")
+                self.state.add_event(now, experiment.id, None, "problem", str(err))
+        return report
+
+    # -- running attempts -----------------------------------------------------------------
+
+    def _reconcile_attempt(self, attempt: Attempt, now: float, report: Report) -> None:
+        provider = self.pool.provider(attempt.provider)
+        if attempt.state == AttemptState.CREATED:  # the scheduler died before recording submit
+            experiment = self.state.experiment(attempt.experiment_id)
+            self._submit(provider, experiment, attempt, now, report)
+            return
+        try:
+            result = provider.poll(attempt, now)
+        except RateLimited:
+            return  # ask again next step
+        self._record_progress(attempt, result)
+        if result.state == AttemptState.RUNNING and attempt.state == AttemptState.SUBMITTED:
+            self.state.move_attempt(attempt.id, AttemptState.RUNNING, now, event="session started",
+                                    started_at=result.started_at or now)
+            self.state.mark_healthy(attempt.provider, attempt.account, now)
+        elif result.state.terminal:
+            self._finish(provider, self.state.attempt(attempt.id), result, now)
+            report.finished.append(attempt.id)
+
+    def _record_progress(self, attempt: Attempt, result: PollResult) -> None:
+        fields = {}
+        if result.step is not None:
+            fields["step"] = result.step
+        if result.heartbeat is not None:
+            fields["last_heartbeat"] = result.heartbeat
+        if result.rate is not None:
+            fields["rate"] = result.rate
+        if result.started_at is not None and attempt.started_at is None:
+            fields["started_at"] = result.started_at
+        if result.message and not result.state.terminal:
+            fields["detail"] = result.message
+        if fields:
+            self.state.update_attempt(attempt.id, **fields)
+
+    def _finish(self, provider: Provider, attempt: Attempt, result: PollResult, now: float) -> None:
+        """Collect the session's checkpoints, charge its time, end it, and decide what's next."""
+        store = self.pool.store_for(attempt.experiment_id)
+        try:
+            provider.collect(attempt, store)
+        except CheckpointError as err:  # torn or corrupt output: never published
+            self.state.add_event(now, attempt.experiment_id, attempt.id, "corrupt-checkpoint", str(err))
+        latest = store.latest()
+        produced = latest.name if latest is not None and latest.attempt == attempt.id else None
+        seconds = attempt.duration(now) if attempt.started_at else 0.0
+        if seconds:
+            self.state.charge(attempt, seconds, now)
+        self.state.move_attempt(
+            attempt.id, result.state, now, event=result.message or result.state.value,
+            end_reason=result.message, ended_at=now, gpu_seconds=seconds, checkpoint_out=produced,
+            step=latest.step if latest is not None else attempt.step,
+        )
+        self._after_attempt(attempt, result, seconds, latest.name if latest else None,
+                            latest.step if latest else None, now)
+        spec = ExperimentSpec.model_validate(self.state.experiment(attempt.experiment_id).spec)
+        store.prune(spec.checkpoint.keep_last, protect=[latest.name] if latest else [])
+        provider.cleanup(attempt)
+
+    def _after_attempt(self, attempt: Attempt, result: PollResult, seconds: float,
+                       checkpoint: str | None, step: int | None, now: float) -> None:
+        experiment = self.state.experiment(attempt.experiment_id)
+        if experiment.state.terminal:
+            return  # cancelled meanwhile
+        spec = ExperimentSpec.model_validate(experiment.spec)
+        fields = dict(gpu_seconds=experiment.gpu_seconds + seconds, last_checkpoint=checkpoint,
+                      last_step=step)
+        target, why = self._next_state(experiment, spec, attempt, result, fields)
+        if target == ExperimentState.PENDING and result.state == AttemptState.UNAVAILABLE:
+            self._cool_down(attempt, result.message or "unavailable", now)
+        self.state.move_experiment(experiment.id, target, now, event=why, message=why, **fields)
+
+    def _next_state(self, experiment: Experiment, spec: ExperimentSpec, attempt: Attempt,
+                    result: PollResult, fields: dict) -> tuple[ExperimentState, str]:
+        outcome = result.state
+        if outcome == AttemptState.SUCCEEDED:
+            return ExperimentState.SUCCEEDED, "training completed"
+        if outcome == AttemptState.CANCELLED:
+            return ExperimentState.CANCELLED, "cancelled"
+        budget = spec.limits.gpu_hours
+        if budget is not None and fields["gpu_seconds"] >= budget * 3600:
+            return ExperimentState.FAILED, f"GPU-hour budget of {budget} h is spent"
+        if outcome == AttemptState.FAILED:
+            fields["errors"] = experiment.errors + 1
+            if fields["errors"] > spec.limits.retries_on_error:
+                return ExperimentState.FAILED, f"failed {fields['errors']} times; last: {result.message}"
+            return ExperimentState.PENDING, f"retrying after an error: {result.message}"
+        if outcome in (AttemptState.YIELDED, AttemptState.LOST):
+            fields["hops"] = experiment.hops + 1
+            if fields["hops"] > spec.limits.max_hops:
+                return ExperimentState.FAILED, f"reached max_hops ({spec.limits.max_hops})"
+            return ExperimentState.PENDING, f"session ended ({result.message}); resuming"
+        return ExperimentState.PENDING, f"{attempt.provider} unavailable: {result.message}"
+
+    def _cool_down(self, attempt: Attempt, reason: str, now: float, until: float | None = None) -> None:
+        health = self.state.health().get((attempt.provider, attempt.account), {})
+        failures = int(health.get("failures") or 0) + 1
+        until = until or now + backoff_seconds(failures)
+        self.state.mark_unavailable(attempt.provider, attempt.account, until, reason, now)
+
+    # -- placement ------------------------------------------------------------------------
+
+    def _place(self, experiment: Experiment, now: float, report: Report) -> None:
+        spec = ExperimentSpec.model_validate(experiment.spec)
+        for _ in range(MAX_PLACEMENT_TRIES):
+            decision = choose(spec.providers, spec.resources, self.candidates(spec, now),
+                              self._slice_seconds(spec), now)
+            if not isinstance(decision, Place):
+                self.state.update_experiment(experiment.id, now, wait_reason=decision.reason,
+                                             not_before=decision.until)
+                report.waiting[experiment.id] = decision.reason
+                return
+            provider = self.pool.provider(decision.provider)
+            attempt = self.state.create_attempt(experiment.id, decision.provider, decision.account, now)
+            if self._submit(provider, self.state.experiment(experiment.id), attempt, now, report):
+                return
+
+    def _slice_seconds(self, spec: ExperimentSpec) -> float:
+        return checkpoint_interval(spec.checkpoint, None, None)
+
+    def candidates(self, spec: ExperimentSpec, now: float) -> list[Candidate]:
+        health = self.state.health()
+        active = self._active_counts()
+        views = []
+        for name in spec.providers:
+            provider = self.pool.try_provider(name)
+            if provider is None or not provider.enabled:
+                views.append(Candidate(name, "default", configured=False))
+                continue
+            for account in provider.accounts():
+                views.append(self._candidate(provider, account, health, active, now))
+        return views
+
+    def _candidate(self, provider: Provider, account: str, health: dict, active: dict, now: float) -> Candidate:
+        ok, hint = provider.check_credentials()
+        cooldown = health.get((provider.name, account), {})
+        available = provider.availability(account, now)
+        charged = self.state.charged_seconds(provider.name, account, provider.quota_window_start(now))
+        quota = provider.quota(account, now, charged) if ok else None
+        kinds = provider.gpu_kinds()
+        return Candidate(
+            provider.name, account, credentials_ok=ok, credentials_hint=hint,
+            available=available.ok, unavailable_reason=cooldown.get("reason") or available.reason,
+            unavailable_until=cooldown.get("unavailable_until") or available.until,
+            active=active.get((provider.name, account), 0),
+            max_concurrent=provider.max_concurrent(account),
+            remaining_seconds=quota.remaining_seconds if quota else None,
+            quota_resets_at=quota.resets_at if quota else None,
+            gpu_kinds=frozenset(kinds) if kinds is not None else None,
+            cpu_only_ok=bool(getattr(provider, "accepts_cpu", lambda: False)()),
+            startup_seconds=provider.startup_seconds(),
+        )
+
+    def _active_counts(self) -> dict[tuple[str, str], int]:
+        counts: dict[tuple[str, str], int] = {}
+        for attempt in self.state.attempts(active=True):
+            key = (attempt.provider, attempt.account)
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def _submit(self, provider: Provider, experiment: Experiment, attempt: Attempt, now: float,
+                report: Report) -> bool:
+        spec = ExperimentSpec.model_validate(experiment.spec)
+        store = self.pool.store_for(experiment.id)
+        restore = store.latest()
+        launch = Launch(
+            attempt_id=attempt.id, experiment_id=experiment.id, account=attempt.account, spec=spec,
+            bundle=Path(experiment.bundle), store=store, restore=restore,
+            checkpoint_interval=self._slice_seconds(spec), now=now,
+        )
+        try:
+            submission = provider.submit(launch)
+        except (ProviderUnavailable, ProviderError) as err:
+            until = err.until if isinstance(err, ProviderUnavailable) else None
+            self.state.move_attempt(attempt.id, AttemptState.UNAVAILABLE, now, event=str(err),
+                                    end_reason=str(err), ended_at=now)
+            self._cool_down(attempt, str(err), now, until)
+            self.state.move_experiment(experiment.id, ExperimentState.PENDING, now,
+                                       wait_reason=str(err))
+            return False
+        self.state.move_attempt(
+            attempt.id, AttemptState.SUBMITTED, now, event=submission.message or "submitted",
+            remote_id=submission.remote_id, url=submission.url, deadline=submission.deadline,
+            checkpoint_in=restore.name if restore else None,
+            step_start=restore.step if restore else 0, step=restore.step if restore else 0,
+            detail=submission.message,
+        )
+        report.placed.append(attempt.id)
+        return True
+
+    # -- cancelling -----------------------------------------------------------------------
+
+    def cancel(self, experiment_id: str, now: float) -> Experiment:
+        """Stop an experiment: cancel its active attempt, keep what it checkpointed."""
+        experiment = self.state.experiment(experiment_id)
+        for attempt in self.state.attempts(experiment.id, active=True):
+            provider = self.pool.provider(attempt.provider)
+            provider.cancel(attempt)
+            try:
+                provider.collect(attempt, self.pool.store_for(experiment.id))
+            except GpupoolError as err:
+                self.state.add_event(now, experiment.id, attempt.id, "problem", str(err))
+            self.state.move_attempt(attempt.id, AttemptState.CANCELLED, now, event="cancelled",
+                                    end_reason="cancelled by the user", ended_at=now,
+                                    gpu_seconds=attempt.duration(now))
+            if attempt.started_at:
+                self.state.charge(attempt, attempt.duration(now), now)
+        if not experiment.state.terminal:
+            self.state.move_experiment(experiment.id, ExperimentState.CANCELLED, now,
+                                       event="cancelled by the user", message="cancelled")
+        return self.state.experiment(experiment.id)
