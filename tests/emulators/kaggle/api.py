@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from .state import NOT_READY_STATUS, Blob, Dataset, DatasetVersion, Kernel, Session
@@ -96,7 +97,9 @@ def _refusal(emu: KaggleEmulator, body: dict[str, Any], gpu: bool) -> str:
     if body.get("kernelExecutionType") == "QUICK_SAVE" or not gpu:
         return ""
     if emu.gpu_seconds_used() >= cfg.gpu_quota_seconds:
-        return f"GPU quota exceeded: your weekly GPU quota refreshes at {iso(cfg.quota_refresh_time)}"
+        return (
+            f"GPU quota exceeded: your weekly GPU quota refreshes at {iso(cfg.quota_refresh_time)}"
+        )
     live = sum(1 for s in emu.sessions.values() if s.gpu and s.live)
     if live >= cfg.max_gpu_sessions:
         return f"Maximum batch GPU session count of {cfg.max_gpu_sessions} reached"
@@ -109,15 +112,21 @@ def _is_gpu(body: dict[str, Any]) -> bool:
 
 
 def _invalid_sources(emu: KaggleEmulator, body: dict[str, Any]) -> dict[str, list[str]]:
-    bad_datasets = [r for r in body.get("datasetDataSources", []) if emu.find_dataset_version(r) is None]
-    bad_kernels = [r for r in body.get("kernelDataSources", []) if emu.find_kernel_output(r) is None]
+    bad_datasets = [
+        r for r in body.get("datasetDataSources", []) if emu.find_dataset_version(r) is None
+    ]
+    bad_kernels = [
+        r for r in body.get("kernelDataSources", []) if emu.find_kernel_output(r) is None
+    ]
     return {"invalidDatasetSources": bad_datasets, "invalidKernelSources": bad_kernels}
 
 
 def _kernel_for_push(emu: KaggleEmulator, owner: str, slug: str, body: dict[str, Any]) -> Kernel:
     kernel = emu.kernels.get((owner, slug))
     if kernel is None or kernel.deleted:
-        kernel = Kernel(emu.next_id(), owner, slug, body.get("newTitle") or slug, body.get("isPrivate", True))
+        kernel = Kernel(
+            emu.next_id(), owner, slug, body.get("newTitle") or slug, body.get("isPrivate", True)
+        )
         emu.kernels[(owner, slug)] = kernel
     elif "isPrivate" in body:
         kernel.is_private = body["isPrivate"]
@@ -142,12 +151,19 @@ def save_kernel(emu: KaggleEmulator, user: str, body: dict[str, Any]) -> dict[st
     invalid = _invalid_sources(emu, body)
     session = emu.start_session(kernel, body, gpu)
     url = f"{emu.url}/code/{owner}/{slug}?scriptVersionId={session.id}"
-    return {"ref": f"/code/{owner}/{slug}", "url": url, "versionNumber": session.version,
-            "kernelId": kernel.id, **invalid}
+    return {
+        "ref": f"/code/{owner}/{slug}",
+        "url": url,
+        "versionNumber": session.version,
+        "kernelId": kernel.id,
+        **invalid,
+    }
 
 
 @rpc("kernels.KernelsApiService", "GetKernelSessionStatus")
-def get_kernel_session_status(emu: KaggleEmulator, user: str, body: dict[str, Any]) -> dict[str, Any]:
+def get_kernel_session_status(
+    emu: KaggleEmulator, user: str, body: dict[str, Any]
+) -> dict[str, Any]:
     session = _find_session(emu, user, body)
     response: dict[str, Any] = {}
     if session.status != "QUEUED":
@@ -166,7 +182,9 @@ def _page(names: list[str], body: dict[str, Any]) -> tuple[list[str], str]:
 
 
 @rpc("kernels.KernelsApiService", "ListKernelSessionOutput")
-def list_kernel_session_output(emu: KaggleEmulator, user: str, body: dict[str, Any]) -> dict[str, Any]:
+def list_kernel_session_output(
+    emu: KaggleEmulator, user: str, body: dict[str, Any]
+) -> dict[str, Any]:
     session = _find_session(emu, user, body)
     names, next_token = _page(sorted(session.outputs), body)
     files = [{"url": f"{emu.url}/emu/files/{session.id}/{quote(n)}", "fileName": n} for n in names]
@@ -189,16 +207,25 @@ def cancel_kernel_session(emu: KaggleEmulator, user: str, body: dict[str, Any]) 
 
 
 def _quota(used: float, total: float) -> dict[str, Any]:
-    return {"timeUsed": duration(used), "timeReserved": "0s", "totalTimeAllowed": duration(total),
-            "minimumTimeAllowed": duration(total), "hasEverRun": used > 0}
+    return {
+        "timeUsed": duration(used),
+        "timeReserved": "0s",
+        "totalTimeAllowed": duration(total),
+        "minimumTimeAllowed": duration(total),
+        "hasEverRun": used > 0,
+    }
 
 
 @rpc("kernels.KernelsApiService", "GetAcceleratorQuotaStatistics")
-def get_accelerator_quota_statistics(emu: KaggleEmulator, user: str, body: dict[str, Any]) -> dict[str, Any]:
+def get_accelerator_quota_statistics(
+    emu: KaggleEmulator, user: str, body: dict[str, Any]
+) -> dict[str, Any]:
     cfg = emu.config
-    return {"quotaRefreshTime": iso(cfg.quota_refresh_time),
-            "gpuQuota": _quota(round(emu.gpu_seconds_used(), 3), cfg.gpu_quota_seconds),
-            "tpuQuota": _quota(0, cfg.tpu_quota_seconds)}
+    return {
+        "quotaRefreshTime": iso(cfg.quota_refresh_time),
+        "gpuQuota": _quota(round(emu.gpu_seconds_used(), 3), cfg.gpu_quota_seconds),
+        "tpuQuota": _quota(0, cfg.tpu_quota_seconds),
+    }
 
 
 @rpc("kernels.KernelsApiService", "GetKernel")
@@ -206,17 +233,29 @@ def get_kernel(emu: KaggleEmulator, user: str, body: dict[str, Any]) -> dict[str
     session = _find_session(emu, user, body)
     kernel = emu.kernels[(session.owner, session.slug)]
     req = session.request
-    metadata = {"id": kernel.id, "ref": f"{kernel.owner}/{kernel.slug}", "title": kernel.title,
-                "author": kernel.owner, "slug": kernel.slug, "language": req.get("language"),
-                "kernelType": req.get("kernelType"), "isPrivate": kernel.is_private,
-                "enableGpu": session.gpu, "enableTpu": bool(req.get("enableTpu")),
-                "enableInternet": bool(req.get("enableInternet")),
-                "datasetDataSources": req.get("datasetDataSources", []),
-                "kernelDataSources": req.get("kernelDataSources", []),
-                "currentVersionNumber": kernel.latest.version if kernel.latest else 0,
-                "machineShape": req.get("machineShape")}
-    blob = {"source": req.get("text"), "language": req.get("language"),
-            "kernelType": req.get("kernelType"), "slug": kernel.slug}
+    metadata = {
+        "id": kernel.id,
+        "ref": f"{kernel.owner}/{kernel.slug}",
+        "title": kernel.title,
+        "author": kernel.owner,
+        "slug": kernel.slug,
+        "language": req.get("language"),
+        "kernelType": req.get("kernelType"),
+        "isPrivate": kernel.is_private,
+        "enableGpu": session.gpu,
+        "enableTpu": bool(req.get("enableTpu")),
+        "enableInternet": bool(req.get("enableInternet")),
+        "datasetDataSources": req.get("datasetDataSources", []),
+        "kernelDataSources": req.get("kernelDataSources", []),
+        "currentVersionNumber": kernel.latest.version if kernel.latest else 0,
+        "machineShape": req.get("machineShape"),
+    }
+    blob = {
+        "source": req.get("text"),
+        "language": req.get("language"),
+        "kernelType": req.get("kernelType"),
+        "slug": kernel.slug,
+    }
     return {"metadata": {k: v for k, v in metadata.items() if v is not None}, "blob": blob}
 
 
@@ -251,9 +290,13 @@ def _dataset_files(emu: KaggleEmulator, files: list[dict[str, Any]]) -> dict[str
     return out
 
 
-def _add_version(emu: KaggleEmulator, dataset: Dataset, files: dict[str, bytes], notes: str) -> dict[str, Any]:
+def _add_version(
+    emu: KaggleEmulator, dataset: Dataset, files: dict[str, bytes], notes: str
+) -> dict[str, Any]:
     number = len(dataset.versions) + 1
-    dataset.versions.append(DatasetVersion(number, files, notes, emu.config.dataset_polls_until_ready))
+    dataset.versions.append(
+        DatasetVersion(number, files, notes, emu.config.dataset_polls_until_ready)
+    )
     return {"ref": dataset.ref, "url": f"{emu.url}/datasets/{dataset.ref}", "status": "ok"}
 
 
@@ -265,7 +308,13 @@ def create_dataset(emu: KaggleEmulator, user: str, body: dict[str, Any]) -> dict
     if (owner, slug) in emu.datasets:
         return {"status": "error", "error": f"The dataset {owner}/{slug} already exists"}
     files = _dataset_files(emu, body.get("files", []))
-    dataset = Dataset(owner, slug, body.get("title", slug), body.get("isPrivate", True), body.get("licenseName", ""))
+    dataset = Dataset(
+        owner,
+        slug,
+        body.get("title", slug),
+        body.get("isPrivate", True),
+        body.get("licenseName", ""),
+    )
     emu.datasets[(owner, slug)] = dataset
     return _add_version(emu, dataset, files, "")
 
@@ -316,4 +365,9 @@ def introspect_token(emu: KaggleEmulator, user: str, body: dict[str, Any]) -> di
     username = emu.tokens.get(body.get("token", ""))
     if username is None:
         return {}  # active=false is the default, so it is omitted
-    return {"active": True, "clientId": "kaggle-cli", "username": username, "scope": "resources.admin:*"}
+    return {
+        "active": True,
+        "clientId": "kaggle-cli",
+        "username": username,
+        "scope": "resources.admin:*",
+    }

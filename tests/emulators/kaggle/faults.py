@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-RATE_LIMIT_BODY = {"error": {"code": 429, "message": "Too many requests", "status": "RESOURCE_EXHAUSTED"}}
+RATE_LIMIT_BODY = {
+    "error": {"code": 429, "message": "Too many requests", "status": "RESOURCE_EXHAUSTED"}
+}
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Runs a pushed kernel for real: a fake /kaggle root, the script in a subprocess, limits, log, outputs.
+"""Runs a pushed kernel for real: a fake /kaggle, the script in a subprocess, limits, log, outputs.
 
 Layout of the fake root (its path is given to the script as $KAGGLE_ROOT):
   input/datasets/<owner>/<slug>/...        dataset sources ("datasets" layout, the 2026 one)
@@ -31,7 +31,7 @@ POLL_SECONDS = 0.02
 
 
 def run_session(emu: KaggleEmulator, session: Session) -> None:
-    """The body of a session's thread: QUEUED -> RUNNING -> COMPLETE / ERROR / CANCEL_ACKNOWLEDGED."""
+    """A session's thread: QUEUED -> RUNNING -> COMPLETE / ERROR / CANCEL_ACKNOWLEDGED."""
     try:
         if _interrupted(emu, session, emu.config.queue_seconds):
             _finish(emu, session, "CANCEL_ACKNOWLEDGED", "", keep_output=False)
@@ -97,7 +97,9 @@ def _write_dataset(files: dict[str, bytes], target: Path) -> None:
             zipfile.ZipFile(io.BytesIO(data)).extractall(target / name[: -len(".zip")])
         elif name.endswith((".tar", ".tar.gz", ".tgz")):
             with tarfile.open(fileobj=io.BytesIO(data)) as archive:
-                archive.extractall(target / name.split(".tar")[0].removesuffix(".tgz"), filter="data")
+                archive.extractall(
+                    target / name.split(".tar")[0].removesuffix(".tgz"), filter="data"
+                )
         else:
             (target / name).write_bytes(data)
 
@@ -121,7 +123,7 @@ def _source_code(request: dict) -> str:
 
 
 def kernel_env(emu: KaggleEmulator, root: Path) -> dict[str, str]:
-    """The parent's environment without any KAGGLE_* variable (no credentials leak in), plus Kaggle's."""
+    """The parent's env minus every KAGGLE_* variable (no credentials leak in), plus Kaggle's."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KAGGLE_")}
     env.update(KAGGLE_KERNEL_RUN_TYPE="Batch", KAGGLE_ROOT=str(root), PYTHONUNBUFFERED="1")
     env.update(emu.config.extra_env)
@@ -132,13 +134,20 @@ def _start(emu: KaggleEmulator, session: Session) -> None:
     assert session.root is not None
     session.process = subprocess.Popen(
         [emu.config.python, str(session.root / "src" / "script.py")],
-        cwd=session.root / "working", env=kernel_env(emu, session.root),
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        cwd=session.root / "working",
+        env=kernel_env(emu, session.root),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     session.started = time.monotonic()
     if not session.cancel.is_set():
         session.status = "RUNNING"
-    session.pumps = [_pump(session, session.process.stdout, "stdout"),
-                     _pump(session, session.process.stderr, "stderr")]
+    session.pumps = [
+        _pump(session, session.process.stdout, "stdout"),
+        _pump(session, session.process.stderr, "stderr"),
+    ]
 
 
 def _pump(session: Session, stream: IO[bytes] | None, name: str) -> threading.Thread:
@@ -146,8 +155,13 @@ def _pump(session: Session, stream: IO[bytes] | None, name: str) -> threading.Th
         assert stream is not None and session.started is not None
         for line in iter(stream.readline, b""):
             data = line.decode("utf-8", "replace")
-            session.log.append({"stream_name": name, "time": round(time.monotonic() - session.started, 3),
-                                "data": data})
+            session.log.append(
+                {
+                    "stream_name": name,
+                    "time": round(time.monotonic() - session.started, 3),
+                    "data": data,
+                }
+            )
 
     thread = threading.Thread(target=copy, name=f"kaggle-emu-{session.id}-{name}", daemon=True)
     thread.start()
@@ -211,20 +225,36 @@ def _conclude(emu: KaggleEmulator, session: Session, outcome: str, limit: float)
         message = "" if ok else f"Kernel script exited with code {session.exit_code}"
         _finish(emu, session, "COMPLETE" if ok else "ERROR", message, keep_output=True)
     elif outcome == "limit":
-        _finish(emu, session, cfg.limit_status, cfg.limit_message.format(limit=limit), cfg.limit_keeps_output)
+        _finish(
+            emu,
+            session,
+            cfg.limit_status,
+            cfg.limit_message.format(limit=limit),
+            cfg.limit_keeps_output,
+        )
     elif outcome == "quota":
-        _finish(emu, session, "ERROR", "GPU quota exhausted; the session was stopped", cfg.limit_keeps_output)
+        _finish(
+            emu,
+            session,
+            "ERROR",
+            "GPU quota exhausted; the session was stopped",
+            cfg.limit_keeps_output,
+        )
     elif outcome == "cancelled":
         _finish(emu, session, "CANCEL_ACKNOWLEDGED", "", keep_output=False)
     else:
         _finish(emu, session, "ERROR", "Kaggle emulator stopped", keep_output=False)
 
 
-def _finish(emu: KaggleEmulator, session: Session, status: str, message: str, keep_output: bool) -> None:
-    """Record the end; the status is written last so a poller never sees a final status too early."""
+def _finish(
+    emu: KaggleEmulator, session: Session, status: str, message: str, keep_output: bool
+) -> None:
+    """Record the end; the status is written last, so pollers never see a final status early."""
     if keep_output and session.root is not None:
         working = session.root / "working"
-        session.outputs = {p.relative_to(working).as_posix(): p for p in sorted(working.rglob("*")) if p.is_file()}
+        session.outputs = {
+            p.relative_to(working).as_posix(): p for p in sorted(working.rglob("*")) if p.is_file()
+        }
     session.failure_message = message
     with emu.lock:
         session.ended = time.monotonic()

@@ -22,7 +22,7 @@ def _next_week() -> dt.datetime:
 
 @dataclass
 class Config:
-    """What a test tunes. Fields may be changed while the emulator runs (they are read per request)."""
+    """What a test tunes. Fields may change while the emulator runs (they are read per use)."""
 
     max_gpu_sessions: int = 2
     gpu_quota_seconds: float = 30 * 3600
@@ -31,11 +31,17 @@ class Config:
     session_cap_seconds: float = 12 * 3600
     # What a session that hits its time limit (cap, sessionTimeoutSeconds or quota) ends as.
     limit_status: str = "ERROR"
-    limit_message: str = "Your notebook exceeded its maximum run time of {limit:g} seconds and was stopped."
+    limit_message: str = (
+        "Your notebook exceeded its maximum run time of {limit:g} seconds and was stopped."
+    )
     limit_keeps_output: bool = True
     queue_seconds: float = 0.0  # time a session stays QUEUED before its script starts
-    dataset_polls_until_ready: int = 1  # GetDatasetStatus answers not-ready this many times per version
-    input_layout: str = "datasets"  # "datasets" (input/datasets/<owner>/<slug>), "legacy" (input/<slug>), "both"
+    dataset_polls_until_ready: int = (
+        1  # GetDatasetStatus answers not-ready this many times per version
+    )
+    input_layout: str = (
+        "datasets"  # "datasets" (input/datasets/<owner>/<slug>), "legacy" (input/<slug>), "both"
+    )
     python: str = sys.executable
     extra_env: dict[str, str] = field(default_factory=dict)  # added to every kernel's environment
     max_hang_seconds: float = 10.0  # upper bound on a "hang" fault
