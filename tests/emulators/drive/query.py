@@ -62,8 +62,9 @@ def parse(query: str) -> Predicate:
     """Compile a ``q`` string into a predicate over (file, state)."""
     parser = _Parser(tokenize(query))
     predicate = parser.expression()
-    if parser.peek() is not None:
-        raise QueryError(f"unexpected {parser.peek()[1]!r}")
+    leftover = parser.peek()
+    if leftover is not None:
+        raise QueryError(f"unexpected {leftover[1]!r}")
     return predicate
 
 

@@ -23,11 +23,11 @@ def alternate_link(item: DriveFile) -> str:
     return f"https://drive.google.com/file/d/{item.id}/view?usp=drivesdk"
 
 
-def parent_reference(parent_id: str, state: DriveState) -> dict:
+def parent_reference(item_id: str, parent_id: str, state: DriveState) -> dict:
     return {
         "kind": "drive#parentReference",
         "id": parent_id,
-        "selfLink": f"{API}/files/{parent_id}/parents/{parent_id}",
+        "selfLink": f"{API}/files/{item_id}/parents/{parent_id}",
         "parentLink": f"{API}/files/{parent_id}",
         "isRoot": parent_id == state.root_id,
     }
@@ -52,7 +52,7 @@ def file_resource(item: DriveFile, state: DriveState) -> dict:
         "modifiedDate": rfc3339(item.modified),
         "modifiedByMeDate": rfc3339(item.modified),
         "version": str(item.version),
-        "parents": [parent_reference(p, state) for p in item.parents],
+        "parents": [parent_reference(item.id, p, state) for p in item.parents],
         "ownerNames": ["Emulated User"],
         "editable": True,
         "copyable": True,

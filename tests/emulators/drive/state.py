@@ -83,8 +83,8 @@ class RequestRecord:
     method: str
     endpoint: str
     path: str
-    headers: dict
-    status: int | None = None
+    headers: dict  # names lower-cased
+    status: int | None = None  # None: the connection was dropped (a fault)
 
 
 class DriveState:

@@ -18,7 +18,7 @@ class Request:
     body: bytes
     origin: str  # scheme://host:port the client addressed, for session URIs
     params: dict[str, str] = field(default_factory=dict)  # from the route's path template
-    truncated: bool = False  # the body was cut short by a cut_upload fault
+    truncated: bool = False  # a cut_upload fault: keep what arrived, then drop the connection
 
     def json(self) -> dict:
         if not self.body.strip():
