@@ -51,6 +51,7 @@ attempts = sa.Table(
     sa.Column("last_heartbeat", sa.Float),
     sa.Column("step_start", sa.Integer),
     sa.Column("step", sa.Integer),
+    sa.Column("total_steps", sa.Integer),
     sa.Column("rate", sa.Float),
     sa.Column("checkpoint_in", sa.String(128)),
     sa.Column("checkpoint_out", sa.String(128)),

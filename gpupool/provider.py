@@ -87,6 +87,7 @@ class PollResult:
     step: int | None = None
     heartbeat: float | None = None
     rate: float | None = None  # steps per second
+    total: int | None = None  # the run's total steps, when the script reports it
     started_at: float | None = None
     message: str | None = None  # why it ended, or what it waits for
 

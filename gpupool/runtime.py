@@ -130,13 +130,14 @@ class Session:
 
     # -- progress -------------------------------------------------------------------------
 
-    def report(self, step: int, **metrics: float) -> None:
-        """Record progress; written at most once a second, so call it every step."""
+    def report(self, step: int, *, total: int | None = None, **metrics: float) -> None:
+        """Record progress (``total``: the run's last step, for the ETA); written at most once
+        a second, so call it every step."""
         now = time.monotonic()
         if now - self._last_progress < PROGRESS_EVERY:
             return
         self._last_progress = now
-        self.event("progress", step=step, metrics=metrics)
+        self.event("progress", step=step, total=total, metrics=metrics)
 
     def event(self, kind: str, **fields: Any) -> None:
         record = {"event": kind, "time": time.time(), "attempt": self.attempt, **fields}

@@ -77,13 +77,16 @@ class Scheduler:
             report.finished.append(attempt.id)
 
     def _record_progress(self, attempt: Attempt, result: PollResult) -> None:
-        fields = {}
+        fields: dict[str, object] = {}
         if result.step is not None:
             fields["step"] = result.step
+        if result.total is not None:
+            fields["total_steps"] = result.total
         if result.heartbeat is not None:
             fields["last_heartbeat"] = result.heartbeat
-        if result.rate is not None:
-            fields["rate"] = result.rate
+        rate = result.rate if result.rate is not None else _rate(attempt, result)
+        if rate is not None:
+            fields["rate"] = rate
         if result.started_at is not None and attempt.started_at is None:
             fields["started_at"] = result.started_at
         if result.message and not result.state.terminal:
@@ -266,3 +269,14 @@ class Scheduler:
             self.state.move_experiment(experiment.id, ExperimentState.CANCELLED, now,
                                        event="cancelled by the user", message="cancelled")
         return self.state.experiment(experiment.id)
+
+
+def _rate(attempt: Attempt, result: PollResult) -> float | None:
+    """Steps per second between two polls, smoothed with the previous estimate."""
+    if None in (result.step, result.heartbeat, attempt.step, attempt.last_heartbeat):
+        return attempt.rate
+    elapsed = result.heartbeat - attempt.last_heartbeat  # type: ignore[operator]
+    if elapsed <= 0 or result.step < attempt.step:  # type: ignore[operator]
+        return attempt.rate
+    current = (result.step - attempt.step) / elapsed  # type: ignore[operator]
+    return current if attempt.rate is None else 0.7 * attempt.rate + 0.3 * current

@@ -56,6 +56,7 @@ class Attempt:
     last_heartbeat: float | None
     step_start: int | None
     step: int | None
+    total_steps: int | None
     rate: float | None
     checkpoint_in: str | None
     checkpoint_out: str | None

@@ -191,7 +191,7 @@ class LocalProvider(Provider):
                               message="the session's supervisor died without an exit status")
         state = AttemptState.RUNNING if started else AttemptState.SUBMITTED
         return PollResult(state, step=progress.get("step"), heartbeat=progress.get("time"),
-                          started_at=started)
+                          started_at=started, total=progress.get("total"))
 
     def _reap(self, attempt_id: str) -> None:
         child = self._children.get(attempt_id)

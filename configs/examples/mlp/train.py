@@ -53,7 +53,7 @@ def main() -> None:
         optimizer.step()
         schedule.step()
         step += 1
-        session.report(step, loss=loss.item())
+        session.report(step, total=TOTAL_STEPS, loss=loss.item())
         if session.checkpoint_due() or session.should_stop():
             with session.checkpoint(step) as folder:
                 gt.save_training_state(folder, step=step, **state)

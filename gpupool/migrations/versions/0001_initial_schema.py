@@ -95,6 +95,7 @@ def upgrade() -> None:
     sa.Column('last_heartbeat', sa.Float(), nullable=True),
     sa.Column('step_start', sa.Integer(), nullable=True),
     sa.Column('step', sa.Integer(), nullable=True),
+    sa.Column('total_steps', sa.Integer(), nullable=True),
     sa.Column('rate', sa.Float(), nullable=True),
     sa.Column('checkpoint_in', sa.String(length=128), nullable=True),
     sa.Column('checkpoint_out', sa.String(length=128), nullable=True),

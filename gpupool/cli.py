@@ -1,0 +1,343 @@
+"""The ``gpupool`` command: parse, call the library, render. click and rich live only here."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from gpupool.errors import GpupoolError
+
+EXAMPLES = """
+\b
+Quick start:
+  gpupool run configs/examples/mlp/experiment.yaml    train, following progress
+  gpupool status                                      every experiment
+  gpupool status ID                                   one experiment and its attempts
+  gpupool logs ID -f                                  follow the current session's log
+  gpupool providers                                   which providers are usable, and why not
+"""
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def _open_pool(ctx: click.Context) -> Any:
+    from gpupool.pool import Pool
+    from gpupool.settings import load_settings
+
+    if "pool" not in ctx.obj:
+        pool = Pool(load_settings(ctx.obj.get("config")))
+        ctx.call_on_close(pool.close)
+        ctx.obj["pool"] = pool
+    return ctx.obj["pool"]
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@click.group(epilog=EXAMPLES)
+@click.option("--config", type=click.Path(path_type=Path), envvar="GPUPOOL_CONFIG",
+              help="Pool configuration file (default: the user config dir's gpupool/pool.yaml).")
+@click.version_option(package_name="gpupool")
+@click.pass_context
+def cli(ctx: click.Context, config: Path | None) -> None:
+    """Run one training experiment across Colab, Kaggle and a local GPU.
+
+    gpupool places each session where quota allows, checkpoints into a shared store, and
+    resumes on the next provider when a session ends.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["config"] = config
+
+
+@cli.command()
+@click.argument("experiment_file", type=click.Path(path_type=Path))
+@click.option("--detach", is_flag=True, help="Submit and return at once (a `gpupool daemon` runs it).")
+@click.pass_context
+def run(ctx: click.Context, experiment_file: Path, detach: bool) -> None:
+    """Submit EXPERIMENT_FILE and follow it until it finishes.
+
+    Ctrl-C stops following; training sessions keep running, and `gpupool daemon` (or another
+    `gpupool run`) carries on scheduling.
+    """
+    from gpupool.daemon import Driver
+    from gpupool.spec import load_experiment
+
+    spec = load_experiment(experiment_file)
+    pool = _open_pool(ctx)
+    experiment = pool.submit(spec)
+    console = _console()
+    console.print(f"submitted [bold]{experiment.id}[/] ({spec.name}), providers: {', '.join(spec.providers)}")
+    driver = Driver(pool)
+    driver.step()
+    if detach:
+        console.print(f"detached; `gpupool status {experiment.id}` shows progress, "
+                      "and `gpupool daemon` must be running to carry it on")
+        return
+    sys.exit(_follow(pool, driver, experiment.id, console))
+
+
+def _follow(pool: Any, driver: Any, experiment_id: str, console: Any) -> int:
+    from rich.live import Live
+
+    from gpupool.views import progress_line
+
+    background = driver.start_background()
+    try:
+        with Live(console=console, refresh_per_second=2, transient=False) as live:
+            while True:
+                experiment = pool.state.experiment(experiment_id)
+                live.update(progress_line(pool, experiment, time.time()))
+                if experiment.state.terminal:
+                    break
+                time.sleep(0.5)
+    except KeyboardInterrupt:
+        console.print("stopped following; sessions keep running (`gpupool daemon` continues)")
+        return 130
+    finally:
+        background.shutdown(wait=True)  # type: ignore[attr-defined]
+        driver.release()
+    return _summary(pool, experiment_id, console)
+
+
+def _summary(pool: Any, experiment_id: str, console: Any) -> int:
+    experiment = pool.state.experiment(experiment_id)
+    colour = "green" if experiment.state.value == "succeeded" else "red"
+    console.print(f"[{colour}]{experiment.id} {experiment.state.value}[/]: {experiment.message or ''}"
+                  f" ({len(pool.state.attempts(experiment_id))} attempt(s), "
+                  f"{experiment.gpu_seconds / 3600:.2f} GPU-hours)")
+    return 0 if experiment.state.value == "succeeded" else 1
+
+
+@cli.command()
+@click.argument("experiment_id", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--limit", default=50, show_default=True, help="Experiments per page.")
+@click.option("--page", default=1, show_default=True)
+@click.pass_context
+def status(ctx: click.Context, experiment_id: str | None, as_json: bool, limit: int, page: int) -> None:
+    """Show experiments, or one experiment with every attempt and its recent events."""
+    from gpupool.views import attempt_row, experiment_row
+
+    pool = _open_pool(ctx)
+    now = time.time()
+    if experiment_id:
+        experiment = pool.state.experiment(experiment_id)
+        data = experiment_row(pool, experiment, now)
+        data["attempts"] = [attempt_row(a, now) for a in pool.state.attempts(experiment.id)]
+        data["events"] = pool.state.events(experiment.id, limit=20)
+        _print_json(data) if as_json else _render_experiment(data)
+        return
+    rows = [experiment_row(pool, e, now)
+            for e in pool.state.experiments(limit=limit, offset=(page - 1) * limit)]
+    _print_json(rows) if as_json else _render_experiments(rows, pool.state.count_experiments(), page, limit)
+
+
+def _render_experiments(rows: list[dict[str, Any]], total: int, page: int, limit: int) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"experiments ({total})", title_justify="left")
+    for column in ("id", "state", "provider", "step", "hops", "GPU h", "note"):
+        table.add_column(column)
+    for row in rows:
+        note = row["url"] or row["waiting_for"] or row["message"] or ""
+        table.add_row(row["id"], row["state"], row["provider"] or "-", str(row["step"] or "-"),
+                      str(row["hops"]), f"{row['gpu_hours']:.2f}", note)
+    _console().print(table)
+    if total > page * limit:
+        _console().print(f"page {page}; more with --page {page + 1}")
+
+
+def _render_experiment(data: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    console = _console()
+    console.print(f"[bold]{data['id']}[/] {data['state']} · step {data['step'] or 0} · "
+                  f"{data['gpu_hours']:.2f} GPU-hours · {data['hops']} hop(s)")
+    for key in ("waiting_for", "url", "message", "last_checkpoint"):
+        if data.get(key):
+            console.print(f"  {key.replace('_', ' ')}: {data[key]}")
+    table = Table(title="attempts", title_justify="left")
+    for column in ("#", "provider", "state", "duration", "steps", "checkpoint in → out", "ended because"):
+        table.add_column(column)
+    for a in data["attempts"]:
+        ckpts = f"{_short(a['checkpoint_in'])} → {_short(a['checkpoint_out'])}"
+        table.add_row(str(a["seq"]), a["provider"], a["state"], a["duration"],
+                      str(a["steps_gained"] if a["steps_gained"] is not None else "-"), ckpts,
+                      (a["ended_because"] or "").splitlines()[0] if a["ended_because"] else "")
+    console.print(table)
+    for event in data["events"][-8:]:
+        stamp = time.strftime("%H:%M:%S", time.localtime(event["at"]))
+        console.print(f"  {stamp} {event['kind']}: {event['message'].splitlines()[0]}")
+
+
+def _short(name: str | None) -> str:
+    return "-" if not name else f"step {int(name[5:17])}"
+
+
+@cli.command()
+@click.argument("experiment_id")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing until the attempt ends.")
+@click.option("--attempt", "seq", type=int, help="Attempt number (default: the latest).")
+@click.pass_context
+def logs(ctx: click.Context, experiment_id: str, follow: bool, seq: int | None) -> None:
+    """Print the log of an experiment's latest attempt (earlier ones with --attempt N)."""
+    pool = _open_pool(ctx)
+    experiment = pool.state.experiment(experiment_id)
+    attempts = pool.state.attempts(experiment.id)
+    chosen = [a for a in attempts if seq is None or a.seq == seq]
+    if not chosen:
+        raise click.ClickException(f"{experiment.id} has no attempt {seq if seq else 'yet'}")
+    attempt = chosen[-1]
+    provider = pool.provider(attempt.provider)
+    shown = 0
+    while True:
+        text = provider.logs(attempt)
+        click.echo(text[shown:], nl=False)
+        shown = len(text)
+        attempt = pool.state.attempt(attempt.id)
+        if not follow or attempt.state.terminal:
+            return
+        time.sleep(1.0)
+
+
+@cli.command()
+@click.argument("experiment_id")
+@click.pass_context
+def cancel(ctx: click.Context, experiment_id: str) -> None:
+    """Cancel an experiment; its checkpoints are kept."""
+    from gpupool.scheduler import Scheduler
+
+    pool = _open_pool(ctx)
+    experiment = Scheduler(pool).cancel(experiment_id, time.time())
+    _console().print(f"{experiment.id} {experiment.state.value}")
+
+
+@cli.command()
+@click.option("--once", is_flag=True, help="Run one reconcile step and exit (for cron or tests).")
+@click.pass_context
+def daemon(ctx: click.Context, once: bool) -> None:
+    """Keep every experiment moving: poll sessions, relay checkpoints, place the next attempt."""
+    import logging
+
+    from gpupool.daemon import Driver
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    pool = _open_pool(ctx)
+    driver = Driver(pool)
+    if once:
+        report = driver.step()
+        driver.release()
+        if report is None:
+            raise GpupoolError("another scheduler holds the lease on this database; try again later")
+        for line in _report_lines(report):
+            click.echo(line)
+        return
+    _console(stderr=True).print(f"gpupool daemon: polling every {pool.settings.poll_interval:g}s (Ctrl-C stops)")
+    driver.run_forever()
+
+
+def _report_lines(report: Any) -> list[str]:
+    lines = [f"placed {a}" for a in report.placed] + [f"finished {a}" for a in report.finished]
+    lines += [f"waiting {e}: {why}" for e, why in report.waiting.items()]
+    return lines + [f"problem: {p}" for p in report.problems]
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def providers(ctx: click.Context, as_json: bool) -> None:
+    """Which providers are configured and usable, with a hint for each that is not."""
+    from rich.table import Table
+
+    pool = _open_pool(ctx)
+    rows = []
+    for name in pool.provider_names():
+        rows.append(_provider_row(pool, name))
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table(title="providers", title_justify="left")
+    for column in ("provider", "usable", "details"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["provider"], "[green]yes[/]" if row["usable"] else "[red]no[/]", row["hint"])
+    _console().print(table)
+
+
+def _provider_row(pool: Any, name: str) -> dict[str, Any]:
+    try:
+        provider = pool.provider(name)
+    except GpupoolError as err:
+        return {"provider": name, "usable": False, "hint": str(err)}
+    if not provider.enabled:
+        return {"provider": name, "usable": False, "hint": f"disabled in the pool configuration"}
+    ok, hint = provider.check_credentials()
+    return {"provider": name, "usable": ok, "hint": hint}
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def quota(ctx: click.Context, as_json: bool) -> None:
+    """GPU time used and left on each provider account, and when it resets."""
+    from gpupool.views import quota_row
+
+    pool = _open_pool(ctx)
+    now = time.time()
+    rows = []
+    for name in pool.provider_names():
+        provider = pool.try_provider(name)
+        if provider is None or not provider.enabled:
+            continue
+        for account in provider.accounts():
+            charged = pool.state.charged_seconds(name, account, provider.quota_window_start(now))
+            rows.append(quota_row(name, account, provider.quota(account, now, charged), now))
+    if as_json:
+        _print_json(rows)
+        return
+    _render_quota(rows)
+
+
+def _render_quota(rows: list[dict[str, Any]]) -> None:
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+
+    table = Table(title="GPU quota", title_justify="left")
+    for column in ("provider", "account", "used", "", "left", "resets in", "source"):
+        table.add_column(column)
+    for row in rows:
+        if row["total_hours"] is None:
+            table.add_row(row["provider"], row["account"], "-", "", "unlimited", "-", row["source"])
+            continue
+        bar = ProgressBar(total=row["total_hours"] or 1, completed=row["used_hours"], width=20)
+        estimate = "~" if row["source"] == "estimate" else ""
+        table.add_row(row["provider"], row["account"], f"{estimate}{row['used_hours']:.1f} h", bar,
+                      f"{estimate}{row['remaining_hours']:.1f} h", row["resets_in"] or "-", row["source"])
+    _console().print(table)
+
+
+def main() -> None:
+    """Entry point: user errors become one clear message and an exit code, never a traceback."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except GpupoolError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,93 @@
+"""Plain-data views of the pool for the CLI (tables and ``--json`` share them)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gpupool.durations import format_duration
+from gpupool.pool import Pool
+from gpupool.provider import Quota
+from gpupool.state import Attempt, Experiment
+
+
+def experiment_row(pool: Pool, experiment: Experiment, now: float) -> dict[str, Any]:
+    attempts = pool.state.attempts(experiment.id)
+    current = attempts[-1] if attempts else None
+    active = current if current is not None and current.state.active else None
+    return {
+        "id": experiment.id,
+        "name": experiment.name,
+        "state": experiment.state.value,
+        "provider": active.provider if active else None,
+        "step": (active.step if active else None) or experiment.last_step,
+        "total_steps": current.total_steps if current else None,
+        "attempts": len(attempts),
+        "hops": experiment.hops,
+        "gpu_hours": round((experiment.gpu_seconds + (active.duration(now) if active else 0)) / 3600, 3),
+        "last_checkpoint": experiment.last_checkpoint,
+        "waiting_for": experiment.wait_reason if experiment.state.value == "pending" else None,
+        "url": active.url if active else None,
+        "message": experiment.message,
+    }
+
+
+def attempt_row(attempt: Attempt, now: float) -> dict[str, Any]:
+    gained = None
+    if attempt.step is not None and attempt.step_start is not None:
+        gained = attempt.step - attempt.step_start
+    return {
+        "id": attempt.id,
+        "seq": attempt.seq,
+        "provider": attempt.provider,
+        "account": attempt.account,
+        "state": attempt.state.value,
+        "duration": format_duration(attempt.duration(now)),
+        "duration_seconds": round(attempt.duration(now), 1),
+        "steps_gained": gained,
+        "step": attempt.step,
+        "rate": attempt.rate,
+        "checkpoint_in": attempt.checkpoint_in,
+        "checkpoint_out": attempt.checkpoint_out,
+        "ended_because": attempt.end_reason,
+        "url": attempt.url,
+        "remote_id": attempt.remote_id,
+    }
+
+
+def progress_line(pool: Pool, experiment: Experiment, now: float) -> str:
+    """One line: provider, step, rate, ETA, last checkpoint (or why it waits)."""
+    row = experiment_row(pool, experiment, now)
+    attempts = pool.state.attempts(experiment.id, active=True)
+    if not attempts:
+        reason = row["waiting_for"] or row["message"] or ""
+        return f"{experiment.id} {row['state']}" + (f": {reason}" if reason else "")
+    attempt = attempts[0]
+    parts = [f"{experiment.id} on {attempt.provider} ({attempt.state.value})"]
+    if attempt.step is not None:
+        total = f"/{attempt.total_steps}" if attempt.total_steps else ""
+        parts.append(f"step {attempt.step}{total}")
+    if attempt.rate:
+        parts.append(f"{attempt.rate:.1f} steps/s")
+        if attempt.total_steps and attempt.step is not None:
+            parts.append(f"ETA {format_duration((attempt.total_steps - attempt.step) / attempt.rate)}")
+    if experiment.last_checkpoint:
+        parts.append(f"last checkpoint {experiment.last_checkpoint[5:17].lstrip('0') or '0'}")
+    if attempt.url and attempt.state.value == "submitted":
+        parts.append(f"open {attempt.url}")
+    return " · ".join(parts)
+
+
+def quota_row(provider: str, account: str, quota: Quota | None, now: float) -> dict[str, Any]:
+    if quota is None:
+        return {"provider": provider, "account": account, "used_hours": None,
+                "total_hours": None, "remaining_hours": None, "resets_in": None, "source": "unlimited"}
+    remaining = quota.remaining_seconds
+    return {
+        "provider": provider, "account": account,
+        "used_hours": round(quota.used_seconds / 3600, 2),
+        "total_hours": None if quota.total_seconds is None else round(quota.total_seconds / 3600, 2),
+        "remaining_hours": None if remaining is None else round(remaining / 3600, 2),
+        "resets_at": quota.resets_at,
+        "resets_in": format_duration(quota.resets_at - now) if quota.resets_at else None,
+        "source": quota.source,
+    }
