@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -13,15 +14,26 @@ def parse_duration(value: str | int | float) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 30m or 2h, not a boolean")
     if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return float(value)
+        if isinstance(value, int) and abs(value) > 10**15:
+            raise ValueError(f"{value} seconds is not a sensible duration")
+        return _finite(float(value), value)
+    if not isinstance(value, str):
+        raise ValueError(f"expected a duration such as 30m or 2h, not {type(value).__name__}")
     text = value.strip().lower().replace(" ", "")
     if re.fullmatch(r"\d+(\.\d+)?", text):
-        return float(text)
+        return _finite(float(text), value)
     if not text or _PART.sub("", text):
         raise ValueError(f"{value!r} is not a duration; write e.g. 90s, 10m, 1h30m, 2d")
-    return float(sum(float(n) * _UNITS[u] for n, u in _PART.findall(text)))
+    return _finite(float(sum(float(n) * _UNITS[u] for n, u in _PART.findall(text))), value)
+
+
+def _finite(seconds: float, value: object) -> float:
+    # nan slips past every comparison and inf never elapses: both are mistakes in a file
+    if math.isnan(seconds) or math.isinf(seconds):
+        raise ValueError(f"{value!r} is not a finite duration")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
 
 
 def format_duration(seconds: float) -> str:

@@ -19,11 +19,11 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from gpupool.durations import parse_duration
 from gpupool.errors import SpecError
-from gpupool.yamlfile import load_yaml_model
+from gpupool.yamlfile import load_yaml_model, locate
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{1,48}[a-z0-9]$")
 ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -64,6 +64,12 @@ class CheckpointPolicy(_Strict):
         if seconds <= 0:
             raise ValueError("must be longer than zero")
         return seconds
+
+    @model_validator(mode="after")
+    def _bounds(self) -> CheckpointPolicy:
+        if self.min_interval > self.max_interval:
+            raise ValueError("min_interval must not be longer than max_interval")
+        return self
 
 
 class Limits(_Strict):
@@ -119,6 +125,9 @@ class ExperimentSpec(_Strict):
                 raise ValueError(f"not valid environment variable names: {', '.join(map(str, bad))}")
             if any(str(k).startswith("GPUPOOL_") for k in value):
                 raise ValueError("GPUPOOL_* variables are set by gpupool itself")
+            nested = [str(k) for k, v in value.items() if not isinstance(v, (str, int, float, bool))]
+            if nested:
+                raise ValueError(f"values must be strings or numbers: {', '.join(nested)}")
             return {str(k): str(v) for k, v in value.items()}
         return value
 
@@ -134,5 +143,6 @@ def load_experiment(path: str | Path, *, check_workdir: bool = True) -> Experime
     path = Path(path)
     spec = load_yaml_model(path, ExperimentSpec, context={"base_dir": path.parent.resolve()})
     if check_workdir and not spec.workdir.is_dir():
-        raise SpecError(str(path), [("workdir", f"{spec.workdir} is not a directory")])
+        where = locate(path.read_text(encoding="utf-8"), ("workdir",))
+        raise SpecError(str(path), [(where, f"{spec.workdir} is not a directory")])
     return spec

@@ -22,13 +22,14 @@ from typing import Any
 
 import fsspec
 
-from gpupool.errors import CheckpointError, CorruptCheckpoint
+from gpupool.errors import CheckpointError, CorruptCheckpoint, UnsafePath
 from gpupool.manifest import (
     CHUNK,
     MANIFEST,
     PREFIX,
     Manifest,
     ManifestError,
+    check_name,
     check_relative_path,
     verify_local,
 )
@@ -49,7 +50,7 @@ class CheckpointStore:
 
     def child(self, name: str) -> CheckpointStore:
         """The store of one experiment, under a sub-folder of this one."""
-        check_relative_path(name)
+        _safe(check_relative_path, name)
         sub = CheckpointStore.__new__(CheckpointStore)
         sub.url, sub.fs, sub.root = posixpath.join(self.url, name), self.fs, self._path(name)
         sub.on_corrupt = self.on_corrupt
@@ -144,6 +145,7 @@ class CheckpointStore:
 
     def copy_from(self, source: CheckpointStore, manifest: Manifest) -> Manifest:
         """Relay one checkpoint from ``source`` into this store, verifying every byte."""
+        _check_paths(manifest)
         if self._read_manifest(manifest.name) is not None:
             return manifest  # immutable: already here
         self.fs.makedirs(self._path(manifest.name), exist_ok=True)
@@ -156,6 +158,7 @@ class CheckpointStore:
 
     def import_local(self, directory: Path, manifest: Manifest) -> Manifest:
         """Publish a checkpoint held in a local directory (as sessions write them)."""
+        _check_paths(manifest)
         local = fsspec.filesystem("file")
         if self._read_manifest(manifest.name) is not None:
             return manifest
@@ -168,6 +171,7 @@ class CheckpointStore:
 
     def download(self, manifest: Manifest, directory: Path) -> Path:
         """Copy a checkpoint to a local directory and verify it there; returns the directory."""
+        _check_paths(manifest)
         directory = Path(directory)
         local = fsspec.filesystem("file")
         for entry in manifest.files:
@@ -217,6 +221,20 @@ class CheckpointStore:
         for name in removed:
             self.delete(name)
         return removed
+
+
+def _safe(check: Callable[[str], str], value: str) -> str:
+    try:
+        return check(value)
+    except ManifestError as err:
+        raise UnsafePath(str(err)) from None
+
+
+def _check_paths(manifest: Manifest) -> None:
+    """Manifests built in code skip ``from_json``'s checks; nothing may escape its directory."""
+    _safe(check_name, manifest.name)
+    for entry in manifest.files:
+        _safe(check_relative_path, entry.path)
 
 
 def _filesystem(url: str, options: dict[str, Any]) -> tuple[Any, str]:

@@ -38,10 +38,48 @@ def parse_yaml_model(
         raise SpecError(source, [(where, f"not valid YAML: {problem}")]) from None
     if not isinstance(data, dict):
         raise SpecError(source, [("file", "must be a mapping of keys (name: ..., run: ...)")])
+    duplicates = _duplicate_keys(root)
+    if duplicates:
+        raise SpecError(source, duplicates)
     try:
         return model.model_validate(data, context=context)
     except ValidationError as err:
         raise SpecError(source, _problems(err, root)) from None
+
+
+def locate(text: str, loc: tuple[Any, ...]) -> str:
+    """``loc`` as a dotted path with the line it is on (or its nearest parent's), for messages."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        root = None
+    line = _line_of(root, loc) if root is not None else None
+    path = ".".join(str(part) for part in loc) or "file"
+    return f"{path} (line {line})" if line else path
+
+
+def _duplicate_keys(root: yaml.Node | None) -> list[tuple[str, str]]:
+    """Keys given twice in one mapping: YAML lets the last one win silently, which hides typos."""
+    problems: list[tuple[str, str]] = []
+    seen_nodes: set[int] = set()
+    pending: list[tuple[yaml.Node | None, str]] = [(root, "")]
+    while pending:
+        node, prefix = pending.pop()
+        if node is None or id(node) in seen_nodes:
+            continue  # aliases may point back at a parent
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            keys: set[str] = set()
+            for key, value in node.value:
+                name = f"{prefix}{key.value}" if isinstance(key, yaml.ScalarNode) else prefix + "?"
+                if isinstance(key, yaml.ScalarNode) and name in keys:
+                    line = key.start_mark.line + 1
+                    problems.append((f"{name} (line {line})", "is given twice; remove one"))
+                keys.add(name)
+                pending.append((value, name + "."))
+        elif isinstance(node, yaml.SequenceNode):
+            pending.extend((item, f"{prefix.rstrip('.')}.{i}.") for i, item in enumerate(node.value))
+    return sorted(problems)
 
 
 def _problems(err: ValidationError, root: yaml.Node | None) -> list[tuple[str, str]]:
