@@ -1,0 +1,428 @@
+"""Checkpoint manifests and the store: sealed directories, verified "latest", torn and corrupt
+checkpoints skipped, unsafe manifests refused, retention, relays and downloads that verify."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from gpupool.errors import CheckpointError, CorruptCheckpoint, GpupoolError, UnsafePath
+from gpupool.manifest import (
+    MANIFEST,
+    PREFIX,
+    FileEntry,
+    Manifest,
+    ManifestError,
+    check_relative_path,
+    list_local,
+    publish_local,
+    read_local,
+    scan_files,
+    sha256_file,
+    verify_local,
+)
+from gpupool.store import CheckpointStore
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def staged(tmp_path: Path, files: dict[str, bytes]) -> Path:
+    staging = tmp_path / f".staging-{secrets.token_hex(4)}"
+    for rel, data in files.items():
+        (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+        (staging / rel).write_bytes(data)
+    return staging
+
+
+def files_for(step: int) -> dict[str, bytes]:
+    return {"state.bin": f"state-{step}".encode() * 100, "sub/extra.txt": f"extra {step}".encode()}
+
+
+class Reports:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def __call__(self, what: Manifest | str, reason: str) -> None:
+        self.calls.append((what.name if isinstance(what, Manifest) else what, reason))
+
+
+@pytest.fixture
+def memory_url() -> Iterator[str]:
+    bucket = f"gpupool-test-{secrets.token_hex(6)}"
+    yield f"memory://{bucket}/exp"
+    fs = fsspec.filesystem("memory")
+    if fs.exists(f"/{bucket}"):
+        fs.rm(f"/{bucket}", recursive=True)
+    assert not any(k.startswith(f"/{bucket}") for k in fs.store)
+
+
+@pytest.fixture(params=["memory", "local"])
+def store(request, tmp_path, memory_url) -> CheckpointStore:
+    url = memory_url if request.param == "memory" else str(tmp_path / "store")
+    return CheckpointStore(url, on_corrupt=Reports())
+
+
+def add(store: CheckpointStore, tmp_path: Path, step: int, files: dict[str, bytes] | None = None) -> Manifest:
+    """Publish a checkpoint the way sessions do: seal it locally, then import it."""
+    local_root = tmp_path / f"session-{secrets.token_hex(3)}"
+    manifest = publish_local(staged(tmp_path, files or files_for(step)), local_root, step=step,
+                             experiment="exp", attempt="exp-a1", provider="local")
+    return store.import_local(local_root / manifest.name, manifest)
+
+
+def overwrite(store: CheckpointStore, name: str, rel: str, data: bytes) -> None:
+    store.fs.makedirs(os.path.dirname(store._path(name, rel)), exist_ok=True)
+    with store.fs.open(store._path(name, rel), "wb") as handle:
+        handle.write(data)
+
+
+def flip_byte(store: CheckpointStore, name: str, rel: str) -> None:
+    data = bytearray(store.fs.cat_file(store._path(name, rel)))
+    data[len(data) // 2] ^= 0x01
+    overwrite(store, name, rel, bytes(data))
+
+
+# -- manifest and publish_local ------------------------------------------------------------
+
+
+def test_publish_local_seals_a_directory(tmp_path):
+    staging = staged(tmp_path, files_for(7))
+    root = tmp_path / "ckpts"
+    manifest = publish_local(staging, root, step=7, experiment="e", attempt="a", provider="p",
+                             metadata={"loss": 0.5})
+    assert not staging.exists()  # renamed into place, not copied
+    target = root / manifest.name
+    assert manifest.name.startswith(PREFIX) and target.is_dir()
+    assert sorted(p.name for p in target.iterdir()) == [MANIFEST, "state.bin", "sub"]
+    assert not list(target.glob("*.tmp"))
+    on_disk = read_local(target)
+    assert on_disk == manifest
+    assert on_disk.step == 7 and on_disk.metadata == {"loss": 0.5}
+    assert {f.path: f.size for f in on_disk.files} == {k: len(v) for k, v in files_for(7).items()}
+    assert dict((f.path, f.sha256) for f in on_disk.files)["state.bin"] == sha256_file(target / "state.bin")
+    verify_local(target, on_disk)
+    assert list_local(root) == [manifest]
+
+
+def test_manifest_is_written_after_the_files(tmp_path, monkeypatch):
+    """The manifest's mtime is not older than any file's, and it is the last file created."""
+    import gpupool.manifest as m
+
+    order: list[str] = []
+    real_replace = os.replace
+
+    def spy(src, dst):
+        order.append(Path(dst).name)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(m.os, "replace", spy)
+    manifest = publish_local(staged(tmp_path, files_for(1)), tmp_path / "root", step=1)
+    assert order == [MANIFEST, manifest.name]  # manifest sealed, then the directory renamed
+
+
+def test_names_are_unique_and_sort_by_step(tmp_path):
+    root = tmp_path / "root"
+    made = [publish_local(staged(tmp_path, {"f": b"x"}), root, step=s) for s in (2, 10, 2)]
+    assert len({m.name for m in made}) == 3
+    assert [m.step for m in list_local(root)] == [10, 2, 2]
+
+
+def test_list_local_ignores_staging_and_torn(tmp_path):
+    root = tmp_path / "root"
+    good = publish_local(staged(tmp_path, {"f": b"x"}), root, step=1)
+    (root / f"{PREFIX}000000000009-torn").mkdir()  # no manifest: a crash before sealing
+    (root / ".staging-abc").mkdir()
+    (root / f"{PREFIX}000000000010-bad").mkdir()
+    (root / f"{PREFIX}000000000010-bad" / MANIFEST).write_text("{not json")
+    assert list_local(root) == [good]
+    assert list_local(tmp_path / "absent") == []
+
+
+@pytest.mark.parametrize(
+    "path", ["../x", "/abs", "a/../../x", "a/./b", "C:x", "a\\b", "", ".", MANIFEST, "a//b"]
+)
+def test_unsafe_paths_are_rejected(path):
+    with pytest.raises(ManifestError):
+        check_relative_path(path)
+
+
+@pytest.mark.parametrize("path", ["../x", "/abs", "sub/../../etc/passwd"])
+def test_manifest_with_unsafe_path_is_rejected(path):
+    manifest = Manifest(name=f"{PREFIX}1-2-3", step=1, created=1.0,
+                        files=(FileEntry(path, 1, "0" * 64),))
+    with pytest.raises(ManifestError, match="unsafe"):
+        Manifest.from_json(manifest.to_json())
+
+
+@pytest.mark.parametrize("name", ["../ckpt-1", "ckpt-1/../../x", "other-1", "ckpt-a/b"])
+def test_manifest_with_unsafe_name_is_rejected(name):
+    manifest = Manifest(name=name, step=1, created=1.0, files=())
+    with pytest.raises(ManifestError):
+        Manifest.from_json(manifest.to_json())
+
+
+@pytest.mark.parametrize("text", ["", "[]", "{}", '{"name": "ckpt-1"}', "nope"])
+def test_malformed_manifest_json(text):
+    with pytest.raises(ManifestError, match="malformed"):
+        Manifest.from_json(text)
+
+
+def test_symlink_in_checkpoint_is_refused(tmp_path):
+    staging = staged(tmp_path, {"real": b"data"})
+    secret = tmp_path / "secret"
+    secret.write_text("outside")
+    (staging / "link").symlink_to(secret)
+    with pytest.raises(ManifestError, match="symlink"):
+        scan_files(staging)
+    with pytest.raises(ManifestError, match="symlink"):
+        publish_local(staging, tmp_path / "root", step=1)
+    assert list_local(tmp_path / "root") == []
+
+
+def test_verify_local_refuses_a_symlink_in_place_of_a_file(tmp_path):
+    root = tmp_path / "root"
+    manifest = publish_local(staged(tmp_path, {"f": b"data"}), root, step=1)
+    target = root / manifest.name / "f"
+    copy = tmp_path / "copy"
+    copy.write_bytes(b"data")
+    target.unlink()
+    target.symlink_to(copy)  # same bytes, but a link
+    with pytest.raises(ManifestError, match="missing"):
+        verify_local(root / manifest.name, manifest)
+
+
+def test_verify_local_detects_a_changed_byte(tmp_path):
+    root = tmp_path / "root"
+    manifest = publish_local(staged(tmp_path, {"f": b"abcdef"}), root, step=1)
+    (root / manifest.name / "f").write_bytes(b"abcdeF")
+    with pytest.raises(ManifestError, match="sha256"):
+        verify_local(root / manifest.name, manifest)
+
+
+# -- the store -----------------------------------------------------------------------------
+
+
+def test_latest_is_the_newest_that_verifies(store, tmp_path):
+    assert store.latest() is None
+    added = [add(store, tmp_path, step) for step in (3, 1, 2)]
+    assert [m.step for m in store.list()] == [3, 2, 1]
+    assert store.latest() == added[0]
+    assert store.get(added[1].name) == added[1]
+    assert store.on_corrupt.calls == []
+
+
+def test_torn_checkpoint_is_never_latest(store, tmp_path):
+    good = add(store, tmp_path, 1)
+    torn = f"{PREFIX}{99:012d}-0000000000000-deadbeef"
+    store.fs.makedirs(store._path(torn), exist_ok=True)
+    overwrite(store, torn, "state.bin", b"half written")
+    assert store.latest() == good
+    assert [m.name for m in store.list()] == [good.name]
+    assert store.on_corrupt.calls == []  # torn is normal while a write is in flight
+    with pytest.raises(CheckpointError, match=torn):
+        store.get(torn)
+
+
+def test_flipped_byte_falls_back_to_previous(store, tmp_path):
+    older = add(store, tmp_path, 1)
+    newest = add(store, tmp_path, 2)
+    flip_byte(store, newest.name, "state.bin")
+    assert store.latest() == older
+    assert len(store.on_corrupt.calls) == 1
+    name, reason = store.on_corrupt.calls[0]
+    assert name == newest.name
+    assert "state.bin" in reason
+    assert store.latest(verify=False) == newest  # listing alone does not hash
+    with pytest.raises(CorruptCheckpoint) as info:
+        store.verify(newest)
+    assert info.value.name == newest.name
+
+
+def test_missing_file_is_corrupt(store, tmp_path):
+    older = add(store, tmp_path, 1)
+    newest = add(store, tmp_path, 2)
+    store.fs.rm(store._path(newest.name, "sub/extra.txt"))
+    assert store.latest() == older
+    assert "missing" in store.on_corrupt.calls[0][1]
+
+
+def test_truncated_file_is_corrupt(store, tmp_path):
+    add(store, tmp_path, 1)
+    newest = add(store, tmp_path, 2)
+    overwrite(store, newest.name, "state.bin", b"short")
+    assert store.latest().step == 1
+
+
+def test_every_checkpoint_corrupt_gives_none(store, tmp_path):
+    only = add(store, tmp_path, 1)
+    flip_byte(store, only.name, "state.bin")
+    assert store.latest() is None
+    assert [c[0] for c in store.on_corrupt.calls] == [only.name]
+
+
+@pytest.mark.parametrize("bad_path", ["../x", "/abs"])
+def test_store_skips_manifest_with_unsafe_path(store, tmp_path, bad_path):
+    good = add(store, tmp_path, 1)
+    evil = f"{PREFIX}{50:012d}-0000000000000-00000000"
+    manifest = Manifest(name=evil, step=50, created=1.0, files=(FileEntry(bad_path, 1, "0" * 64),))
+    overwrite(store, evil, MANIFEST, manifest.to_json().encode())
+    assert store.latest() == good
+    assert store.on_corrupt.calls and store.on_corrupt.calls[0][0] == evil
+    assert "unsafe" in store.on_corrupt.calls[0][1]
+
+
+def test_manifest_naming_another_checkpoint_is_skipped(store, tmp_path):
+    good = add(store, tmp_path, 1)
+    impostor = f"{PREFIX}{60:012d}-0000000000000-00000000"
+    overwrite(store, impostor, MANIFEST, good.to_json().encode())  # copied manifest, wrong dir
+    assert [m.name for m in store.list()] == [good.name]
+    assert store.on_corrupt.calls[0][0] == impostor
+
+
+def test_child_refuses_escaping_names(store):
+    with pytest.raises(UnsafePath):
+        store.child("../other")
+    with pytest.raises(UnsafePath):
+        store.child("/abs")
+    assert store.child("exp-1").root.endswith("/exp-1")
+
+
+@pytest.mark.parametrize("bad_path", ["../escaped", "/tmp/escaped-abs"])
+def test_download_and_relay_refuse_unsafe_manifests_built_in_code(store, tmp_path, bad_path):
+    ckpt = add(store, tmp_path, 1)
+    evil = Manifest(name=ckpt.name, step=1, created=1.0, files=(FileEntry(bad_path, 1, "0" * 64),))
+    target = tmp_path / "restore" / "inner"
+    with pytest.raises(UnsafePath):
+        store.download(evil, target)
+    assert not (target.parent / "escaped").exists()
+    other = CheckpointStore(str(tmp_path / "other"))
+    with pytest.raises(UnsafePath):
+        other.copy_from(store, evil)
+    with pytest.raises(UnsafePath):
+        other.import_local(tmp_path, evil)
+    assert other.list() == []
+
+
+def test_prune_keeps_newest_and_protected(store, tmp_path):
+    made = [add(store, tmp_path, step) for step in range(1, 7)]
+    removed = store.prune(2, protect=[made[0].name])
+    assert sorted(removed) == sorted(m.name for m in made[1:4])
+    assert sorted(m.step for m in store.list()) == [1, 5, 6]
+    for name in removed:
+        assert not store.fs.exists(store._path(name))
+    assert store.prune(2, protect=[made[0].name]) == []
+    assert store.latest().step == 6
+
+
+def test_delete_removes_visibility_first(store, tmp_path):
+    one = add(store, tmp_path, 1)
+    store.delete(one.name)
+    assert store.list() == []
+    assert not store.fs.exists(store._path(one.name))
+    store.delete(one.name)  # idempotent
+
+
+def test_download_verifies(store, tmp_path):
+    ckpt = add(store, tmp_path, 4)
+    out = store.download(ckpt, tmp_path / "restore")
+    assert (out / "state.bin").read_bytes() == files_for(4)["state.bin"]
+    assert (out / "sub" / "extra.txt").read_bytes() == files_for(4)["sub/extra.txt"]
+    assert read_local(out) == ckpt
+    flip_byte(store, ckpt.name, "sub/extra.txt")
+    with pytest.raises(CorruptCheckpoint, match="extra.txt"):
+        store.download(ckpt, tmp_path / "restore2")
+
+
+@pytest.mark.parametrize("direction", ["memory->local", "local->memory"])
+def test_relay_copies_and_verifies(tmp_path, memory_url, direction):
+    mem = CheckpointStore(memory_url)
+    local = CheckpointStore(str(tmp_path / "local-store"))
+    source, dest = (mem, local) if direction == "memory->local" else (local, mem)
+    ckpt = add(source, tmp_path, 5)
+    assert dest.copy_from(source, ckpt) == ckpt
+    assert dest.latest() == ckpt
+    for entry in ckpt.files:
+        assert dest.fs.cat_file(dest._path(ckpt.name, entry.path)) == \
+            source.fs.cat_file(source._path(ckpt.name, entry.path))
+    assert dest.copy_from(source, ckpt) == ckpt  # already there: a no-op
+
+
+@pytest.mark.parametrize("direction", ["memory->local", "local->memory"])
+def test_relay_of_tampered_source_leaves_nothing(tmp_path, memory_url, direction):
+    mem = CheckpointStore(memory_url)
+    local = CheckpointStore(str(tmp_path / "local-store"))
+    source, dest = (mem, local) if direction == "memory->local" else (local, mem)
+    ckpt = add(source, tmp_path, 5)
+    flip_byte(source, ckpt.name, "state.bin")  # changed after the manifest was written
+    with pytest.raises(CorruptCheckpoint) as info:
+        dest.copy_from(source, ckpt)
+    assert info.value.name == ckpt.name
+    assert dest.list() == [] and dest.latest() is None
+    assert not dest.fs.exists(dest._path(ckpt.name))
+
+
+def test_relay_of_missing_source_file(tmp_path, memory_url):
+    source = CheckpointStore(memory_url)
+    dest = CheckpointStore(str(tmp_path / "dest"))
+    ckpt = add(source, tmp_path, 1)
+    source.fs.rm(source._path(ckpt.name, "sub/extra.txt"))
+    with pytest.raises(CorruptCheckpoint, match="missing"):
+        dest.copy_from(source, ckpt)
+    assert dest.list() == []
+
+
+def test_import_local_of_changed_directory_publishes_nothing(store, tmp_path):
+    root = tmp_path / "session"
+    manifest = publish_local(staged(tmp_path, files_for(1)), root, step=1)
+    (root / manifest.name / "state.bin").write_bytes(b"changed after sealing")
+    with pytest.raises(CorruptCheckpoint):
+        store.import_local(root / manifest.name, manifest)
+    assert store.list() == []
+
+
+def test_check_writable_passes_and_leaves_no_probe(store):
+    store.check_writable()
+    leftovers = [p for p in store.fs.ls(store.root, detail=False) if ".probe-" in str(p)]
+    assert leftovers == []
+
+
+def test_check_writable_refuses_an_unwritable_place(tmp_path):
+    if os.geteuid() == 0:  # root ignores permission bits: put the store under a regular file
+        blocker = tmp_path / "a-file"
+        blocker.write_text("not a directory")
+        url = str(blocker / "store")
+    else:
+        readonly = tmp_path / "ro"
+        readonly.mkdir()
+        readonly.chmod(0o500)
+        url = str(readonly / "store")
+    try:
+        with pytest.raises(CheckpointError) as info:
+            CheckpointStore(url).check_writable()
+    finally:
+        if os.geteuid() != 0:
+            (tmp_path / "ro").chmod(0o700)
+    message = str(info.value)
+    assert url in message and "not writable" in message and "store_url" in message
+    assert isinstance(info.value, GpupoolError)
+
+
+def test_unknown_protocol_is_a_checkpoint_error():
+    with pytest.raises(CheckpointError, match="cannot open"):
+        CheckpointStore("nosuchproto-xyz://bucket/x")
+
+
+def test_manifest_json_round_trip():
+    manifest = Manifest(name=f"{PREFIX}1-2-ab", step=3, created=4.5,
+                        files=(FileEntry("a/b", 2, "f" * 64),), experiment="e", final=True,
+                        metadata={"k": [1, 2]})
+    data = json.loads(manifest.to_json())
+    assert data["format"] == 1
+    assert Manifest.from_json(manifest.to_json()) == manifest
+    assert manifest.total_bytes == 2
