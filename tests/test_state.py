@@ -1,0 +1,309 @@
+"""The state database: created on first use, one transition function that refuses illegal
+moves, at most one active attempt per experiment, charges once, leases, paging, lookups."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from gpupool import db
+from gpupool.errors import IllegalTransition, NotFound, StateError
+from gpupool.state import State
+from gpupool.states import (
+    ACTIVE_ATTEMPT,
+    ATTEMPT_MOVES,
+    EXPERIMENT_MOVES,
+    AttemptState,
+    ExperimentState,
+)
+
+T0 = 1_700_000_000.0
+SPEC = {"name": "exp", "run": "python train.py"}
+
+
+@pytest.fixture
+def db_file(tmp_path) -> Path:
+    return tmp_path / "nested" / "dir" / "state.db"
+
+
+@pytest.fixture
+def state(db_file) -> State:
+    st = State(f"sqlite:///{db_file}")
+    yield st
+    st.close()
+
+
+def new_experiment(state: State, name: str = "exp", now: float = T0):
+    return state.create_experiment(name, dict(SPEC, name=name), bundle="bundle.tar.gz", now=now)
+
+
+# -- schema --------------------------------------------------------------------------------
+
+
+def test_schema_created_on_first_use_with_wal_and_alembic(state, db_file):
+    assert db_file.exists()  # parent directories were created too
+    with sqlite3.connect(db_file) as conn:
+        tables = {r[0] for r in conn.execute("select name from sqlite_master where type='table'")}
+        assert {"experiments", "attempts", "quota_ledger", "events", "provider_health", "leases",
+                "alembic_version"} <= tables
+        version = conn.execute("select version_num from alembic_version").fetchall()
+        assert len(version) == 1 and version[0][0]
+        assert conn.execute("pragma journal_mode").fetchone()[0].lower() == "wal"
+    with state.engine.connect() as conn:
+        assert conn.exec_driver_sql("pragma busy_timeout").scalar() >= 1000
+        assert conn.exec_driver_sql("pragma foreign_keys").scalar() == 1
+
+
+def test_reopening_keeps_data_and_does_not_remigrate(db_file):
+    first = State(f"sqlite:///{db_file}")
+    exp = new_experiment(first)
+    first.close()
+    second = State(f"sqlite:///{db_file}")
+    try:
+        assert second.experiment(exp.id) == exp
+        with sqlite3.connect(db_file) as conn:
+            assert conn.execute("select count(*) from alembic_version").fetchone()[0] == 1
+    finally:
+        second.close()
+
+
+def test_unusable_database_is_a_state_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StateError, match="state directory"):
+        State(f"sqlite:///{blocker / 'sub' / 'state.db'}")
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StateError, match="cannot prepare"):
+        State(f"sqlite:///{garbage}")
+
+
+# -- lifecycle -----------------------------------------------------------------------------
+
+
+def test_legal_path_through_a_hop(state):
+    exp = new_experiment(state)
+    assert exp.state is ExperimentState.PENDING
+    a1 = state.create_attempt(exp.id, "local", "default", T0 + 1)
+    assert a1.state is AttemptState.CREATED and a1.seq == 1
+    assert state.experiment(exp.id).state is ExperimentState.RUNNING
+    state.move_attempt(a1.id, AttemptState.SUBMITTED, T0 + 2, remote_id="pid-1")
+    state.move_attempt(a1.id, AttemptState.RUNNING, T0 + 3, started_at=T0 + 3)
+    ended = state.move_attempt(a1.id, AttemptState.YIELDED, T0 + 10, ended_at=T0 + 10,
+                               event="session yielded")
+    assert ended.state is AttemptState.YIELDED and ended.remote_id == "pid-1"
+    assert ended.duration(T0 + 999) == 7
+    state.move_experiment(exp.id, ExperimentState.PENDING, T0 + 11)
+    a2 = state.create_attempt(exp.id, "local", "default", T0 + 12)
+    assert a2.seq == 2 and a2.id != a1.id
+    state.move_attempt(a2.id, AttemptState.SUBMITTED, T0 + 13)
+    state.move_attempt(a2.id, AttemptState.RUNNING, T0 + 13)
+    state.move_attempt(a2.id, AttemptState.SUCCEEDED, T0 + 20)
+    done = state.move_experiment(exp.id, ExperimentState.SUCCEEDED, T0 + 21, event="finished")
+    assert done.state is ExperimentState.SUCCEEDED and done.updated_at == T0 + 21
+    kinds = [e["kind"] for e in state.events(exp.id)]
+    assert kinds[0] == "created" and "placed" in kinds and kinds[-1] == "succeeded"
+    assert [a.seq for a in state.attempts(exp.id)] == [1, 2]
+    assert state.attempts(exp.id, active=True) == []
+
+
+@pytest.mark.parametrize(
+    "path, illegal",
+    [
+        ([AttemptState.SUBMITTED, AttemptState.RUNNING, AttemptState.SUCCEEDED], AttemptState.RUNNING),
+        ([AttemptState.LOST], AttemptState.RUNNING),
+        ([AttemptState.SUBMITTED, AttemptState.RUNNING], AttemptState.CREATED),
+        ([AttemptState.SUBMITTED, AttemptState.RUNNING], AttemptState.SUBMITTED),
+        ([AttemptState.FAILED], AttemptState.SUCCEEDED),
+        ([], AttemptState.RUNNING),
+    ],
+    ids=["succeeded->running", "lost->running", "running->created", "running->submitted",
+         "failed->succeeded", "created->running"],
+)
+def test_illegal_attempt_moves(state, path, illegal):
+    exp = new_experiment(state)
+    attempt = state.create_attempt(exp.id, "local", "default", T0)
+    for target in path:
+        state.move_attempt(attempt.id, target, T0)
+    with pytest.raises(IllegalTransition) as info:
+        state.move_attempt(attempt.id, illegal, T0 + 1, event="should not be logged")
+    before = path[-1] if path else AttemptState.CREATED
+    assert info.value.current == before.value and info.value.target == illegal.value
+    assert attempt.id in str(info.value)
+    assert state.attempt(attempt.id).state is before  # unchanged
+    assert "should not be logged" not in [e["message"] for e in state.events(exp.id)]
+
+
+@pytest.mark.parametrize(
+    "path, illegal",
+    [
+        ([ExperimentState.CANCELLED], ExperimentState.SUCCEEDED),
+        ([ExperimentState.RUNNING, ExperimentState.SUCCEEDED], ExperimentState.PENDING),
+        ([ExperimentState.RUNNING, ExperimentState.SUCCEEDED], ExperimentState.RUNNING),
+        ([], ExperimentState.SUCCEEDED),
+    ],
+    ids=["cancelled->succeeded", "succeeded->pending", "succeeded->running", "pending->succeeded"],
+)
+def test_illegal_experiment_moves(state, path, illegal):
+    exp = new_experiment(state)
+    for target in path:
+        state.move_experiment(exp.id, target, T0)
+    with pytest.raises(IllegalTransition):
+        state.move_experiment(exp.id, illegal, T0 + 1)
+    assert state.experiment(exp.id).state is (path[-1] if path else ExperimentState.PENDING)
+
+
+def test_move_tables_cover_every_state_and_terminals_are_final():
+    assert set(ATTEMPT_MOVES) == set(AttemptState)
+    assert set(EXPERIMENT_MOVES) == set(ExperimentState)
+    for state_, moves in ATTEMPT_MOVES.items():
+        if state_.terminal:
+            assert moves == frozenset(), state_
+        assert state_.active == (state_ in ACTIVE_ATTEMPT)
+    assert EXPERIMENT_MOVES[ExperimentState.SUCCEEDED] == frozenset()
+    assert set(db.ACTIVE_STATES) == {s.value for s in ACTIVE_ATTEMPT}
+
+
+def test_moves_of_unknown_ids_are_not_found(state):
+    with pytest.raises(NotFound):
+        state.move_attempt("nope-a1", AttemptState.RUNNING, T0)
+    with pytest.raises(NotFound):
+        state.move_experiment("nope", ExperimentState.RUNNING, T0)
+    with pytest.raises(NotFound):
+        state.attempt("nope-a1")
+
+
+def test_second_active_attempt_is_refused(state):
+    exp = new_experiment(state)
+    first = state.create_attempt(exp.id, "local", "default", T0)
+    state.move_experiment(exp.id, ExperimentState.PENDING, T0 + 1)  # even if the scheduler errs
+    with pytest.raises(StateError, match="active attempt"):
+        state.create_attempt(exp.id, "kaggle", "default", T0 + 2)
+    assert [a.id for a in state.attempts(exp.id)] == [first.id]
+    assert state.experiment(exp.id).state is ExperimentState.PENDING  # rolled back together
+
+
+def test_active_attempt_index_is_enforced_by_the_database(state):
+    exp = new_experiment(state)
+    state.create_attempt(exp.id, "local", "default", T0)
+    with pytest.raises(sa.exc.IntegrityError), state.engine.begin() as conn:
+        conn.execute(db.attempts.insert().values(
+            id="raw", experiment_id=exp.id, seq=99, provider="x", account="a",
+            state="running", created_at=T0, gpu_seconds=0.0))
+
+
+def test_attempt_on_terminal_experiment_is_illegal(state):
+    exp = new_experiment(state)
+    state.move_experiment(exp.id, ExperimentState.CANCELLED, T0)
+    with pytest.raises(IllegalTransition):
+        state.create_attempt(exp.id, "local", "default", T0 + 1)
+    assert state.attempts(exp.id) == []
+
+
+# -- quota, health, leases -----------------------------------------------------------------
+
+
+def test_charge_twice_charges_once(state):
+    exp = new_experiment(state)
+    attempt = state.create_attempt(exp.id, "kaggle", "me", T0, started_at=T0)
+    assert state.charge(attempt, 3600.0, T0 + 3600) is True
+    assert state.charge(attempt, 3600.0, T0 + 3601) is False
+    assert state.charged_seconds("kaggle", "me", since=T0) == 3600.0
+    assert state.charged_seconds("kaggle", "other", since=T0) == 0.0
+    assert state.charged_seconds("kaggle", "me", since=T0 + 7200) == 0.0
+
+
+def test_charges_sum_across_attempts(state):
+    exp = new_experiment(state)
+    for i in range(3):
+        attempt = state.create_attempt(exp.id, "kaggle", "me", T0 + i * 100, started_at=T0 + i * 100)
+        state.move_attempt(attempt.id, AttemptState.LOST, T0 + i * 100 + 50)
+        state.charge(attempt, 50.0 + i, T0 + i * 100 + 50)
+        state.move_experiment(exp.id, ExperimentState.PENDING, T0 + i * 100 + 51)
+    assert state.charged_seconds("kaggle", "me", since=0) == 50.0 + 51.0 + 52.0
+
+
+def test_provider_health_counts_failures_until_healthy(state):
+    assert state.mark_unavailable("colab", "me", T0 + 60, "usage limits", T0) == 1
+    assert state.mark_unavailable("colab", "me", T0 + 120, "usage limits", T0 + 60) == 2
+    health = state.health()[("colab", "me")]
+    assert health["failures"] == 2 and health["unavailable_until"] == T0 + 120
+    state.mark_healthy("colab", "me", T0 + 200)
+    assert state.health() == {}
+    assert state.mark_unavailable("colab", "me", T0 + 300, "again", T0 + 250) == 1
+
+
+def test_lease_second_owner_refused_until_expiry(state):
+    assert state.acquire_lease("scheduler", "a", T0, ttl=30)
+    assert not state.acquire_lease("scheduler", "b", T0 + 10, ttl=30)
+    assert state.acquire_lease("scheduler", "a", T0 + 20, ttl=30)  # renewal extends it
+    assert not state.acquire_lease("scheduler", "b", T0 + 45, ttl=30)
+    assert state.acquire_lease("scheduler", "b", T0 + 51, ttl=30)  # expired: taken over
+    assert not state.acquire_lease("scheduler", "a", T0 + 52, ttl=30)
+    assert state.acquire_lease("other-lease", "a", T0 + 52, ttl=30)
+
+
+def test_release_lease_only_by_owner(state):
+    state.acquire_lease("scheduler", "a", T0, ttl=30)
+    state.release_lease("scheduler", "b")
+    assert not state.acquire_lease("scheduler", "b", T0 + 1, ttl=30)
+    state.release_lease("scheduler", "a")
+    assert state.acquire_lease("scheduler", "b", T0 + 2, ttl=30)
+
+
+def test_two_state_objects_share_one_lease(db_file, state):
+    other = State(f"sqlite:///{db_file}")
+    try:
+        assert state.acquire_lease("daemon", "one", T0, ttl=60)
+        assert not other.acquire_lease("daemon", "two", T0 + 1, ttl=60)
+    finally:
+        other.close()
+
+
+# -- listing and lookup --------------------------------------------------------------------
+
+
+def test_experiments_pages_newest_first(state):
+    made = [new_experiment(state, f"exp-{i}", now=T0 + i) for i in range(7)]
+    newest_first = [e.id for e in reversed(made)]
+    assert [e.id for e in state.experiments()] == newest_first
+    assert [e.id for e in state.experiments(limit=3)] == newest_first[:3]
+    assert [e.id for e in state.experiments(limit=3, offset=3)] == newest_first[3:6]
+    assert [e.id for e in state.experiments(limit=3, offset=6)] == newest_first[6:]
+    assert state.experiments(limit=3, offset=9) == []
+    assert state.count_experiments() == 7
+    state.move_experiment(made[2].id, ExperimentState.CANCELLED, T0 + 10)
+    cancelled = state.experiments([ExperimentState.CANCELLED])
+    assert [e.id for e in cancelled] == [made[2].id]
+
+
+def test_lookup_by_unique_prefix_and_name(state):
+    exp = new_experiment(state, "alpha")
+    other = new_experiment(state, "beta")
+    assert state.experiment(exp.id) == exp
+    assert state.experiment(exp.id[:-2]).id == exp.id
+    assert state.experiment("alp").id == exp.id
+    assert state.experiment("beta").id == other.id  # the bare name
+    assert state.experiment("alpha").spec == dict(SPEC, name="alpha")
+
+
+def test_lookup_not_found_and_ambiguous(state):
+    new_experiment(state, "run-a")
+    new_experiment(state, "run-b")
+    with pytest.raises(NotFound, match="no experiment 'zzz'.*gpupool status"):
+        state.experiment("zzz")
+    with pytest.raises(NotFound, match="several experiments"):
+        state.experiment("run-")
+    with pytest.raises(NotFound):
+        state.experiment("%")  # LIKE wildcards are literal
+    assert NotFound("x").exit_code == 3
+
+
+def test_same_name_twice_picks_the_newest(state):
+    older = new_experiment(state, "same", now=T0)
+    newer = new_experiment(state, "same", now=T0 + 5)
+    assert older.id != newer.id
+    assert state.experiment("same").id == newer.id
