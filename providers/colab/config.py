@@ -1,0 +1,34 @@
+"""The ``providers.colab`` section of the pool configuration, and where credentials live."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import platformdirs
+from pydantic import BaseModel, ConfigDict, Field
+
+CONFIG_DIR = Path(platformdirs.user_config_dir("gpupool")) / "colab"
+DEFAULT_CLIENT_SECRETS = CONFIG_DIR / "client_secrets.json"
+DEFAULT_CREDENTIALS = CONFIG_DIR / "credentials.json"
+
+
+class ColabConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    client_secrets: Path = Field(DEFAULT_CLIENT_SECRETS,
+                                 description="OAuth client (Desktop app) JSON from the Cloud console")
+    credentials_file: Path = Field(DEFAULT_CREDENTIALS,
+                                   description="saved user credentials (written by gpupool auth colab)")
+    folder: str = Field("gpupool", description="folder in My Drive holding gpupool's files")
+    max_concurrent: int = Field(1, ge=1)
+    session_seconds: float = Field(12 * 3600, gt=0, description="Colab's free session cap")
+    deadline_margin: float = Field(600, ge=0, description="stop this long before the cap")
+    start_timeout: float = Field(1800, gt=0, description="withdraw if nobody runs it in time")
+    heartbeat_seconds: float = Field(30, gt=0, description="how often the notebook reports")
+    heartbeat_timeout: float = Field(600, gt=0, description="silence after which it is lost")
+    no_gpu_cooldown: float = Field(6 * 3600, ge=0, description="rest after 'no GPU' reports")
+    estimated_gpu_hours_per_day: float = Field(4.0, gt=0,
+                                               description="Colab publishes none: a guess")
+    startup_seconds: float = Field(300, ge=0, description="a person has to open it")
+    upload_chunk_bytes: int = Field(8 * 1024 * 1024, ge=256 * 1024)
+    gpu_probe: str = Field("nvidia-smi -L", description="command that succeeds when a GPU is there")

@@ -1,0 +1,291 @@
+"""Google Drive access for the scheduler's side: saved OAuth user credentials, retries, folders,
+resumable uploads.
+
+Built on PyDrive2's ``GoogleAuth`` (saved credentials, token refresh) and the Drive v2 service it
+builds; every request goes through :meth:`Drive.execute`, which retries Drive's rate limits,
+5xx answers and dropped connections with jittered exponential backoff, and turns expired or
+revoked credentials into a ``CredentialsError`` that says to run ``gpupool auth colab``.
+
+The seam for tests is ``auth_factory``: a callable building the ``GoogleAuth`` from a settings
+dict (tests pass one whose ``_build_http`` goes to a loopback emulator). PyDrive2 is imported
+only when a ``Drive`` is opened.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gpupool.errors import CredentialsError, ProviderError
+
+PROVIDER = "colab"
+DRIVE_SCOPE = "https://www.googleapis.com/auth/drive"
+FOLDER_MIME = "application/vnd.google-apps.folder"
+COLAB_MIME = "application/vnd.google.colaboratory"
+RETRYABLE_REASONS = {"rateLimitExceeded", "userRateLimitExceeded", "backendError"}
+AUTH_HINT = "run `gpupool auth colab` to sign in again"
+SERVICE_ACCOUNT_HINT = (
+    "a service account is configured, but service accounts have no Drive storage quota "
+    "(uploads to My Drive fail with storageQuotaExceeded); use an OAuth client of type "
+    "'Desktop app' and run `gpupool auth colab`"
+)
+
+AuthFactory = Callable[[dict], Any]
+Sleep = Callable[[float], None]
+
+
+def default_auth_factory(settings: dict) -> Any:
+    from pydrive2.auth import GoogleAuth
+
+    return GoogleAuth(settings=settings)
+
+
+def load_client_config(path: Path) -> dict:
+    """The OAuth client from a client_secrets.json ("installed" or "web" application)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CredentialsError(PROVIDER, (
+            f"no OAuth client at {path}: create a 'Desktop app' OAuth client in the Google "
+            "Cloud console (Drive API enabled), save its JSON there, then run `gpupool auth colab`"
+        )) from None
+    except ValueError as err:
+        raise CredentialsError(PROVIDER, f"{path} is not JSON ({err})") from None
+    if data.get("type") == "service_account":
+        raise CredentialsError(PROVIDER, f"{path}: {SERVICE_ACCOUNT_HINT}")
+    client = data.get("installed") or data.get("web")
+    if not client or "client_id" not in client or "client_secret" not in client:
+        raise CredentialsError(PROVIDER, f"{path} holds no OAuth client (installed/web)")
+    return client
+
+
+def auth_settings(client: dict, credentials_file: Path) -> dict:
+    """PyDrive2 settings for saved user credentials with a refresh token."""
+    return {
+        "client_config_backend": "settings",
+        "client_config": {
+            "client_id": client["client_id"],
+            "client_secret": client["client_secret"],
+            "auth_uri": client.get("auth_uri", "https://accounts.google.com/o/oauth2/auth"),
+            "token_uri": client.get("token_uri", "https://oauth2.googleapis.com/token"),
+            "revoke_uri": "https://oauth2.googleapis.com/revoke",
+            "redirect_uri": "http://localhost:8080/",
+        },
+        "save_credentials": True,
+        "save_credentials_backend": "file",
+        "save_credentials_file": str(credentials_file),
+        "get_refresh_token": True,
+        "oauth_scope": [DRIVE_SCOPE],
+    }
+
+
+def secure_file(path: Path) -> None:
+    """Credentials are readable by their owner only."""
+    if Path(path).exists():
+        os.chmod(path, 0o600)
+
+
+def _credential_errors() -> tuple[type[BaseException], ...]:
+    from oauth2client.client import AccessTokenRefreshError
+    from pydrive2.auth import AuthenticationError, InvalidCredentialsError, RefreshError
+
+    return (AccessTokenRefreshError, RefreshError, InvalidCredentialsError, AuthenticationError)
+
+
+def open_auth(client: dict, credentials_file: Path, factory: AuthFactory | None = None) -> Any:
+    """A ``GoogleAuth`` from saved credentials, refreshed; never starts a browser flow."""
+    os.environ.setdefault("GDRIVE_NON_INTERACTIVE", "1")
+    auth = (factory or default_auth_factory)(auth_settings(client, credentials_file))
+    if not Path(credentials_file).exists():
+        raise CredentialsError(PROVIDER, f"no saved credentials at {credentials_file}; "
+                                         "run `gpupool auth colab`")
+    try:
+        auth.LoadCredentialsFile(str(credentials_file))
+        if auth.credentials is None:
+            raise CredentialsError(PROVIDER, f"{credentials_file} is unreadable; {AUTH_HINT}")
+        if auth.access_token_expired:
+            auth.Refresh()
+            auth.SaveCredentialsFile(str(credentials_file))
+        auth.Authorize()
+    except _credential_errors() as err:
+        raise CredentialsError(PROVIDER, f"Google refused the saved credentials ({err}); "
+                                         f"{AUTH_HINT}") from None
+    secure_file(credentials_file)
+    return auth
+
+
+class Drive:
+    """The Drive v2 calls gpupool needs, each retried with backoff."""
+
+    def __init__(self, auth: Any, *, sleep: Sleep = time.sleep, retries: int = 6,
+                 base_delay: float = 0.5, max_delay: float = 32.0,
+                 chunk_bytes: int = 8 * 1024 * 1024):
+        self.auth = auth
+        self.service = auth.service
+        self.sleep = sleep
+        self.retries = retries
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self.chunk_bytes = chunk_bytes
+
+    # -- retries ------------------------------------------------------------------------
+
+    def execute(self, request: Any) -> Any:
+        return self.retry(request.execute)
+
+    def retry(self, call: Callable[[], Any]) -> Any:
+        """Run ``call``; retry what Drive says is temporary; map the rest to gpupool errors."""
+        for attempt in range(self.retries + 1):
+            try:
+                return call()
+            except Exception as err:  # noqa: BLE001 - classified right below
+                why = self._classify(err)
+                if why is None or attempt == self.retries:
+                    raise self._final(err, why) from None
+                self.sleep(self._delay(attempt))
+        raise AssertionError("unreachable")
+
+    def _delay(self, attempt: int) -> float:
+        return min(self.max_delay, self.base_delay * 2 ** attempt) * random.uniform(0.5, 1.0)
+
+    def _classify(self, err: Exception) -> str | None:
+        """Why ``err`` is worth retrying, or None when it is not."""
+        from googleapiclient.errors import HttpError
+
+        if isinstance(err, HttpError):
+            status = int(err.resp.status)
+            if status == 429 or status >= 500:
+                return f"HTTP {status}"
+            if status == 403 and _reason(err) in RETRYABLE_REASONS:
+                return _reason(err)
+            return None
+        if isinstance(err, (ConnectionError, socket.timeout, TimeoutError)):
+            return type(err).__name__
+        import httplib2
+
+        if isinstance(err, httplib2.HttpLib2Error) and not isinstance(err, httplib2.RedirectLimit):
+            return type(err).__name__
+        return None
+
+    def _final(self, err: Exception, why: str | None) -> Exception:
+        from googleapiclient.errors import HttpError
+
+        if isinstance(err, _credential_errors()):
+            return CredentialsError(PROVIDER, f"Google refused the saved credentials ({err}); "
+                                              f"{AUTH_HINT}")
+        if isinstance(err, HttpError):
+            status, reason = int(err.resp.status), _reason(err)
+            if status == 401:
+                return CredentialsError(PROVIDER, f"Drive rejected the credentials; {AUTH_HINT}")
+            if reason == "storageQuotaExceeded":
+                return ProviderError(PROVIDER, "Drive storage is full (free accounts have 15 GB; "
+                                               "Trash counts); free some space")
+            if status == 404:
+                return FileNotFoundError(str(err))
+            return ProviderError(PROVIDER, f"Drive answered {status} {reason or ''}".strip()
+                                 + (f" after {self.retries} retries" if why else ""))
+        if why is not None:
+            return ProviderError(PROVIDER, f"Drive unreachable ({why}) after {self.retries} retries")
+        return err
+
+    # -- files and folders --------------------------------------------------------------
+
+    def list(self, query: str) -> list[dict]:
+        items, token = [], None
+        while True:
+            page = self.execute(self.service.files().list(
+                q=query, maxResults=1000, pageToken=token))
+            items += page.get("items", [])
+            token = page.get("nextPageToken")
+            if not token:
+                return items
+
+    def children(self, parent: str) -> list[dict]:
+        return self.list(f"'{parent}' in parents and trashed=false")
+
+    def find(self, parent: str, title: str) -> dict | None:
+        """The newest live file called ``title`` in ``parent`` (Drive allows duplicates)."""
+        escaped = title.replace("\\", "\\\\").replace("'", "\\'")
+        found = [i for i in self.list(f"'{parent}' in parents and title='{escaped}' "
+                                      "and trashed=false") if i.get("title") == title]
+        found.sort(key=lambda i: (i.get("modifiedDate", ""), i["id"]))
+        return found[-1] if found else None
+
+    def folder(self, parent: str, title: str) -> str:
+        """The id of folder ``title`` in ``parent``, created when missing."""
+        existing = self.find(parent, title)
+        if existing is not None:
+            return existing["id"]
+        body = {"title": title, "mimeType": FOLDER_MIME, "parents": [{"id": parent}]}
+        return self.execute(self.service.files().insert(body=body))["id"]
+
+    def folder_path(self, *titles: str, parent: str = "root") -> str:
+        for title in titles:
+            parent = self.folder(parent, title)
+        return parent
+
+    def upload(self, parent: str, title: str, source: Path | bytes,
+               mime: str = "application/octet-stream") -> dict:
+        """Create a file by resumable upload (chunked; a dropped chunk resumes, not restarts)."""
+        from googleapiclient.http import MediaIoBaseUpload
+
+        stream = open(source, "rb") if isinstance(source, Path) else io.BytesIO(source)
+        with stream:
+            media = MediaIoBaseUpload(stream, mimetype=mime, chunksize=self.chunk_bytes,
+                                      resumable=True)
+            body = {"title": title, "mimeType": mime, "parents": [{"id": parent}]}
+            request = self.service.files().insert(body=body, media_body=media)
+            return self._resume(request)
+
+    def update(self, file_id: str, data: bytes, mime: str = "application/json") -> dict:
+        """Replace a small mutable file's content (status files only, never checkpoints)."""
+        from googleapiclient.http import MediaIoBaseUpload
+
+        media = MediaIoBaseUpload(io.BytesIO(data), mimetype=mime, resumable=True,
+                                  chunksize=self.chunk_bytes)
+        return self._resume(self.service.files().update(fileId=file_id, media_body=media))
+
+    def _resume(self, request: Any) -> dict:
+        response = None
+        while response is None:
+            _, response = self.retry(request.next_chunk)
+        return response
+
+    def download(self, file_id: str, target: Path) -> Path:
+        from googleapiclient.http import MediaIoBaseDownload
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "wb") as handle:
+            downloader = MediaIoBaseDownload(handle, self.service.files().get_media(fileId=file_id),
+                                             chunksize=self.chunk_bytes)
+            done = False
+            while not done:
+                _, done = self.retry(downloader.next_chunk)
+        return target
+
+    def read(self, file_id: str) -> bytes:
+        return self.retry(lambda: self.service.files().get_media(fileId=file_id).execute())
+
+    def trash(self, file_id: str) -> None:
+        try:
+            self.execute(self.service.files().trash(fileId=file_id))
+        except FileNotFoundError:
+            pass
+
+    def about(self) -> dict:
+        return self.execute(self.service.about().get())
+
+
+def _reason(err: Any) -> str | None:
+    try:
+        details = json.loads(err.content.decode())["error"]["errors"]
+        return str(details[0].get("reason"))
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return None

@@ -1,0 +1,291 @@
+"""The Colab provider: one notebook on the user's Drive per attempt, run by a person.
+
+Colab's free tier has no API to start a runtime and its terms forbid driving the notebook UI,
+so ``submit`` prepares everything on Drive and hands back the notebook's Colab link; a person
+opens it and presses Run all. From then on the notebook reports through files in the attempt's
+Drive folder (see ``agent.py`` for the layout), which ``poll`` and ``collect`` read.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gpupool.bundle import pack_runtime
+from gpupool.errors import CheckpointError, CredentialsError, ProviderError
+from gpupool.manifest import MANIFEST, Manifest, ManifestError, read_local, verify_local
+from gpupool.provider import (
+    Availability,
+    Launch,
+    PollResult,
+    Provider,
+    Quota,
+    Submission,
+    classify_exit,
+    runtime_env,
+)
+from gpupool.states import AttemptState
+
+from . import drive as gdrive
+from . import notebook
+from .config import ColabConfig
+from .ledger import AttemptRecords, Cooldowns
+
+if TYPE_CHECKING:
+    from gpupool.state import Attempt
+    from gpupool.store import CheckpointStore
+
+COLAB_URL = "https://colab.research.google.com/drive/{}"
+WINDOW_SECONDS = 24 * 3600
+
+
+class ColabProvider(Provider):
+    name = "colab"
+    Config = ColabConfig
+    config: ColabConfig
+    status_map = {
+        "starting": AttemptState.RUNNING,
+        "running": AttemptState.RUNNING,
+        "no-gpu": AttemptState.UNAVAILABLE,
+        "failed": AttemptState.FAILED,
+    }
+    unsupported = {"unattended start": "Colab's free tier needs a person to open and run "
+                                       "each attempt's notebook"}
+
+    def __init__(self, config: ColabConfig, data_dir: Path, clock: Any, *,
+                 auth_factory: gdrive.AuthFactory | None = None, sleep: gdrive.Sleep | None = None):
+        super().__init__(config, data_dir, clock)
+        self.auth_factory = auth_factory
+        self.sleep = sleep
+        self.cooldowns = Cooldowns(self.data_dir / "cooldowns.json")
+        self.records = AttemptRecords(self.data_dir / "attempts")
+        self._drive: gdrive.Drive | None = None
+
+    # -- Drive ------------------------------------------------------------------------------
+
+    def drive(self) -> gdrive.Drive:
+        if self._drive is None:
+            client = gdrive.load_client_config(self.config.client_secrets)
+            auth = gdrive.open_auth(client, self.config.credentials_file, self.auth_factory)
+            options: dict[str, Any] = {"chunk_bytes": self.config.upload_chunk_bytes}
+            if self.sleep is not None:
+                options["sleep"] = self.sleep
+            self._drive = gdrive.Drive(auth, **options)
+        return self._drive
+
+    def attempts_folder(self) -> str:
+        return self.drive().folder_path(self.config.folder, "attempts")
+
+    # -- what Colab offers -----------------------------------------------------------------
+
+    def check_credentials(self) -> tuple[bool, str]:
+        try:
+            self.drive()
+        except CredentialsError as err:
+            return False, str(err)
+        return True, f"saved Google credentials at {self.config.credentials_file}"
+
+    def startup_seconds(self) -> float:
+        return self.config.startup_seconds
+
+    def availability(self, account: str, now: float) -> Availability:
+        cooldown = self.cooldowns.get(account, now)
+        if cooldown is None:
+            return Availability(True)
+        return Availability(False, cooldown[1], until=cooldown[0])
+
+    def quota_window_start(self, now: float) -> float:
+        return now - WINDOW_SECONDS
+
+    def quota(self, account: str, now: float, charged: float) -> Quota:
+        """Colab publishes no quota: an estimate per rolling day, exhausted while cooling down."""
+        total = self.config.estimated_gpu_hours_per_day * 3600
+        cooldown = self.cooldowns.get(account, now)
+        if cooldown is not None:
+            return Quota(max(charged, total), total, resets_at=cooldown[0], source="estimate")
+        return Quota(charged, total, source="estimate")
+
+    # -- attempts --------------------------------------------------------------------------
+
+    def submit(self, launch: Launch) -> Submission:
+        record = self.records.get(launch.attempt_id)
+        if record is not None:  # submitted before a scheduler crash
+            return self._submission(record)
+        drive = self.drive()
+        folder = drive.folder(self.attempts_folder(), _folder_title(launch.attempt_id))
+        with tempfile.TemporaryDirectory(prefix="gpupool-colab-") as tmp:
+            runtime = Path(tmp) / "runtime.tar.gz"
+            pack_runtime(runtime)
+            drive.upload(folder, "runtime.tar.gz", runtime, "application/gzip")
+            drive.upload(folder, "bundle.tar.gz", Path(launch.bundle), "application/gzip")
+            if launch.restore is not None:
+                self._upload_restore(launch, folder, Path(tmp) / "restore")
+        params = self._parameters(launch, folder)
+        body = notebook.dumps(notebook.render(params, experiment=launch.spec.name))
+        title = f"gpupool-{launch.spec.name}-{launch.attempt_id}.ipynb"
+        created = drive.upload(folder, title, body, gdrive.COLAB_MIME)
+        record = {"folder_id": folder, "notebook_id": created["id"], "submitted": launch.now,
+                  "url": COLAB_URL.format(created["id"])}
+        self.records.put(launch.attempt_id, record)
+        return self._submission(record)
+
+    def _submission(self, record: dict) -> Submission:
+        minutes = round(self.config.start_timeout / 60)
+        return Submission(remote_id=record["notebook_id"], url=record["url"], message=(
+            f"open {record['url']} and press Runtime > Run all within {minutes} min "
+            "(otherwise gpupool runs it elsewhere)"))
+
+    def _upload_restore(self, launch: Launch, folder: str, local: Path) -> None:
+        manifest = launch.restore
+        assert manifest is not None
+        launch.store.download(manifest, local)
+        drive = self.drive()
+        target = drive.folder_path("restore", manifest.name, parent=folder)
+        for entry in manifest.files:
+            parts = entry.path.split("/")
+            parent = drive.folder_path(*parts[:-1], parent=target)
+            drive.upload(parent, parts[-1], local / entry.path)
+        drive.upload(target, MANIFEST, manifest.to_json().encode(), "application/json")
+
+    def _parameters(self, launch: Launch, folder: str) -> dict[str, Any]:
+        env = runtime_env(launch, provider=self.name, session_dir="", restore_dir=None,
+                          deadline=None)
+        return {
+            "ATTEMPT_ID": launch.attempt_id, "EXPERIMENT_ID": launch.experiment_id,
+            "ATTEMPT_FOLDER_ID": folder, "FOLDER_TITLE": self.config.folder,
+            "RUN": launch.spec.run, "SETUP": launch.spec.setup, "SESSION_ENV": env,
+            "RESTORE_NAME": launch.restore.name if launch.restore else None,
+            "SESSION_SECONDS": self.config.session_seconds,
+            "DEADLINE_MARGIN": self.config.deadline_margin,
+            "HEARTBEAT_SECONDS": self.config.heartbeat_seconds,
+            "UPLOAD_CHUNK_BYTES": self.config.upload_chunk_bytes,
+            "GPU_REQUIRED": launch.spec.resources.wants_gpu, "GPU_PROBE": self.config.gpu_probe,
+        }
+
+    def _folder(self, attempt: Attempt) -> str | None:
+        record = self.records.get(attempt.id)
+        if record is not None:
+            return str(record["folder_id"])
+        found = self.drive().find(self.attempts_folder(), _folder_title(attempt.id))
+        return found["id"] if found else None
+
+    def read_status(self, attempt: Attempt) -> dict | None:
+        folder = self._folder(attempt)
+        item = self.drive().find(folder, "status.json") if folder else None
+        if item is None:
+            return None
+        try:
+            return json.loads(self.drive().read(item["id"]))
+        except ValueError:
+            return None  # caught mid-update: read again at the next poll
+
+    def poll(self, attempt: Attempt, now: float) -> PollResult:
+        status = self.read_status(attempt)
+        if status is None:
+            return self._not_started(attempt, now)
+        state = status.get("state")
+        common = dict(step=status.get("step"), total=status.get("total"),
+                      heartbeat=status.get("time"), started_at=status.get("started"))
+        if state == "finished":
+            ended, message = classify_exit(status.get("returncode"), status.get("outcome"))
+            return PollResult(ended, message=message, **common)
+        if state == "no-gpu":
+            reason = "Colab gave no GPU (usage limits reached?)"
+            self.cooldowns.set(attempt.account, now + self.config.no_gpu_cooldown, reason)
+            return PollResult(AttemptState.UNAVAILABLE, message=reason, **common)
+        if state == "failed":
+            return PollResult(AttemptState.FAILED, message=status.get("message"), **common)
+        if now - float(status.get("time") or 0) > self.config.heartbeat_timeout:
+            return PollResult(AttemptState.LOST, message=(
+                f"no heartbeat from the notebook for {self.config.heartbeat_timeout:.0f} s "
+                "(runtime disconnected or recycled)"), **common)
+        return PollResult(self.status_map.get(str(state), AttemptState.RUNNING), **common)
+
+    def _not_started(self, attempt: Attempt, now: float) -> PollResult:
+        record = self.records.get(attempt.id) or {}
+        since = float(record.get("submitted") or attempt.created_at)
+        if now - since > self.config.start_timeout:
+            return PollResult(AttemptState.UNAVAILABLE, message=(
+                f"notebook not opened in time ({self.config.start_timeout:.0f} s)"))
+        return PollResult(AttemptState.SUBMITTED,
+                          message=f"waiting for someone to open {attempt.url or 'the notebook'}")
+
+    def cancel(self, attempt: Attempt) -> None:
+        """Ask the notebook to stop (it checks at every heartbeat); Colab can't be stopped from
+        here."""
+        folder = self._folder(attempt)
+        if folder and self.drive().find(folder, "cancel.json") is None:
+            self.drive().upload(folder, "cancel.json", b'{"cancel": true}', "application/json")
+
+    def logs(self, attempt: Attempt) -> str:
+        folder = self._folder(attempt)
+        item = self.drive().find(folder, "log.txt") if folder else None
+        text = self.drive().read(item["id"]).decode(errors="replace") if item else ""
+        status = self.read_status(attempt) or {}
+        if status.get("message"):
+            text += f"\n[gpupool] {status['message']}\n"
+        return text
+
+    def collect(self, attempt: Attempt, store: CheckpointStore) -> list[Manifest]:
+        """Download complete checkpoints (with a manifest), verify them, publish to ``store``."""
+        folder = self._folder(attempt)
+        drive = self.drive()
+        checkpoints = drive.find(folder, "checkpoints") if folder else None
+        if checkpoints is None:
+            return []
+        have = {m.name for m in store.list()}
+        staging = self.data_dir / "collect" / attempt.id
+        collected, corrupt = [], []
+        try:
+            for item in sorted(drive.children(checkpoints["id"]), key=lambda i: i["title"]):
+                if item["title"] in have or drive.find(item["id"], MANIFEST) is None:
+                    continue  # already relayed, or torn (its manifest never arrived)
+                local = staging / item["title"]
+                try:
+                    manifest = self._download_checkpoint(item["id"], local)
+                except ManifestError as err:
+                    corrupt.append(f"{item['title']}: {err}")
+                    continue
+                collected.append(store.import_local(local, manifest))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        if corrupt:
+            raise CheckpointError("checkpoints on Drive skipped as corrupt: " + "; ".join(corrupt))
+        return collected
+
+    def _download_checkpoint(self, folder_id: str, local: Path) -> Manifest:
+        """Manifest first, then each file it lists; raises ``ManifestError`` on any mismatch."""
+        drive = self.drive()
+        drive.download(drive.find(folder_id, MANIFEST)["id"], local / MANIFEST)
+        manifest = read_local(local)
+        for entry in manifest.files:
+            parent: str | None = folder_id
+            for part in entry.path.split("/"):
+                found = drive.find(parent, part) if parent else None
+                parent = found["id"] if found else None
+            if parent is None:
+                raise ManifestError(f"{entry.path} is missing")
+            drive.download(parent, local / entry.path)
+        verify_local(local, manifest)
+        return manifest
+
+    def cleanup(self, attempt: Attempt) -> None:
+        """Trash the inputs and relayed checkpoints; keep notebook, status and log to read."""
+        folder = self._folder(attempt)
+        if folder is None:
+            return
+        drive = self.drive()
+        try:
+            for title in ("runtime.tar.gz", "bundle.tar.gz", "restore", "checkpoints"):
+                item = drive.find(folder, title)
+                if item is not None:
+                    drive.trash(item["id"])
+        except ProviderError:
+            pass  # best effort: the next cleanup or the user can remove it
+
+
+def _folder_title(attempt_id: str) -> str:
+    return f"attempt-{attempt_id}"
