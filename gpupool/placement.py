@@ -102,7 +102,7 @@ def _gpu_mismatch(c: Candidate, resources: Resources) -> str | None:
     if not c.gpu_kinds:
         return None if c.cpu_only_ok else "no GPU"
     wanted = resources.gpu.lower()
-    if wanted == "any" or any(wanted in kind for kind in c.gpu_kinds):
+    if wanted == "any" or any(wanted in kind.lower() for kind in c.gpu_kinds):
         return None
     return f"no {resources.gpu} GPU (has {', '.join(sorted(c.gpu_kinds))})"
 
@@ -119,7 +119,7 @@ def _at(when: float | None, now: float) -> str:
 
 def backoff_seconds(failures: int, base: float = 60.0, cap: float = 6 * 3600.0) -> float:
     """Exponential back-off for a provider that keeps refusing: 1, 2, 4 ... minutes, capped."""
-    return min(cap, base * 2 ** max(0, failures - 1))
+    return min(cap, base * 2.0 ** min(max(0, failures - 1), 64))  # 2**64: no float overflow
 
 
 def checkpoint_interval(policy: CheckpointPolicy, save_seconds: float | None,
