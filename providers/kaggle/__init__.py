@@ -1,0 +1,5 @@
+"""gpupool's Kaggle Kernels provider (entry point ``kaggle = "providers.kaggle:KaggleProvider"``)."""
+
+from .provider import KaggleProvider
+
+__all__ = ["KaggleProvider"]

@@ -1,0 +1,339 @@
+"""A thin wrapper over ``kagglesdk.KaggleClient`` that adds what the client lacks.
+
+The SDK sets no HTTP timeout (a stalled connection blocks forever) and retries nothing for
+push, status or output. Every call here has a per-request timeout and is retried with
+exponential backoff and jitter on connection errors, timeouts, 5xx and 429 (honouring
+``Retry-After``). ``sleep`` is injected so tests never really wait.
+
+kagglesdk is imported only when the first client is built (``import kagglesdk`` itself has no
+side effects, unlike ``import kaggle``, which authenticates at import time).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from gpupool.errors import CredentialsError, ProviderError, RateLimited
+
+from .config import KaggleConfig
+from .credentials import Credentials
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+CHUNK = 1 << 20
+
+
+class RemoteNotFound(ProviderError):
+    """Kaggle answered 403/404: the kernel or dataset does not exist (or is not ours)."""
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    name: str
+    url: str
+
+
+@dataclass(frozen=True)
+class RemoteQuota:
+    used_seconds: float
+    total_seconds: float
+    refresh_time: float | None
+
+
+class KaggleRemote:
+    """Kaggle's API as gpupool uses it; each method is one (retried) remote call."""
+
+    def __init__(self, credentials: Credentials, config: KaggleConfig,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.credentials = credentials
+        self.config = config
+        self.sleep = sleep
+        self._sdk: Any = None
+        self._downloads: Any = None
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    @property
+    def sdk(self) -> Any:
+        if self._sdk is None:
+            self._sdk = self._build()
+        return self._sdk
+
+    def _build(self) -> Any:
+        try:
+            from kagglesdk import KaggleClient
+        except ImportError as err:
+            raise ProviderError("kaggle", f"kagglesdk is not installed ({err}); "
+                                          "pip install 'kaggle==2.2.4' 'kagglesdk==0.1.37'") from None
+        creds = self.credentials
+        client = KaggleClient(username=creds.username, password=creds.key, api_token=creds.token,
+                              user_agent="gpupool")
+        http = client.http_client()
+        http._init_session()  # the SDK builds its requests.Session lazily; harden it now
+        _harden(http._session, creds, self._timeout)
+        return client
+
+    @property
+    def _timeout(self) -> tuple[float, float]:
+        return (min(10.0, self.config.request_timeout), self.config.request_timeout)
+
+    def call(self, what: str, func: Callable[[], T], *, idempotent: bool = True) -> T:
+        """``func()`` with retries; ``idempotent=False`` retries only what surely was not done."""
+        attempt = 0
+        while True:
+            try:
+                return func()
+            except Exception as err:  # noqa: BLE001 - requests/SDK errors are classified below
+                delay = self._retry_delay(what, err, attempt, idempotent)
+                log.info("kaggle: %s failed (%s); retry %d in %.1fs", what, _brief(err),
+                         attempt + 1, delay)
+            attempt += 1
+            self.sleep(delay)
+
+    def _retry_delay(self, what: str, err: Exception, attempt: int, idempotent: bool) -> float:
+        """How long to wait before retrying ``err``, or raise the error gpupool should see."""
+        import requests
+
+        status = _status_of(err)
+        retry_after = _retry_after(err) if status == 429 else None
+        retryable = status in RETRY_STATUSES or (
+            status is None and idempotent and isinstance(err, requests.RequestException))
+        if status is None and not isinstance(err, requests.RequestException):
+            raise err
+        if not retryable or attempt >= self.config.max_retries:
+            raise _translate(what, err, status, retry_after)
+        if retry_after is not None:
+            if retry_after > self.config.backoff_max:
+                raise RateLimited("kaggle", f"{what}: rate limited", retry_after)
+            return retry_after
+        base = min(self.config.backoff_max, self.config.backoff_base * 2 ** attempt)
+        return base * (0.5 + random.random() / 2)
+
+    # -- kernels ----------------------------------------------------------------------------
+
+    def introspect_username(self) -> str:
+        from kagglesdk.security.types.oauth_service import IntrospectTokenRequest
+
+        request = IntrospectTokenRequest()
+        request.token = self.credentials.token
+        answer = self.call("token check", lambda: self.sdk.security.oauth_client.introspect_token(request))
+        if not answer.active or not answer.username:
+            raise CredentialsError("kaggle", f"the access token from {self.credentials.source} "
+                                             "is not active; create a new one on kaggle.com")
+        return str(answer.username)
+
+    def push(self, request: Any) -> Any:
+        kernels = self.sdk.kernels.kernels_api_client
+        return self.call("push", lambda: kernels.save_kernel(request), idempotent=False)
+
+    def status(self, owner: str, slug: str, version: int | None) -> tuple[str | None, str]:
+        """(status name, failure message); name None when the client cannot parse the status."""
+        from kagglesdk.kernels.types.kernels_api_service import ApiGetKernelSessionStatusRequest
+
+        request = ApiGetKernelSessionStatusRequest()
+        request.user_name, request.kernel_slug = owner, slug
+        if version:
+            request.version_label = f"v{version}"
+        kernels = self.sdk.kernels.kernels_api_client
+        try:
+            answer = self.call("status", lambda: kernels.get_kernel_session_status(request))
+        except KeyError as err:  # kagglesdk raises KeyError for a status it does not know
+            return None, f"unknown status {err}"
+        return answer.status.name, answer.failure_message or ""
+
+    def current_version(self, owner: str, slug: str) -> int | None:
+        """The kernel's newest version number, None when there is no such kernel."""
+        from kagglesdk.kernels.types.kernels_api_service import ApiGetKernelRequest
+
+        request = ApiGetKernelRequest()
+        request.user_name, request.kernel_slug = owner, slug
+        try:
+            answer = self.call("get kernel", lambda: self.sdk.kernels.kernels_api_client.get_kernel(request))
+        except RemoteNotFound:
+            return None
+        return int(answer.metadata.current_version_number or 0) or None
+
+    def outputs(self, owner: str, slug: str, version: int | None) -> tuple[list[OutputFile], str]:
+        """Every output file of the session (all pages) and its log (JSON array text)."""
+        from kagglesdk.kernels.types.kernels_api_service import ApiListKernelSessionOutputRequest
+
+        files: list[OutputFile] = []
+        log_text, token = "", ""
+        kernels = self.sdk.kernels.kernels_api_client
+        while True:
+            request = ApiListKernelSessionOutputRequest()
+            request.user_name, request.kernel_slug = owner, slug
+            request.page_size, request.page_token = 100, token
+            if version:
+                request.version_label = f"v{version}"
+            page = self.call("list outputs", lambda r=request: kernels.list_kernel_session_output(r))
+            files += [OutputFile(f.file_name, f.url) for f in page.files]
+            log_text = log_text or page.log or ""
+            token = page.next_page_token or ""
+            if not token:
+                return files, log_text
+
+    def cancel(self, session_id: int) -> str:
+        from kagglesdk.kernels.types.kernels_api_service import ApiCancelKernelSessionRequest
+
+        request = ApiCancelKernelSessionRequest()
+        request.kernel_session_id = session_id
+        kernels = self.sdk.kernels.kernels_api_client
+        answer = self.call("cancel", lambda: kernels.cancel_kernel_session(request))
+        return answer.error_message or ""
+
+    def quota(self) -> RemoteQuota:
+        from kagglesdk.kernels.types.kernels_api_service import (
+            ApiGetAcceleratorQuotaStatisticsRequest,
+        )
+
+        kernels = self.sdk.kernels.kernels_api_client
+        request = ApiGetAcceleratorQuotaStatisticsRequest()
+        answer = self.call("quota", lambda: kernels.get_accelerator_quota_statistics(request))
+        gpu = answer.gpu_quota
+        if gpu is None or gpu.total_time_allowed is None:
+            raise ProviderError("kaggle", "the quota answer has no GPU quota")
+        refresh = answer.quota_refresh_time
+        return RemoteQuota(_seconds(gpu.time_used), _seconds(gpu.total_time_allowed),
+                           refresh.timestamp() if refresh is not None else None)
+
+    # -- datasets ---------------------------------------------------------------------------
+
+    def dataset_status(self, owner: str, slug: str) -> str | None:
+        """The dataset's status name (READY...), None when there is no such dataset."""
+        from kagglesdk.datasets.types.dataset_api_service import ApiGetDatasetStatusRequest
+
+        request = ApiGetDatasetStatusRequest()
+        request.owner_slug, request.dataset_slug = owner, slug
+        datasets = self.sdk.datasets.dataset_api_client
+        try:
+            answer = self.call("dataset status", lambda: datasets.get_dataset_status(request))
+        except RemoteNotFound:
+            return None
+        return answer.status.name
+
+    def upload(self, path: Path) -> str:
+        """Upload one file as a dataset blob; returns its token."""
+        from kagglesdk.blobs.types.blob_api_service import ApiBlobType, ApiStartBlobUploadRequest
+
+        request = ApiStartBlobUploadRequest()
+        request.type, request.name = ApiBlobType.DATASET, path.name
+        request.content_length = path.stat().st_size
+        request.last_modified_epoch_seconds = int(path.stat().st_mtime)
+        blobs = self.sdk.blobs.blob_api_client
+        blob = self.call("start upload", lambda: blobs.start_blob_upload(request))
+        self.call(f"upload {path.name}", lambda: self._put(blob.create_url, path))
+        return str(blob.token)
+
+    def _put(self, url: str, path: Path) -> None:
+        with open(path, "rb") as handle:
+            self._plain_session().put(url, data=handle, timeout=self._timeout).raise_for_status()
+
+    def create_dataset(self, owner: str, slug: str, tokens: list[str], *, private: bool) -> None:
+        from kagglesdk.datasets.types.dataset_api_service import (
+            ApiCreateDatasetRequest,
+            ApiDatasetNewFile,
+        )
+
+        request = ApiCreateDatasetRequest()
+        request.owner_slug, request.slug, request.title = owner, slug, slug
+        request.license_name, request.is_private = "unknown", private
+        request.files = [_new_file(ApiDatasetNewFile, token) for token in tokens]
+        datasets = self.sdk.datasets.dataset_api_client
+        answer = self.call("create dataset", lambda: datasets.create_dataset(request), idempotent=False)
+        if answer.error and "already" not in answer.error:
+            raise ProviderError("kaggle", f"creating dataset {owner}/{slug} failed: {answer.error}")
+
+    # -- output files -----------------------------------------------------------------------
+
+    def download(self, url: str, target: Path) -> None:
+        """Fetch a signed output URL (no auth) into ``target``; a broken stream raises."""
+        def fetch() -> None:
+            timeout = (self._timeout[0], self.config.download_timeout)
+            with self._plain_session().get(url, stream=True, timeout=timeout) as response:
+                response.raise_for_status()
+                with open(target, "wb") as handle:
+                    for chunk in response.iter_content(CHUNK):
+                        handle.write(chunk)
+
+        self.call(f"download {target.name}", fetch)
+
+    def _plain_session(self) -> Any:
+        if self._downloads is None:
+            import requests
+
+            self._downloads = requests.Session()
+        return self._downloads
+
+
+def _harden(session: Any, creds: Credentials, timeout: tuple[float, float]) -> None:
+    """Give every request of the SDK's session a timeout, and the auth we chose (the SDK would
+    otherwise prefer any access token lying around over an explicitly configured key)."""
+    from kagglesdk.kaggle_http_client import KaggleHttpClient
+
+    if creds.token:
+        session.auth = KaggleHttpClient.BearerAuth(creds.token)
+    else:
+        session.auth = (creds.username, creds.key)
+    send = session.send
+
+    def send_with_timeout(request: Any, **kwargs: Any) -> Any:
+        if kwargs.get("timeout") is None:
+            kwargs["timeout"] = timeout
+        return send(request, **kwargs)
+
+    session.send = send_with_timeout
+
+
+def _new_file(cls: Any, token: str) -> Any:
+    item = cls()
+    item.token = token
+    return item
+
+
+def _status_of(err: Exception) -> int | None:
+    response = getattr(err, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def _retry_after(err: Exception) -> float | None:
+    response = getattr(err, "response", None)
+    value = response.headers.get("Retry-After") if response is not None else None
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        when = email.utils.parsedate_to_datetime(value)
+        return max(0.0, when.timestamp() - time.time()) if when else None
+
+
+def _translate(what: str, err: Exception, status: int | None, retry_after: float | None) -> ProviderError:
+    if status == 429:
+        return RateLimited("kaggle", f"{what}: rate limited by Kaggle", retry_after)
+    if status == 401:
+        return CredentialsError("kaggle", f"{what}: Kaggle refused the credentials (401); "
+                                          "check or renew your API key")
+    if status in (403, 404):
+        return RemoteNotFound("kaggle", f"{what}: not found ({status})")
+    return ProviderError("kaggle", f"{what} failed: {_brief(err)}")
+
+
+def _brief(err: Exception) -> str:
+    """The error without URLs' query strings (signed URLs) or anything long."""
+    text = f"{type(err).__name__}: {err}"
+    return text.split("?", 1)[0][:300]
+
+
+def _seconds(value: Any) -> float:
+    if value is None:
+        return 0.0
+    return float(value.total_seconds()) if hasattr(value, "total_seconds") else float(value)

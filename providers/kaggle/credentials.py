@@ -1,0 +1,96 @@
+"""Finding Kaggle credentials where the kaggle client looks for them, without printing them.
+
+Order (the client's: access tokens before legacy keys): an explicitly configured kaggle.json,
+``$KAGGLE_API_TOKEN`` (the token or a file holding it), ``~/.kaggle/access_token``,
+``$KAGGLE_USERNAME`` + ``$KAGGLE_KEY``, then ``kaggle.json`` in ``$KAGGLE_CONFIG_DIR``,
+``$XDG_CONFIG_HOME/kaggle`` or ``~/.kaggle``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gpupool.errors import CredentialsError
+
+HINT = ("put your API key in ~/.kaggle/kaggle.json (kaggle.com > Settings > API > Create New "
+        "Token), or set KAGGLE_API_TOKEN, or KAGGLE_USERNAME and KAGGLE_KEY")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A legacy key (username + key, HTTP Basic) or an access token (Bearer)."""
+
+    source: str  # where they were found, safe to show
+    username: str | None = None
+    key: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+
+    @property
+    def secrets(self) -> list[str]:
+        return [s for s in (self.key, self.token) if s]
+
+
+def find_credentials(explicit: Path | None = None) -> Credentials:
+    """The first credentials found; ``CredentialsError`` (with a hint) when there are none."""
+    if explicit is not None:
+        found = _from_json(Path(explicit).expanduser())
+        if found is None:
+            raise CredentialsError("kaggle", f"no username/key in {explicit}; {HINT}")
+        return found
+    for finder in (_token_env, _token_file, _key_env, _key_file):
+        found = finder()
+        if found is not None:
+            return found
+    raise CredentialsError("kaggle", f"no Kaggle credentials found; {HINT}")
+
+
+def _token_env() -> Credentials | None:
+    value = os.environ.get("KAGGLE_API_TOKEN", "").strip()
+    if not value:
+        return None
+    path = Path(value)
+    if len(value) < 4096 and path.is_file():
+        token = path.read_text().strip()
+        return Credentials(f"KAGGLE_API_TOKEN (file {path})", token=token) if token else None
+    return Credentials("KAGGLE_API_TOKEN", token=value)
+
+
+def _token_file() -> Credentials | None:
+    for name in ("access_token", "access_token.txt"):
+        path = Path("~/.kaggle").expanduser() / name
+        if path.is_file() and path.read_text().strip():
+            return Credentials(str(path), token=path.read_text().strip())
+    return None
+
+
+def _key_env() -> Credentials | None:
+    user, key = os.environ.get("KAGGLE_USERNAME"), os.environ.get("KAGGLE_KEY")
+    if user and key:
+        return Credentials("KAGGLE_USERNAME/KAGGLE_KEY", username=user, key=key)
+    return None
+
+
+def config_dir() -> Path:
+    if os.environ.get("KAGGLE_CONFIG_DIR"):
+        return Path(os.environ["KAGGLE_CONFIG_DIR"]).expanduser()
+    if os.environ.get("XDG_CONFIG_HOME"):
+        xdg = Path(os.environ["XDG_CONFIG_HOME"]) / "kaggle"
+        if (xdg / "kaggle.json").is_file():
+            return xdg
+    return Path("~/.kaggle").expanduser()
+
+
+def _key_file() -> Credentials | None:
+    return _from_json(config_dir() / "kaggle.json")
+
+
+def _from_json(path: Path) -> Credentials | None:
+    try:
+        data = json.loads(path.read_text())
+        user, key = str(data["username"]), str(data["key"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return Credentials(str(path), username=user, key=key) if user and key else None
