@@ -15,7 +15,7 @@ from providers.colab import ColabConfig, ColabProvider
 from tests.emulators.drive import GOOGLE_TOKEN_URI, LoopbackGoogleAuth, write_credentials_file
 
 MLP = Path(__file__).resolve().parents[2] / "configs" / "examples" / "mlp"
-TINY = {"TOTAL_STEPS": "400", "HIDDEN": "8", "BATCH": "16"}
+TINY = {"TOTAL_STEPS": "100", "HIDDEN": "8", "BATCH": "16", "OMP_NUM_THREADS": "1"}
 
 
 def client_secrets(path: Path, drive) -> Path:

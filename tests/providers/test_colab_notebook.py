@@ -23,7 +23,7 @@ def test_notebook_yields_then_resumes_and_the_scheduler_collects(drive_emulator,
     colab = make_provider(drive_emulator, tmp_path, session_seconds=60, deadline_margin=59.9)
     pool = make_pool(tmp_path, colab=colab)
     scheduler = Scheduler(pool)
-    experiment = pool.submit(mlp_spec(["colab"], TOTAL_STEPS="300"))
+    experiment = pool.submit(mlp_spec(["colab"], TOTAL_STEPS="200"))
     scheduler.reconcile_once(time.time())
     first = pool.state.attempts(experiment.id)[0]
     assert first.state == AttemptState.SUBMITTED
@@ -51,5 +51,42 @@ def test_notebook_yields_then_resumes_and_the_scheduler_collects(drive_emulator,
     person.join(60)
     assert pool.state.experiment(experiment.id).state == ExperimentState.SUCCEEDED
     latest = store.latest()
-    assert latest.final and latest.step == 300 and latest.provider == "colab"
+    assert latest.final and latest.step == 200 and latest.provider == "colab"
     assert "resumed from step" in colab.logs(pool.state.attempts(experiment.id)[1])
+
+
+def local_provider(tmp_path):
+    from providers.local import LocalConfig, LocalProvider
+
+    return LocalProvider(LocalConfig(gpus="none"), tmp_path / "local", time.time)
+
+
+def test_notebook_never_opened_falls_back_to_local(drive_emulator, tmp_path):
+    colab = make_provider(drive_emulator, tmp_path, start_timeout=0.5)
+    pool = make_pool(tmp_path, colab=colab, local=local_provider(tmp_path))
+    scheduler = Scheduler(pool)
+    experiment = pool.submit(mlp_spec(["colab", "local"]))
+    run_until(scheduler, lambda: pool.state.experiment(experiment.id).state.terminal)
+    first, second = pool.state.attempts(experiment.id)
+    assert (first.provider, first.state) == ("colab", AttemptState.UNAVAILABLE)
+    assert "not opened in time" in first.end_reason
+    assert (second.provider, second.state) == ("local", AttemptState.SUCCEEDED)
+    assert pool.state.experiment(experiment.id).state == ExperimentState.SUCCEEDED
+
+
+def test_notebook_without_gpu_reports_it_and_local_takes_over(drive_emulator, tmp_path):
+    colab = make_provider(drive_emulator, tmp_path, no_gpu_cooldown=3600)
+    pool = make_pool(tmp_path, colab=colab, local=local_provider(tmp_path))
+    scheduler = Scheduler(pool)
+    experiment = pool.submit(mlp_spec(["colab", "local"]))
+    scheduler.reconcile_once(time.time())
+    first = pool.state.attempts(experiment.id)[0]
+    person = Person(drive_emulator, first.url, tmp_path / "session", GPU_PROBE="false")
+    person.start()
+    person.join(60)
+    assert "No GPU in this runtime" in str(person.error)
+    run_until(scheduler, lambda: pool.state.experiment(experiment.id).state.terminal)
+    first, second = pool.state.attempts(experiment.id)
+    assert first.state == AttemptState.UNAVAILABLE and "no GPU" in first.end_reason
+    assert (second.provider, second.state) == ("local", AttemptState.SUCCEEDED)
+    assert not colab.availability("default", time.time()).ok
