@@ -81,6 +81,17 @@ class ColabProvider(Provider):
 
     # -- what Colab offers -----------------------------------------------------------------
 
+    def authorize(self, *, launch_browser: bool = True, paste: bool = False,
+                  prompt: Any = input, echo: Any = print) -> str:
+        """The one interactive sign-in (``gpupool auth colab``); see ``auth.py``."""
+        from .auth import sign_in
+
+        result = sign_in(self.config, launch_browser=launch_browser, paste=paste, prompt=prompt,
+                         echo=echo, auth_factory=self.auth_factory)
+        self._drive = None
+        return (f"signed in to Google Drive as {result['user']}; folder '{result['folder']}' is "
+                f"ready; credentials saved to {result['credentials_file']} (mode 0600)")
+
     def check_credentials(self) -> tuple[bool, str]:
         try:
             self.drive()

@@ -1,0 +1,106 @@
+"""The checkpoint store on Google Drive (``gdrive://``) against the Drive emulator."""
+
+from __future__ import annotations
+
+import pytest
+
+from gpupool.manifest import publish_local
+from gpupool.store import CheckpointStore
+from providers.colab.fs import register
+from tests.emulators.drive import (  # noqa: F401 - fixture
+    LoopbackGoogleAuth,
+    drive_emulator_fixture,
+    emulator_settings,
+    write_credentials_file,
+)
+
+
+@pytest.fixture
+def auth(drive_emulator, tmp_path, monkeypatch):
+    monkeypatch.setenv("GDRIVE_NON_INTERACTIVE", "1")
+    register()
+    creds = write_credentials_file(tmp_path / "creds.json", drive_emulator)
+    return LoopbackGoogleAuth(drive_emulator, settings=emulator_settings(drive_emulator, creds))
+
+
+def local_checkpoint(tmp_path, step, size=300_000):
+    staging = tmp_path / f"staging-{step}"
+    (staging / "opt").mkdir(parents=True)
+    (staging / "model.pt").write_bytes(bytes([step % 256]) * size)
+    (staging / "opt" / "state.pt").write_bytes(b"o" * 1000)
+    return publish_local(staging, tmp_path / "local", step=step, attempt="a1", provider="colab")
+
+
+def test_publish_latest_and_relay_between_local_and_drive(auth, tmp_path, drive_emulator):
+    drive = CheckpointStore("gdrive://gpupool-test/checkpoints", google_auth=auth).child("exp-1")
+    drive.check_writable()
+    assert drive.latest() is None
+    first, second = local_checkpoint(tmp_path, 10), local_checkpoint(tmp_path, 20)
+    for manifest in (first, second):
+        drive.import_local(tmp_path / "local" / manifest.name, manifest)
+    assert [m.step for m in drive.list()] == [20, 10]
+    assert drive.latest() == second
+    assert drive_emulator.state.find("gpupool-test")  # under My Drive
+
+    local = CheckpointStore(str(tmp_path / "relay")).child("exp-1")
+    local.copy_from(drive, second)
+    assert local.latest() == second
+    back = CheckpointStore("gdrive://gpupool-test/other", google_auth=auth).child("exp-1")
+    back.copy_from(local, second)
+    assert back.latest() == second
+    restored = back.download(second, tmp_path / "restored")
+    assert (restored / "model.pt").read_bytes() == bytes([20]) * 300_000
+
+    assert drive.prune(1) == [first.name]
+    assert [m.name for m in drive.list()] == [second.name]
+
+
+def test_a_checkpoint_without_manifest_is_invisible_and_a_corrupt_one_skipped(auth, tmp_path):
+    store = CheckpointStore("gdrive://gpupool-test/ck", google_auth=auth)
+    good = local_checkpoint(tmp_path, 5)
+    store.import_local(tmp_path / "local" / good.name, good)
+    torn = local_checkpoint(tmp_path, 9)
+    store.fs.put_file(str(tmp_path / "local" / torn.name / "model.pt"),
+                      f"{store.root}/{torn.name}/model.pt")
+    assert store.latest() == good  # no manifest: not a checkpoint
+    bad = local_checkpoint(tmp_path, 7)
+    (tmp_path / "local" / bad.name / "model.pt").write_bytes(b"tampered")
+    store.fs.put_file(str(tmp_path / "local" / bad.name / "model.pt"),
+                      f"{store.root}/{bad.name}/model.pt")
+    store.fs.put_file(str(tmp_path / "local" / bad.name / "opt" / "state.pt"),
+                      f"{store.root}/{bad.name}/opt/state.pt")
+    with store.fs.open(f"{store.root}/{bad.name}/manifest.json", "wb") as handle:
+        handle.write(bad.to_json().encode())
+    skipped = []
+    store.on_corrupt = lambda what, why: skipped.append(why)
+    assert store.latest() == good and skipped
+
+
+def test_auth_setup_saves_credentials_0600_and_creates_the_folder(drive_emulator, tmp_path,
+                                                                   monkeypatch):
+    import stat
+
+    from providers.colab.auth import prepare_drive
+    from tests.providers.colab_support import make_provider
+
+    monkeypatch.setenv("GDRIVE_NON_INTERACTIVE", "1")
+    colab = make_provider(drive_emulator, tmp_path, folder="my-gpupool")
+    colab.config.credentials_file.chmod(0o644)
+    result = prepare_drive(colab.config, auth_factory=colab.auth_factory)
+    assert result["user"] == "tester@example.com"
+    assert stat.S_IMODE(colab.config.credentials_file.stat().st_mode) == 0o600
+    [folder] = drive_emulator.state.find("my-gpupool")
+    assert drive_emulator.state.find("attempts", parent=folder.id)
+    assert prepare_drive(colab.config, auth_factory=colab.auth_factory) == result  # idempotent
+
+
+def test_authorize_with_saved_credentials_needs_no_browser(drive_emulator, tmp_path, monkeypatch):
+    import webbrowser
+
+    from tests.providers.colab_support import make_provider
+
+    monkeypatch.setattr(webbrowser, "open", lambda *a, **k: pytest.fail("browser opened"))
+    colab = make_provider(drive_emulator, tmp_path)
+    message = colab.authorize(launch_browser=False)
+    assert "tester@example.com" in message and "0600" in message
+    assert colab.check_credentials()[0]
