@@ -326,6 +326,21 @@ def _render_quota(rows: list[dict[str, Any]]) -> None:
     _console().print(table)
 
 
+@cli.command()
+@click.argument("provider_name", metavar="PROVIDER")
+@click.option("--no-browser", is_flag=True, help="Print the sign-in URL instead of opening a browser.")
+@click.option("--paste", is_flag=True, help="Paste the redirect address instead of a local server.")
+@click.pass_context
+def auth(ctx: click.Context, provider_name: str, no_browser: bool, paste: bool) -> None:
+    """Sign in once to a provider that needs it, e.g. `gpupool auth colab`."""
+    provider = _open_pool(ctx).provider(provider_name)
+    authorize = getattr(provider, "authorize", None)
+    if authorize is None:
+        raise click.UsageError(f"{provider_name} has no sign-in step (see `gpupool providers`)")
+    click.echo(authorize(launch_browser=not no_browser, paste=paste, prompt=click.prompt,
+                         echo=click.echo))
+
+
 def main() -> None:
     """Entry point: user errors become one clear message and an exit code, never a traceback."""
     try:
