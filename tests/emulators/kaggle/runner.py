@@ -203,15 +203,35 @@ def _reason_to_stop(emu: KaggleEmulator, session: Session, limit: float) -> str:
 
 
 def kill(session: Session) -> None:
-    """SIGKILL the script's whole process group, as Kaggle gives no grace at its limits."""
+    """SIGKILL the script and every process it started (also those in their own sessions,
+    such as a supervisor's trainer), as Kaggle tears the whole container down at its limits."""
     process = session.process
     if process is None or process.poll() is not None:
         return
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    for pid in [process.pid, *_descendants(process.pid)]:
+        for send in (os.killpg, os.kill):
+            try:
+                send(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
     process.wait(timeout=5)
+
+
+def _descendants(root: int) -> list[int]:
+    """Every process below `root`, from /proc (empty where there is no /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def _conclude(emu: KaggleEmulator, session: Session, outcome: str, limit: float) -> None:
