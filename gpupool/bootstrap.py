@@ -40,9 +40,23 @@ def unpack(bundle: Path, workdir: Path) -> None:
         tar.extractall(workdir, filter="data")
 
 
-def session_environment(config: dict[str, Any]) -> dict[str, str]:
+def session_limits(config: dict[str, Any], started: float) -> tuple[float | None, float | None]:
+    """(deadline told to the runtime, hard end), counted from when the session really started
+    (a queued Kaggle kernel or a notebook opened late must not lose its time)."""
+    cap = config.get("session_seconds")
+    if cap is None:
+        return None, config.get("hard_end")
+    margin = config.get("deadline_margin")
+    if margin is None:
+        margin = min(300.0, 0.1 * float(cap))
+    return started + float(cap) - float(margin), started + float(cap)
+
+
+def session_environment(config: dict[str, Any], deadline: float | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.update({str(k): str(v) for k, v in config.get("env", {}).items()})
+    if deadline is not None:
+        env["GPUPOOL_DEADLINE"] = f"{deadline:.3f}"
     paths = [p for p in [config.get("runtime_path"), env.get("PYTHONPATH")] if p]
     if paths:
         env["PYTHONPATH"] = os.pathsep.join(paths)
@@ -109,13 +123,15 @@ def main(config_path: str) -> int:
     session_dir.mkdir(parents=True, exist_ok=True)
     if not workdir.exists():
         unpack(Path(config["bundle"]), workdir)
-    env = session_environment(config)
     started = time.time()
-    write_json_atomic(session_dir / "started.json", {"time": started, "pid": os.getpid()})
+    deadline, hard_end = session_limits(config, started)
+    env = session_environment(config, deadline)
+    write_json_atomic(session_dir / "started.json",
+                      {"time": started, "pid": os.getpid(), "deadline": deadline})
     code = run_setup(config["setup"], workdir, env) if config.get("setup") else 0
     if code == 0:
         print(f"[gpupool] run: {config['run']}", flush=True)
-        supervisor = Supervisor(config["run"], workdir, env, config.get("hard_end"))
+        supervisor = Supervisor(config["run"], workdir, env, hard_end)
         supervisor.forward_sigterm()
         write_json_atomic(session_dir / "trainer.json", {"pid": supervisor.process.pid})
         code = supervisor.wait()

@@ -14,7 +14,7 @@ from gpupool.errors import SpecError
 EXCLUDE_DIRS = {".git", "__pycache__", ".venv", "venv", "gpupool-session", ".ipynb_checkpoints",
                 ".mypy_cache", ".pytest_cache", ".ruff_cache"}
 MAX_BUNDLE_BYTES = 200 * 1024 * 1024
-RUNTIME_MODULES = ("__init__.py", "runtime.py", "manifest.py", "torch.py", "bootstrap.py")
+RUNTIME_MODULES = ("__init__.py", "errors.py", "runtime.py", "manifest.py", "torch.py", "bootstrap.py")
 
 
 def _workdir_files(workdir: Path) -> Iterator[Path]:

@@ -21,6 +21,21 @@ def owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
+def holder_is_dead(owner: str) -> bool:
+    """True when ``owner`` was a process on this machine that no longer exists (killed)."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 class Driver:
     """Runs reconcile steps while holding the scheduler lease."""
 
@@ -38,7 +53,8 @@ class Driver:
         """One reconcile step; None when another scheduler holds the lease."""
         with self._lock:
             now = self.pool.clock()
-            self.holds_lease = self.pool.state.acquire_lease(LEASE, self.owner, now, self.ttl)
+            self.holds_lease = self.pool.state.acquire_lease(LEASE, self.owner, now, self.ttl,
+                                                             holder_dead=holder_is_dead)
             if not self.holds_lease:
                 return None
             report = self.scheduler.reconcile_once(now)
@@ -57,7 +73,7 @@ class Driver:
 
         background = BackgroundScheduler(daemon=True)
         background.add_job(self._safe_step, "interval", seconds=self.pool.settings.poll_interval,
-                           max_instances=1, coalesce=True, next_run_time=None)
+                           max_instances=1, coalesce=True)
         background.start()
         return background
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from gpupool.errors import CheckpointError, GpupoolError, ProviderError, ProviderUnavailable, RateLimited
 from gpupool.placement import Candidate, Place, backoff_seconds, checkpoint_interval, choose
 from gpupool.pool import Pool
+from gpupool.manifest import Manifest
 from gpupool.provider import Launch, PollResult, Provider
 from gpupool.spec import ExperimentSpec
 from gpupool.state import Attempt, Experiment
@@ -38,6 +39,9 @@ class Scheduler:
 
     def reconcile_once(self, now: float) -> Report:
         report = Report()
+        for orphan in self.state.orphaned_experiments():
+            self.state.move_experiment(orphan.id, ExperimentState.PENDING, now,
+                                       event="no active attempt found; placing again")
         for attempt in self.state.attempts(active=True):
             try:
                 self._reconcile_attempt(attempt, now, report)
@@ -59,6 +63,9 @@ class Scheduler:
 
     def _reconcile_attempt(self, attempt: Attempt, now: float, report: Report) -> None:
         provider = self.pool.provider(attempt.provider)
+        if self.state.experiment(attempt.experiment_id).state.terminal:  # cancelled mid-way
+            self._cancel_attempt(attempt, now)
+            return
         if attempt.state == AttemptState.CREATED:  # the scheduler died before recording submit
             experiment = self.state.experiment(attempt.experiment_id)
             self._submit(provider, experiment, attempt, now, report)
@@ -102,37 +109,35 @@ class Scheduler:
         except CheckpointError as err:  # torn or corrupt output: never published
             self.state.add_event(now, attempt.experiment_id, attempt.id, "corrupt-checkpoint", str(err))
         latest = store.latest()
-        produced = latest.name if latest is not None and latest.attempt == attempt.id else None
-        seconds = attempt.duration(now) if attempt.started_at else 0.0
-        if seconds:
-            self.state.charge(attempt, seconds, now)
-        self.state.move_attempt(
-            attempt.id, result.state, now, event=result.message or result.state.value,
-            end_reason=result.message, ended_at=now, gpu_seconds=seconds, checkpoint_out=produced,
-            step=latest.step if latest is not None else attempt.step,
-        )
-        self._after_attempt(attempt, result, seconds, latest.name if latest else None,
-                            latest.step if latest else None, now)
+        self._end(attempt, result.state, result.message or result.state.value, now, latest=latest)
         spec = ExperimentSpec.model_validate(self.state.experiment(attempt.experiment_id).spec)
         store.prune(spec.checkpoint.keep_last, protect=[latest.name] if latest else [])
         provider.cleanup(attempt)
 
-    def _after_attempt(self, attempt: Attempt, result: PollResult, seconds: float,
-                       checkpoint: str | None, step: int | None, now: float) -> None:
+    def _end(self, attempt: Attempt, outcome: AttemptState, message: str, now: float, *,
+             latest: Manifest | None = None, until: float | None = None) -> None:
+        """End ``attempt`` with ``outcome`` and move its experiment on, in one transaction."""
         experiment = self.state.experiment(attempt.experiment_id)
-        if experiment.state.terminal:
-            return  # cancelled meanwhile
         spec = ExperimentSpec.model_validate(experiment.spec)
-        fields = dict(gpu_seconds=experiment.gpu_seconds + seconds, last_checkpoint=checkpoint,
-                      last_step=step)
-        target, why = self._next_state(experiment, spec, attempt, result, fields)
-        if target == ExperimentState.PENDING and result.state == AttemptState.UNAVAILABLE:
-            self._cool_down(attempt, result.message or "unavailable", now)
-        self.state.move_experiment(experiment.id, target, now, event=why, message=why, **fields)
+        seconds = attempt.duration(now) if attempt.started_at else 0.0
+        produced = latest.name if latest is not None and latest.attempt == attempt.id else None
+        fields: dict = dict(gpu_seconds=experiment.gpu_seconds + seconds, wait_reason=None,
+                            not_before=None)
+        if latest is not None:
+            fields.update(last_checkpoint=latest.name, last_step=latest.step)
+        target, why = self._next_state(experiment, spec, attempt, outcome, message, fields)
+        fields["message"] = why
+        if outcome == AttemptState.UNAVAILABLE:
+            self._cool_down(attempt, message, now, until)
+        self.state.end_attempt(
+            attempt, outcome, now, message=message, why=why, next_state=target,
+            attempt_fields=dict(end_reason=message, gpu_seconds=seconds, checkpoint_out=produced,
+                                step=latest.step if latest is not None else attempt.step),
+            experiment_fields=fields, charge_seconds=seconds,
+        )
 
     def _next_state(self, experiment: Experiment, spec: ExperimentSpec, attempt: Attempt,
-                    result: PollResult, fields: dict) -> tuple[ExperimentState, str]:
-        outcome = result.state
+                    outcome: AttemptState, message: str, fields: dict) -> tuple[ExperimentState, str]:
         if outcome == AttemptState.SUCCEEDED:
             return ExperimentState.SUCCEEDED, "training completed"
         if outcome == AttemptState.CANCELLED:
@@ -143,14 +148,15 @@ class Scheduler:
         if outcome == AttemptState.FAILED:
             fields["errors"] = experiment.errors + 1
             if fields["errors"] > spec.limits.retries_on_error:
-                return ExperimentState.FAILED, f"failed {fields['errors']} times; last: {result.message}"
-            return ExperimentState.PENDING, f"retrying after an error: {result.message}"
+                return ExperimentState.FAILED, f"failed {fields['errors']} times; last: {message}"
+            return ExperimentState.PENDING, f"retrying after an error: {message}"
         if outcome in (AttemptState.YIELDED, AttemptState.LOST):
             fields["hops"] = experiment.hops + 1
             if fields["hops"] > spec.limits.max_hops:
                 return ExperimentState.FAILED, f"reached max_hops ({spec.limits.max_hops})"
-            return ExperimentState.PENDING, f"session ended ({result.message}); resuming"
-        return ExperimentState.PENDING, f"{attempt.provider} unavailable: {result.message}"
+            return ExperimentState.PENDING, f"session ended ({message}); resuming"
+        fields["wait_reason"] = f"{attempt.provider} unavailable: {message}"
+        return ExperimentState.PENDING, f"{attempt.provider} unavailable: {message}"
 
     def _cool_down(self, attempt: Attempt, reason: str, now: float, until: float | None = None) -> None:
         health = self.state.health().get((attempt.provider, attempt.account), {})
@@ -232,11 +238,7 @@ class Scheduler:
             submission = provider.submit(launch)
         except (ProviderUnavailable, ProviderError) as err:
             until = err.until if isinstance(err, ProviderUnavailable) else None
-            self.state.move_attempt(attempt.id, AttemptState.UNAVAILABLE, now, event=str(err),
-                                    end_reason=str(err), ended_at=now)
-            self._cool_down(attempt, str(err), now, until)
-            self.state.move_experiment(experiment.id, ExperimentState.PENDING, now,
-                                       wait_reason=str(err))
+            self._end(attempt, AttemptState.UNAVAILABLE, str(err), now, until=until)
             return False
         self.state.move_attempt(
             attempt.id, AttemptState.SUBMITTED, now, event=submission.message or "submitted",
@@ -253,22 +255,21 @@ class Scheduler:
     def cancel(self, experiment_id: str, now: float) -> Experiment:
         """Stop an experiment: cancel its active attempt, keep what it checkpointed."""
         experiment = self.state.experiment(experiment_id)
-        for attempt in self.state.attempts(experiment.id, active=True):
-            provider = self.pool.provider(attempt.provider)
-            provider.cancel(attempt)
-            try:
-                provider.collect(attempt, self.pool.store_for(experiment.id))
-            except GpupoolError as err:
-                self.state.add_event(now, experiment.id, attempt.id, "problem", str(err))
-            self.state.move_attempt(attempt.id, AttemptState.CANCELLED, now, event="cancelled",
-                                    end_reason="cancelled by the user", ended_at=now,
-                                    gpu_seconds=attempt.duration(now))
-            if attempt.started_at:
-                self.state.charge(attempt, attempt.duration(now), now)
-        if not experiment.state.terminal:
+        if not experiment.state.terminal:  # first, so no step places it again meanwhile
             self.state.move_experiment(experiment.id, ExperimentState.CANCELLED, now,
                                        event="cancelled by the user", message="cancelled")
+        for attempt in self.state.attempts(experiment.id, active=True):
+            self._cancel_attempt(attempt, now)
         return self.state.experiment(experiment.id)
+
+    def _cancel_attempt(self, attempt: Attempt, now: float) -> None:
+        provider = self.pool.provider(attempt.provider)
+        provider.cancel(attempt)
+        try:
+            provider.collect(attempt, self.pool.store_for(attempt.experiment_id))
+        except GpupoolError as err:
+            self.state.add_event(now, attempt.experiment_id, attempt.id, "problem", str(err))
+        self._end(attempt, AttemptState.CANCELLED, "cancelled by the user", now)
 
 
 def _rate(attempt: Attempt, result: PollResult) -> float | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,6 +195,38 @@ class State:
                 _event(conn, now, row.experiment_id, ident, target.value, event)
         return self.attempt(ident)
 
+    def end_attempt(
+        self, attempt: Attempt, target: AttemptState, now: float, *, message: str,
+        attempt_fields: dict[str, Any], next_state: ExperimentState, experiment_fields: dict[str, Any],
+        why: str, charge_seconds: float = 0.0,
+    ) -> None:
+        """End an attempt, charge its time and move its experiment on, in one transaction:
+        a scheduler killed at any point leaves either all of it done or none."""
+        with self.engine.begin() as conn:
+            _transition(conn, db.attempts, "attempt", attempt.id, attempt.state, target,
+                        ATTEMPT_MOVES, dict(attempt_fields, ended_at=now))
+            _event(conn, now, attempt.experiment_id, attempt.id, target.value, message)
+            if charge_seconds > 0:
+                conn.execute(db.quota_ledger.insert().values(
+                    provider=attempt.provider, account=attempt.account, attempt_id=attempt.id,
+                    started_at=attempt.started_at or now, ended_at=now, seconds=charge_seconds,
+                ))
+            current = conn.execute(sa.select(db.experiments.c.state)
+                                   .where(db.experiments.c.id == attempt.experiment_id)).scalar_one()
+            if not ExperimentState(current).terminal:
+                self._move_experiment(conn, attempt.experiment_id, next_state, now, event=why,
+                                      **experiment_fields)
+
+    def orphaned_experiments(self) -> list[Experiment]:
+        """RUNNING experiments with no active attempt (should not happen; healed by the scheduler)."""
+        active = sa.select(db.attempts.c.experiment_id).where(db.attempts.c.state.in_(db.ACTIVE_STATES))
+        query = db.experiments.select().where(
+            db.experiments.c.state == ExperimentState.RUNNING.value,
+            db.experiments.c.id.not_in(active),
+        )
+        with self.engine.connect() as conn:
+            return [_experiment(r) for r in conn.execute(query)]
+
     def update_attempt(self, ident: str, **fields: Any) -> None:
         with self.engine.begin() as conn:
             conn.execute(db.attempts.update().where(db.attempts.c.id == ident).values(**fields))
@@ -261,8 +293,10 @@ class State:
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(query).mappings()][::-1]
 
-    def acquire_lease(self, name: str, owner: str, now: float, ttl: float) -> bool:
-        """Take or renew the named lease; False while another owner holds an unexpired one."""
+    def acquire_lease(self, name: str, owner: str, now: float, ttl: float,
+                      holder_dead: Callable[[str], bool] | None = None) -> bool:
+        """Take or renew the named lease; False while another owner holds an unexpired one
+        (unless ``holder_dead(owner)`` says that owner is known to be gone)."""
         table = db.leases
         with self.engine.begin() as conn:
             row = conn.execute(table.select().where(table.c.name == name).with_for_update()).first()
@@ -273,7 +307,8 @@ class State:
                     return False
                 return True
             if row.owner != owner and row.expires_at > now:
-                return False
+                if holder_dead is None or not holder_dead(row.owner):
+                    return False
             conn.execute(table.update().where(table.c.name == name)
                          .values(owner=owner, expires_at=now + ttl))
             return True

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import fcntl
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
     from gpupool.store import CheckpointStore
 
 LOG_TAIL_BYTES = 64 * 1024
+LOCK_FILE = "session.lock"
 
 
 class LocalConfig(BaseModel):
@@ -114,24 +117,33 @@ class LocalProvider(Provider):
 
     def submit(self, launch: Launch) -> Submission:
         session = self.session_dir(launch.attempt_id)
-        launched = _read_json(session / "launched.json")
-        if launched is not None:  # submitted before a scheduler crash: adopt it
-            return Submission(remote_id=str(launched["pid"]), deadline=launched.get("deadline"))
         session.mkdir(parents=True, exist_ok=True)
-        restore_dir = self._prepare_restore(launch, session)
-        deadline, hard_end = self._deadlines(launch.now)
-        config = {
-            "session_dir": str(session), "bundle": str(launch.bundle), "setup": launch.spec.setup,
-            "run": launch.spec.run, "hard_end": hard_end, "runtime_path": _gpupool_root(),
-            "env": self._env(launch, session, restore_dir, deadline),
-        }
-        (session / "session.json").write_text(json.dumps(config, indent=1))
-        process = self._spawn(session)
+        lock = _try_lock(session / LOCK_FILE)
+        if lock is None or (session / "launched.json").exists() or (session / "started.json").exists():
+            if lock is not None:
+                os.close(lock)
+            return self._adopt(session)  # launched before a scheduler crash: never twice
+        try:
+            restore_dir = self._prepare_restore(launch, session)
+            config = {
+                "session_dir": str(session), "bundle": str(launch.bundle), "setup": launch.spec.setup,
+                "run": launch.spec.run, "session_seconds": self.config.session_seconds,
+                "deadline_margin": self.config.deadline_margin, "runtime_path": _gpupool_root(),
+                "env": self._env(launch, session, restore_dir),
+            }
+            (session / "session.json").write_text(json.dumps(config, indent=1))
+            process = self._spawn(session, lock)
+        finally:
+            os.close(lock)  # the supervisor holds its own copy of the lock for its whole life
         self._children[launch.attempt_id] = process
-        record = {"pid": process.pid, "start": _process_start(process.pid), "deadline": deadline}
-        _write_json(session / "launched.json", record)
-        return Submission(remote_id=str(process.pid), deadline=deadline,
-                          message=f"pid {process.pid}, logs in {session / 'log.txt'}")
+        _write_json(session / "launched.json", {"pid": process.pid})
+        return Submission(remote_id=str(process.pid), message=f"pid {process.pid}, logs in {session / 'log.txt'}")
+
+    def _adopt(self, session: Path) -> Submission:
+        info = _read_json(session / "launched.json") or _read_json(session / "started.json") or {}
+        pid = info.get("pid", "unknown")
+        return Submission(remote_id=str(pid), deadline=info.get("deadline"),
+                          message=f"adopted the session already started (pid {pid})")
 
     def _prepare_restore(self, launch: Launch, session: Path) -> str | None:
         if launch.restore is None:
@@ -142,31 +154,22 @@ class LocalProvider(Provider):
             launch.store.download(launch.restore, target)
         return str(target)
 
-    def _deadlines(self, now: float) -> tuple[float | None, float | None]:
-        cap = self.config.session_seconds
-        if cap is None:
-            return None, None
-        margin = self.config.deadline_margin
-        if margin is None:
-            margin = min(300.0, 0.1 * cap)
-        return now + cap - margin, now + cap
-
-    def _env(self, launch: Launch, session: Path, restore: str | None, deadline: float | None) -> dict[str, str]:
+    def _env(self, launch: Launch, session: Path, restore: str | None) -> dict[str, str]:
         env = runtime_env(launch, provider=self.name, session_dir=str(session),
-                          restore_dir=restore, deadline=deadline)
+                          restore_dir=restore, deadline=None)  # the supervisor sets it at start
         python_dir = str(Path(self.config.python).parent)
         env["PATH"] = os.pathsep.join([python_dir, os.environ.get("PATH", "")])
         if not self.detected_gpus():
             env.setdefault("CUDA_VISIBLE_DEVICES", "")
         return env
 
-    def _spawn(self, session: Path) -> subprocess.Popen[bytes]:
+    def _spawn(self, session: Path, lock: int) -> subprocess.Popen[bytes]:
         log = open(session / "log.txt", "ab")
         try:
             return subprocess.Popen(
                 [self.config.python, "-m", "gpupool.bootstrap", str(session / "session.json")],
                 cwd=session, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, env=_bootstrap_env(),
+                start_new_session=True, env=_bootstrap_env(), pass_fds=(lock,),
             )
         except OSError as err:
             raise ProviderError(self.name, f"cannot start {self.config.python}: {err}") from None
@@ -183,10 +186,12 @@ class LocalProvider(Provider):
             state, message = classify_exit(ended.get("returncode"), ended.get("outcome"))
             return PollResult(state, step=progress.get("step"), heartbeat=ended.get("ended"),
                               started_at=started, message=message + _tail_hint(session, state))
-        launched = _read_json(session / "launched.json")
-        if launched is None:
+        if _locked(session / LOCK_FILE):
+            pass  # the supervisor is alive
+        elif not (session / "session.json").exists():
             return PollResult(AttemptState.LOST, message="the session was never started")
-        if not _alive(int(launched["pid"]), launched.get("start")):
+        else:
+            _kill_orphaned_trainer(session)
             return PollResult(AttemptState.LOST, started_at=started, step=progress.get("step"),
                               message="the session's supervisor died without an exit status")
         state = AttemptState.RUNNING if started else AttemptState.SUBMITTED
@@ -199,10 +204,11 @@ class LocalProvider(Provider):
             del self._children[attempt_id]
 
     def cancel(self, attempt: Attempt) -> None:
-        launched = _read_json(self.session_dir(attempt.id) / "launched.json")
-        if launched and _alive(int(launched["pid"]), launched.get("start")):
+        session = self.session_dir(attempt.id)
+        started = _read_json(session / "started.json")
+        if started and _locked(session / LOCK_FILE):
             try:
-                os.kill(int(launched["pid"]), 15)
+                os.kill(int(started["pid"]), signal.SIGTERM)  # the supervisor forwards it
             except ProcessLookupError:
                 pass
 
@@ -267,27 +273,36 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _process_start(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (guards against pid reuse), where /proc exists."""
+def _try_lock(path: Path) -> int | None:
+    """An fd holding an exclusive lock on ``path``, or None if someone else holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
         return None
+    return fd
 
 
-def _alive(pid: int, start: str | None) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+def _locked(path: Path) -> bool:
+    """Whether a live supervisor holds the session lock (the lock dies with its holder)."""
+    if not path.exists():
         return False
-    except OSError:
+    fd = _try_lock(path)
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
+
+
+def _kill_orphaned_trainer(session: Path) -> None:
+    """The supervisor died: stop a training process it left behind, so it cannot compete."""
+    trainer = _read_json(session / "trainer.json")
+    if trainer:
         try:
-            os.kill(pid, 0)
-            return True
-        except ProcessLookupError:
-            return False
-    fields = stat.rsplit(")", 1)[1].split()
-    return fields[0] != "Z" and (start is None or fields[19] == start)
+            os.killpg(int(trainer["pid"]), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def _last_progress(session: Path) -> dict:

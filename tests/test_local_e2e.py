@@ -1,0 +1,143 @@
+"""End to end on the local provider: the example trains to completion through kills of the
+trainer and of the scheduler, with weights bit-identical to an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gpupool.manifest import list_local
+from gpupool.pool import Pool
+from gpupool.settings import PoolSettings
+from gpupool.spec import load_experiment
+from gpupool.states import AttemptState, ExperimentState
+from tests.helpers import (
+    assert_same_weights,
+    drive_until_done,
+    final_weights,
+    reference_weights,
+    write_experiment,
+)
+
+STEPS = 800
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return reference_weights(tmp_path_factory.mktemp("ref"), STEPS)
+
+
+def make_pool(tmp: Path, **local: object) -> Pool:
+    return Pool(PoolSettings(data_dir=tmp / "data", providers={"local": dict(local)}))
+
+
+def trainer_pid(pool: Pool, attempt_id: str) -> int | None:
+    path = pool.data_dir / "local" / "sessions" / attempt_id / "trainer.json"
+    try:
+        return int(json.loads(path.read_text())["pid"])
+    except (OSError, ValueError):
+        return None
+
+
+def test_uninterrupted_run_completes(tmp_path: Path, reference: dict) -> None:
+    pool = make_pool(tmp_path)
+    experiment = pool.submit(load_experiment(write_experiment(tmp_path, steps=STEPS, providers=["local"])))
+    done = drive_until_done(pool, experiment.id)
+    assert done.state == ExperimentState.SUCCEEDED
+    step, weights = final_weights(pool.store_for(experiment.id), tmp_path)
+    assert step == STEPS
+    assert_same_weights(weights, reference)
+
+
+def test_sigkilled_trainer_resumes_bit_identical(tmp_path: Path, reference: dict) -> None:
+    pool = make_pool(tmp_path)
+    experiment = pool.submit(load_experiment(write_experiment(tmp_path, steps=STEPS, providers=["local"])))
+    rng = random.Random(7)
+    kills: list[int] = []
+    next_kill = [time.time() + rng.uniform(2.5, 4.0)]
+
+    def kill_at_random(now: float) -> None:
+        if len(kills) >= 3 or now < next_kill[0]:
+            return
+        for attempt in pool.state.attempts(experiment.id, active=True):
+            pid = trainer_pid(pool, attempt.id)
+            checkpoints = pool.data_dir / "local" / "sessions" / attempt.id / "checkpoints"
+            if pid is not None and list_local(checkpoints):  # it has saved at least once
+                os.kill(pid, signal.SIGKILL)
+                kills.append(attempt.seq)
+                next_kill[0] = now + rng.uniform(2.5, 4.0)
+
+    done = drive_until_done(pool, experiment.id, on_tick=kill_at_random)
+    assert done.state == ExperimentState.SUCCEEDED, done.message
+    attempts = pool.state.attempts(experiment.id)
+    assert len(kills) == 3
+    assert [a.state for a in attempts].count(AttemptState.LOST) == 3
+    assert all(a.checkpoint_in for a in attempts[1:]), "every later attempt resumed from a checkpoint"
+    step, weights = final_weights(pool.store_for(experiment.id), tmp_path)
+    assert step == STEPS
+    assert_same_weights(weights, reference)
+
+
+def test_session_cap_yields_and_hops(tmp_path: Path, reference: dict) -> None:
+    pool = make_pool(tmp_path, session_seconds=12, deadline_margin=2)
+    experiment = pool.submit(load_experiment(write_experiment(tmp_path, steps=STEPS, providers=["local"])))
+    done = drive_until_done(pool, experiment.id)
+    assert done.state == ExperimentState.SUCCEEDED, done.message
+    attempts = pool.state.attempts(experiment.id)
+    assert len(attempts) >= 2 and attempts[0].state == AttemptState.YIELDED
+    assert done.hops == len(attempts) - 1
+    step, weights = final_weights(pool.store_for(experiment.id), tmp_path)
+    assert_same_weights(weights, reference)
+
+
+def gpupool_cli(args: list[str], env: dict[str, str], **kwargs: object) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "gpupool", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs)
+
+
+def test_scheduler_killed_mid_run_is_finished_by_daemon_once_loop(tmp_path: Path, reference: dict) -> None:
+    env = {**os.environ, "GPUPOOL_DATA_DIR": str(tmp_path / "data"),
+           "GPUPOOL_PROVIDERS__LOCAL__SESSION_SECONDS": "15",
+           "GPUPOOL_PROVIDERS__LOCAL__DEADLINE_MARGIN": "2"}
+    path = write_experiment(tmp_path, steps=STEPS, providers=["local"])
+    submitted = gpupool_cli(["run", "--detach", str(path)], env)
+    assert submitted.wait(timeout=60) == 0, submitted.stdout.read()  # type: ignore[union-attr]
+    rng = random.Random(3)
+    killed = 0
+    pool = Pool(PoolSettings(data_dir=tmp_path / "data"))
+    experiment = pool.state.experiments()[0]
+    deadline = time.monotonic() + 240
+    while not pool.state.experiment(experiment.id).state.terminal:
+        assert time.monotonic() < deadline, "did not finish"
+        daemon = gpupool_cli(["daemon", "--once"], env)
+        if rng.random() < 0.5:  # kill the scheduler at a random moment of its step
+            time.sleep(rng.uniform(0.05, 0.8))
+            daemon.send_signal(signal.SIGKILL)
+            killed += daemon.wait() == -signal.SIGKILL
+        else:
+            output = daemon.communicate(timeout=60)[0].decode()
+            assert daemon.returncode == 0, output
+        time.sleep(0.3)
+    final = pool.state.experiment(experiment.id)
+    assert final.state == ExperimentState.SUCCEEDED, final.message
+    assert killed >= 2
+    attempts = pool.state.attempts(experiment.id)
+    sessions = sorted(p.name for p in (tmp_path / "data" / "local" / "sessions").iterdir())
+    assert sessions == sorted(a.id for a in attempts), "one session per attempt: none duplicated, none lost"
+    assert [a.seq for a in attempts] == list(range(1, len(attempts) + 1))
+    assert all(a.state.terminal for a in attempts)
+    for earlier, later in zip(attempts, attempts[1:]):
+        assert earlier.ended_at is not None and earlier.ended_at <= later.created_at, "overlapping attempts"
+    charged = [a for a in attempts if a.started_at]
+    total = pool.state.charged_seconds("local", "default", 0)
+    assert total == pytest.approx(sum(a.gpu_seconds for a in charged))
+    step, weights = final_weights(pool.store_for(experiment.id), tmp_path)
+    assert_same_weights(weights, reference)
