@@ -12,7 +12,7 @@ from torch import nn
 import gpupool.torch as gt  # gpupool: full training state (model, optimizer, RNGs...)
 from gpupool import runtime  # gpupool: where to restore, when to save, when to stop
 
-TOTAL_STEPS = int(os.environ.get("TOTAL_STEPS", "3000"))
+TOTAL_STEPS = int(os.environ.get("TOTAL_STEPS", "20000"))
 BATCH = int(os.environ.get("BATCH", "256"))
 HIDDEN = int(os.environ.get("HIDDEN", "256"))
 SEED = 1234
