@@ -19,6 +19,7 @@ import pytest
 
 from gpupool.errors import CredentialsError, ProviderError, ProviderUnavailable, RateLimited
 from gpupool.pool import Pool
+from gpupool.provider import Launch
 from gpupool.scheduler import Scheduler
 from gpupool.settings import PoolSettings
 from gpupool.spec import ExperimentSpec
@@ -131,6 +132,13 @@ def drive(pool: Pool, experiment_id: str, timeout: float = 100.0, on_tick=None) 
         time.sleep(0.2)
     attempts = [(a.state, a.end_reason, a.step) for a in pool.state.attempts(experiment_id)]
     raise AssertionError(f"{experiment_id} still {pool.state.experiment(experiment_id)}: {attempts}")
+
+
+def launch_for(pool: Pool, experiment: Experiment, attempt_id: str) -> Launch:
+    return Launch(attempt_id=attempt_id, experiment_id=experiment.id, account="default",
+                  spec=ExperimentSpec.model_validate(experiment.spec),
+                  bundle=Path(experiment.bundle), store=pool.store_for(experiment.id),
+                  restore=None, checkpoint_interval=1, now=time.time())
 
 
 def checkpointed(session) -> bool:
@@ -314,9 +322,9 @@ def test_resubmit_after_crash_finds_the_pushed_kernel(emu: KaggleEmulator, tmp_p
     Scheduler(pool).reconcile_once(time.time())
     attempt = pool.state.attempts(experiment.id)[0]
     shutil.rmtree(provider.data_dir / "attempts")  # the scheduler's host lost its records
-    launch_again = provider._adopt(attempt.id, "alice", kernel_slug("gpupool", attempt.id))
-    assert launch_again is not None and launch_again.remote_id == attempt.remote_id
-    assert len(emu.sessions) == 1
+    again = provider.submit(launch_for(pool, experiment, attempt.id))
+    assert again.remote_id == attempt.remote_id
+    assert len(emu.sessions) == 1 and len(emu.datasets) == 1  # nothing pushed twice
 
 
 # -- faults ---------------------------------------------------------------------------------
@@ -395,3 +403,13 @@ def test_broken_download_publishes_nothing_until_it_works(emu: KaggleEmulator, t
     assert store.list() == []
     published = provider.collect(pool.state.attempt(attempt.id), store)
     assert published and store.latest() is not None
+
+
+def test_quota_refusal_says_when_the_quota_refreshes(emu: KaggleEmulator, tmp_path: Path) -> None:
+    emu.gpu_seconds_finished = emu.config.gpu_quota_seconds
+    pool, provider, _ = make_pool(tmp_path)
+    experiment = pool.submit(spec(tmp_path))
+    with pytest.raises(ProviderUnavailable, match="GPU quota") as caught:
+        provider.submit(launch_for(pool, experiment, f"{experiment.id}-a1"))
+    assert caught.value.until == pytest.approx(emu.config.quota_refresh_time.timestamp(), abs=1)
+    assert not emu.sessions
