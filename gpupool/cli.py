@@ -242,7 +242,8 @@ def daemon(ctx: click.Context, once: bool) -> None:
         for line in _report_lines(report):
             click.echo(line)
         return
-    _console(stderr=True).print(f"gpupool daemon: polling every {pool.settings.poll_interval:g}s (Ctrl-C stops)")
+    interval = pool.settings.poll_interval
+    _console(stderr=True).print(f"gpupool daemon: polling every {interval:g}s (Ctrl-C stops)")
     driver.run_forever()
 
 
@@ -280,7 +281,7 @@ def _provider_row(pool: Any, name: str) -> dict[str, Any]:
     except GpupoolError as err:
         return {"provider": name, "usable": False, "hint": str(err)}
     if not provider.enabled:
-        return {"provider": name, "usable": False, "hint": f"disabled in the pool configuration"}
+        return {"provider": name, "usable": False, "hint": "disabled in the pool configuration"}
     ok, hint = provider.check_credentials()
     return {"provider": name, "usable": ok, "hint": hint}
 

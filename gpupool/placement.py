@@ -74,14 +74,17 @@ def choose(
     return Wait("; ".join(reasons) or "no provider listed", min(wake) if wake else None)
 
 
-def refusal(c: Candidate, resources: Resources, min_slice: float, now: float) -> tuple[str | None, float | None]:
+def refusal(
+    c: Candidate, resources: Resources, min_slice: float, now: float
+) -> tuple[str | None, float | None]:
     """Why ``c`` cannot take the experiment now (None if it can), and until when."""
     if not c.configured:
         return "not configured", None
     if not c.credentials_ok:
         return c.credentials_hint or "credentials not usable", None
     if c.unavailable_until is not None and c.unavailable_until > now:
-        return f"{c.unavailable_reason or 'unavailable'} (retry at {_at(c.unavailable_until, now)})", c.unavailable_until
+        reason = c.unavailable_reason or "unavailable"
+        return f"{reason} (retry {_at(c.unavailable_until, now)})", c.unavailable_until
     if not c.available:
         return c.unavailable_reason or "unavailable", c.unavailable_until
     if c.max_concurrent is not None and c.active >= c.max_concurrent:

@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from gpupool import runtime
 from gpupool.errors import ConfigError, SpecError
@@ -176,7 +176,7 @@ class Provider(abc.ABC):
     def collect(self, attempt: Attempt, store: CheckpointStore) -> list[Manifest]:
         """Relay the checkpoints this attempt produced into ``store`` (verified); idempotent."""
 
-    def cleanup(self, attempt: Attempt) -> None:
+    def cleanup(self, attempt: Attempt) -> None:  # noqa: B027 - optional hook, no-op by default
         """Free remote resources after the attempt's checkpoints are collected."""
 
 

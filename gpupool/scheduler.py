@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpupool.errors import CheckpointError, GpupoolError, ProviderError, ProviderUnavailable, RateLimited
+from gpupool.manifest import Manifest
 from gpupool.placement import Candidate, Place, backoff_seconds, checkpoint_interval, choose
 from gpupool.pool import Pool
-from gpupool.manifest import Manifest
 from gpupool.provider import Launch, PollResult, Provider
 from gpupool.spec import ExperimentSpec
 from gpupool.state import Attempt, Experiment
@@ -197,7 +197,9 @@ class Scheduler:
                 views.append(self._candidate(provider, account, health, active, now))
         return views
 
-    def _candidate(self, provider: Provider, account: str, health: dict, active: dict, now: float) -> Candidate:
+    def _candidate(
+        self, provider: Provider, account: str, health: dict, active: dict, now: float
+    ) -> Candidate:
         ok, hint = provider.check_credentials()
         cooldown = health.get((provider.name, account), {})
         available = provider.availability(account, now)

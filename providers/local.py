@@ -8,8 +8,8 @@ leaves training running, and finds it again from the files the supervisor wrote.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import fcntl
+import json
 import os
 import shutil
 import signal
@@ -137,7 +137,8 @@ class LocalProvider(Provider):
             os.close(lock)  # the supervisor holds its own copy of the lock for its whole life
         self._children[launch.attempt_id] = process
         _write_json(session / "launched.json", {"pid": process.pid})
-        return Submission(remote_id=str(process.pid), message=f"pid {process.pid}, logs in {session / 'log.txt'}")
+        log = session / "log.txt"
+        return Submission(remote_id=str(process.pid), message=f"pid {process.pid}, logs in {log}")
 
     def _adopt(self, session: Path) -> Submission:
         info = _read_json(session / "launched.json") or _read_json(session / "started.json") or {}
