@@ -63,7 +63,7 @@ CASES = {
         ["kaggle"], [cand("kaggle", credentials_ok=False)], reason_has=["credentials not usable"]),
     "cooldown-until": Case(
         ["colab"], [cand("colab", unavailable_until=NOW + 300, unavailable_reason="usage limits")],
-        reason_has=["colab: usage limits", f"retry at in {format_duration(300)}"], until=NOW + 300),
+        reason_has=["colab: usage limits", f"retry in {format_duration(300)}"], until=NOW + 300),
     "cooldown-over-places-again": Case(
         ["colab"], [cand("colab", unavailable_until=NOW - 1, unavailable_reason="usage limits")],
         place=("colab", "default")),
