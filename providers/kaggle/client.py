@@ -17,6 +17,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -174,7 +175,7 @@ class KaggleRemote:
             request.page_size, request.page_token = 100, token
             if version:
                 request.version_label = f"v{version}"
-            page = self.call("list outputs", lambda r=request: kernels.list_kernel_session_output(r))
+            page = self.call("list outputs", partial(kernels.list_kernel_session_output, request))
             files += [OutputFile(f.file_name, f.url) for f in page.files]
             log_text = log_text or page.log or ""
             token = page.next_page_token or ""

@@ -52,7 +52,7 @@ def events(lines: list[str]) -> list[dict[str, Any]]:
 
 def progress(records: list[dict[str, Any]]) -> dict[str, Any]:
     """The newest record with a step, plus the first record's time (when training began)."""
-    latest = next((r for r in reversed(records) if r.get("step") is not None), {})
+    latest: dict[str, Any] = next((r for r in reversed(records) if r.get("step") is not None), {})
     return {**latest, "first_time": records[0].get("time") if records else None}
 
 
