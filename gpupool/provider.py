@@ -138,6 +138,10 @@ class Provider(abc.ABC):
     def startup_seconds(self) -> float:
         return float(getattr(self.config, "startup_seconds", 60.0))
 
+    def loss_prior_seconds(self) -> float:
+        """Assumed mean time between unplanned session losses before any is observed."""
+        return float(getattr(self.config, "loss_prior_seconds", 6 * 3600.0))
+
     @abc.abstractmethod
     def check_credentials(self) -> tuple[bool, str]:
         """(usable, hint): whether credentials are found and work, and what to do if not."""

@@ -157,7 +157,7 @@ class Session:
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.session_dir))
         try:
             yield staging
-            self._publish(staging, step, final, metadata)
+            self._publish(staging, step, final, metadata, started)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         self._save_seconds = time.monotonic() - started
@@ -177,7 +177,7 @@ class Session:
             started = time.monotonic()
             try:
                 write(staging)
-                self._publish(staging, step, False, metadata)
+                self._publish(staging, step, False, metadata, started)
             except BaseException as err:  # surfaced by wait_for_background()
                 self._background_error = err
             finally:
@@ -196,7 +196,10 @@ class Session:
             err, self._background_error = self._background_error, None
             raise err
 
-    def _publish(self, staging: Path, step: int, final: bool, metadata: dict[str, Any]) -> None:
+    def _publish(self, staging: Path, step: int, final: bool, metadata: dict[str, Any],
+                 started: float) -> None:
+        # The save cost feeds gpupool's automatic checkpoint interval (Young/Daly).
+        metadata = {**metadata, "save_seconds": round(time.monotonic() - started, 4)}
         manifest = publish_local(
             staging, self.checkpoint_root, step=step, final=final, experiment=self.experiment,
             attempt=self.attempt, provider=self.provider, metadata=metadata,

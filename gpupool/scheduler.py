@@ -182,7 +182,17 @@ class Scheduler:
                 return
 
     def _slice_seconds(self, spec: ExperimentSpec) -> float:
+        """The smallest useful slice of a session: one checkpoint interval (fixed or the
+        default for ``auto``); placement adds each provider's start-up time."""
         return checkpoint_interval(spec.checkpoint, None, None)
+
+    def interval_for(self, spec: ExperimentSpec, provider: Provider, restore: Manifest | None) -> float:
+        """The checkpoint interval for an attempt on ``provider``: fixed, or Young/Daly from the
+        measured save cost and the provider's observed losses (smoothed by its prior)."""
+        save = restore.metadata.get("save_seconds") if restore is not None else None
+        seconds, losses = self.state.loss_stats(provider.name)
+        mtbf = (seconds + provider.loss_prior_seconds()) / (losses + 1)
+        return checkpoint_interval(spec.checkpoint, save, mtbf)
 
     def candidates(self, spec: ExperimentSpec, now: float) -> list[Candidate]:
         health = self.state.health()
@@ -234,7 +244,7 @@ class Scheduler:
         launch = Launch(
             attempt_id=attempt.id, experiment_id=experiment.id, account=attempt.account, spec=spec,
             bundle=Path(experiment.bundle), store=store, restore=restore,
-            checkpoint_interval=self._slice_seconds(spec), now=now,
+            checkpoint_interval=self.interval_for(spec, provider, restore), now=now,
         )
         try:
             submission = provider.submit(launch)

@@ -231,6 +231,17 @@ class State:
         with self.engine.begin() as conn:
             conn.execute(db.attempts.update().where(db.attempts.c.id == ident).values(**fields))
 
+    def loss_stats(self, provider: str) -> tuple[float, int]:
+        """(seconds of ended sessions, how many of them were lost) on ``provider``."""
+        table = db.attempts
+        query = sa.select(
+            sa.func.coalesce(sa.func.sum(table.c.gpu_seconds), 0.0),
+            sa.func.count().filter(table.c.state == AttemptState.LOST.value),
+        ).where(table.c.provider == provider, table.c.ended_at.is_not(None))
+        with self.engine.connect() as conn:
+            seconds, losses = conn.execute(query).one()
+        return float(seconds), int(losses)
+
     # -- quota ledger ---------------------------------------------------------------------
 
     def charge(self, attempt: Attempt, seconds: float, now: float) -> bool:

@@ -142,7 +142,8 @@ def test_checkpoint_publishes_a_complete_directory(tmp_path):
     [manifest] = list_local(session.checkpoint_root)
     directory = session.checkpoint_root / manifest.name
     assert manifest.name.startswith(PREFIX) and (directory / MANIFEST).is_file()
-    assert manifest.step == 12 and manifest.metadata == {"loss": 0.25}
+    assert manifest.step == 12 and manifest.metadata["loss"] == 0.25
+    assert manifest.metadata["save_seconds"] >= 0  # the save cost, for the automatic interval
     assert (manifest.experiment, manifest.attempt, manifest.provider) == ("e", "e-a1", "local")
     assert sorted(f.path for f in manifest.files) == ["model.bin", "opt/state.bin"]
     verify_local(directory, manifest)
@@ -224,7 +225,7 @@ def test_background_checkpoint_publishes(tmp_path):
     release.set()
     session.wait_for_background()
     [manifest] = list_local(session.checkpoint_root)
-    assert manifest.step == 8 and manifest.metadata == {"note": "bg"}
+    assert manifest.step == 8 and manifest.metadata["note"] == "bg"
     verify_local(session.checkpoint_root / manifest.name, manifest)
 
 

@@ -1,0 +1,112 @@
+"""An in-memory provider for scheduler tests: sessions follow a script in virtual time."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from gpupool.errors import ProviderUnavailable
+from gpupool.manifest import Manifest, publish_local
+from gpupool.provider import Launch, PollResult, Provider, Quota, Submission
+from gpupool.state import Attempt
+from gpupool.states import AttemptState
+from gpupool.store import CheckpointStore
+
+
+class FakeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    max_concurrent: int | None = None
+    session_seconds: float | None = None
+    startup_seconds: float = 0.0
+    quota_hours: float | None = None
+    loss_prior_seconds: float = 6 * 3600.0
+
+
+@dataclass
+class Session:
+    launch: Launch
+    start: float
+    outcome: AttemptState
+    duration: float
+    steps: int
+    message: str = ""
+    cancelled: bool = False
+
+
+@dataclass
+class Script:
+    """What each successive session on the provider does."""
+
+    outcomes: list[tuple[AttemptState, float, int]] = field(default_factory=list)  # state, secs, steps
+    refuse: int = 0  # refuse this many submits with ProviderUnavailable first
+
+    def next(self) -> tuple[AttemptState, float, int]:
+        return self.outcomes.pop(0) if self.outcomes else (AttemptState.SUCCEEDED, 60.0, 10)
+
+
+class FakeProvider(Provider):
+    Config = FakeConfig
+    config: FakeConfig
+
+    def __init__(self, name: str, script: Script | None = None, **config: object):
+        super().__init__(FakeConfig(**config), Path(tempfile.mkdtemp()), lambda: 0.0)
+        self.name = name  # type: ignore[misc]
+        self.script = script or Script()
+        self.sessions: dict[str, Session] = {}
+        self.submits = 0
+
+    def check_credentials(self) -> tuple[bool, str]:
+        return True, "fake"
+
+    def quota(self, account: str, now: float, charged: float) -> Quota | None:
+        if self.config.quota_hours is None:
+            return None
+        return Quota(charged, self.config.quota_hours * 3600, source="ledger")
+
+    def submit(self, launch: Launch) -> Submission:
+        self.submits += 1
+        if launch.attempt_id in self.sessions:
+            return Submission(remote_id=launch.attempt_id)
+        if self.script.refuse > 0:
+            self.script.refuse -= 1
+            raise ProviderUnavailable(self.name, "no capacity right now")
+        outcome, seconds, steps = self.script.next()
+        self.sessions[launch.attempt_id] = Session(launch, launch.now, outcome, seconds, steps)
+        return Submission(remote_id=launch.attempt_id, message="fake session")
+
+    def poll(self, attempt: Attempt, now: float) -> PollResult:
+        session = self.sessions[attempt.id]
+        start_step = session.launch.restore.step if session.launch.restore else 0
+        if session.cancelled:
+            return PollResult(AttemptState.CANCELLED, message="cancelled")
+        if now < session.start + session.duration:
+            return PollResult(AttemptState.RUNNING, step=start_step, heartbeat=now,
+                              started_at=session.start)
+        return PollResult(session.outcome, step=start_step + session.steps, started_at=session.start,
+                          message=session.message or f"fake {session.outcome.value}")
+
+    def cancel(self, attempt: Attempt) -> None:
+        self.sessions[attempt.id].cancelled = True
+
+    def logs(self, attempt: Attempt) -> str:
+        return f"log of {attempt.id}\nTraceback: boom\n"
+
+    def collect(self, attempt: Attempt, store: CheckpointStore) -> list[Manifest]:
+        session = self.sessions[attempt.id]
+        if session.outcome == AttemptState.UNAVAILABLE or session.steps == 0:
+            return []
+        start_step = session.launch.restore.step if session.launch.restore else 0
+        staging = Path(tempfile.mkdtemp())
+        (staging / "state.bin").write_bytes(f"{attempt.id}:{start_step + session.steps}".encode())
+        root = Path(tempfile.mkdtemp())
+        manifest = publish_local(staging, root, step=start_step + session.steps,
+                                 experiment=attempt.experiment_id, attempt=attempt.id,
+                                 provider=self.name, metadata={"save_seconds": 2.0})
+        existing = [m for m in store.list() if m.attempt == attempt.id]
+        if existing:  # idempotent: collected before a crash
+            return existing
+        return [store.import_local(root / manifest.name, manifest)]
