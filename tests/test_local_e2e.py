@@ -134,7 +134,7 @@ def test_scheduler_killed_mid_run_is_finished_by_daemon_once_loop(tmp_path: Path
     assert sessions == sorted(a.id for a in attempts), "one session per attempt: none duplicated, none lost"
     assert [a.seq for a in attempts] == list(range(1, len(attempts) + 1))
     assert all(a.state.terminal for a in attempts)
-    for earlier, later in zip(attempts, attempts[1:]):
+    for earlier, later in zip(attempts, attempts[1:], strict=False):
         assert earlier.ended_at is not None and earlier.ended_at <= later.created_at, "overlapping attempts"
     charged = [a for a in attempts if a.started_at]
     total = pool.state.charged_seconds("local", "default", 0)
