@@ -93,7 +93,7 @@ def _follow(pool: Any, driver: Any, experiment_id: str, console: Any) -> int:
 
     background = driver.start_background()
     try:
-        with Live(console=console, refresh_per_second=2, transient=False) as live:
+        with Live(console=console, refresh_per_second=2, transient=True) as live:
             while True:
                 experiment = pool.state.experiment(experiment_id)
                 live.update(progress_line(pool, experiment, time.time()))
@@ -340,6 +340,77 @@ def auth(ctx: click.Context, provider_name: str, no_browser: bool, paste: bool) 
         raise click.UsageError(f"{provider_name} has no sign-in step (see `gpupool providers`)")
     click.echo(authorize(launch_browser=not no_browser, paste=paste, prompt=click.prompt,
                          echo=click.echo))
+
+
+@cli.command()
+@click.argument("experiment_file", type=click.Path(path_type=Path))
+@click.option("--hours", type=float, help="GPU-hours of training needed (default: limits.gpu_hours).")
+@click.option("--colab-hours-per-day", type=float, default=12.0, show_default=True,
+              help="Hours a day you are around to open Colab notebooks (from 09:00).")
+@click.option("--loss-hours", multiple=True, metavar="PROVIDER=H",
+              help="Mean hours between unplanned session losses, e.g. colab=4.")
+@click.option("--save-seconds", type=float, default=10.0, show_default=True,
+              help="Training stall per checkpoint.")
+@click.option("--days", type=float, default=56.0, show_default=True, help="Virtual days simulated.")
+@click.option("--runs", type=click.IntRange(1, 100_000), default=200, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def plan(ctx: click.Context, experiment_file: Path, hours: float | None, colab_hours_per_day: float,
+         loss_hours: tuple[str, ...], save_seconds: float, days: float, runs: int, seed: int,
+         as_json: bool) -> None:
+    """Forecast when EXPERIMENT_FILE would finish on your providers' quotas (a simulation)."""
+    from gpupool.plan import forecast, plan_model
+    from gpupool.settings import load_settings
+    from gpupool.spec import load_experiment
+
+    spec = load_experiment(experiment_file, check_workdir=False)
+    hours = hours or spec.limits.gpu_hours
+    if not hours:
+        raise click.UsageError("give --hours (or set limits.gpu_hours in the experiment file)")
+    now = time.time()
+    model = plan_model(spec, load_settings(ctx.obj.get("config")).providers,
+                       colab_hours_per_day=colab_hours_per_day, loss_hours=_pairs(loss_hours),
+                       save_seconds=save_seconds, utc_offset=time.localtime(now).tm_gmtoff,
+                       horizon_days=days)
+    result = forecast(spec, model, hours, now, runs=runs, seed=seed)
+    _print_json(result.as_dict()) if as_json else _render_plan(result)
+    if not result.can_finish:
+        sys.exit(1)
+
+
+def _pairs(items: tuple[str, ...]) -> dict[str, float]:
+    pairs = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            pairs[name.strip()] = float(value)
+        except ValueError:
+            raise click.BadParameter(f"{item!r} is not PROVIDER=HOURS", param_hint="--loss-hours") from None
+    return pairs
+
+
+def _render_plan(f: Any) -> None:
+    from rich.table import Table
+
+    console = _console()
+    if not f.can_finish:
+        console.print(f"[red]cannot finish[/] {f.work_hours:g} GPU-hours: {f.reason}")
+        return
+    when = lambda h: time.strftime("%a %d %b %H:%M", time.localtime(f.start + h * 3600))  # noqa: E731
+    hours = f.finish_hours
+    console.print(f"[bold]{f.work_hours:g} GPU-hours[/] finish around [bold]{when(hours['p50'])}[/] "
+                  f"(in {hours['p50']:.0f} h; p10–p90: {when(hours['p10'])} – {when(hours['p90'])})")
+    if f.finished < f.runs:
+        console.print(f"[yellow]{f.runs - f.finished} of {f.runs} runs did not finish: {f.reason}[/]")
+    table = Table(title=f"mean of {f.runs} runs", title_justify="left")
+    table.add_column("provider")
+    table.add_column("GPU h", justify="right")
+    for name, used in f.gpu_hours.items():
+        table.add_row(name, f"{used:.1f}")
+    console.print(table)
+    console.print(f"work lost to session ends: {f.lost_hours:.2f} h · hops: {f.hops:.1f} · "
+                  f"goodput: {f.goodput:.1%}")
 
 
 def main() -> None:
