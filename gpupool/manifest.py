@@ -184,7 +184,7 @@ def publish_local(staging: Path, root: Path, *, step: int, final: bool = False, 
 
 def list_local(root: Path) -> list[Manifest]:
     """Complete checkpoints under ``root`` (those with a parseable manifest), newest first."""
-    found = []
+    found: list[Manifest] = []
     if not root.is_dir():
         return found
     for child in root.iterdir():

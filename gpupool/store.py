@@ -13,6 +13,7 @@ corrupt checkpoints are skipped (and reported through ``on_corrupt``). Copies be
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import posixpath
 import secrets
@@ -70,7 +71,7 @@ class CheckpointStore:
                 manifests.append(manifest)
         return sorted(manifests, key=lambda m: (m.step, m.created, m.name), reverse=True)
 
-    def _checkpoint_dirs(self) -> list[str]:
+    def _checkpoint_dirs(self) -> builtins.list[str]:
         try:
             entries = self.fs.ls(self.root, detail=False)
         except FileNotFoundError:
@@ -214,7 +215,7 @@ class CheckpointStore:
             pass
         self._discard(name)
 
-    def prune(self, keep_last: int, *, protect: Iterable[str] = ()) -> list[str]:
+    def prune(self, keep_last: int, *, protect: Iterable[str] = ()) -> builtins.list[str]:
         """Delete all but the newest ``keep_last`` checkpoints (never one in ``protect``)."""
         keep = {m.name for m in self.list()[:keep_last]} | set(protect)
         removed = [m.name for m in self.list() if m.name not in keep]

@@ -13,6 +13,7 @@ only when a ``Drive`` is opened.
 
 from __future__ import annotations
 
+import builtins
 import io
 import json
 import os
@@ -207,7 +208,7 @@ class Drive:
             if not token:
                 return items
 
-    def children(self, parent: str) -> list[dict]:
+    def children(self, parent: str) -> builtins.list[dict]:
         return self.list(f"'{parent}' in parents and trashed=false")
 
     def find(self, parent: str, title: str) -> dict | None:

@@ -249,7 +249,8 @@ class ColabProvider(Provider):
             return []
         have = {m.name for m in store.list()}
         staging = self.data_dir / "collect" / attempt.id
-        collected, corrupt = [], []
+        collected: list[Manifest] = []
+        corrupt: list[str] = []
         try:
             for item in sorted(drive.children(checkpoints["id"]), key=lambda i: i["title"]):
                 if item["title"] in have or drive.find(item["id"], MANIFEST) is None:
@@ -270,7 +271,10 @@ class ColabProvider(Provider):
     def _download_checkpoint(self, folder_id: str, local: Path) -> Manifest:
         """Manifest first, then each file it lists; raises ``ManifestError`` on any mismatch."""
         drive = self.drive()
-        drive.download(drive.find(folder_id, MANIFEST)["id"], local / MANIFEST)
+        found = drive.find(folder_id, MANIFEST)
+        if found is None:
+            raise ManifestError(f"no manifest in Drive folder {folder_id}")
+        drive.download(found["id"], local / MANIFEST)
         manifest = read_local(local)
         for entry in manifest.files:
             parent: str | None = folder_id
