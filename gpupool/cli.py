@@ -66,8 +66,8 @@ def cli(ctx: click.Context, config: Path | None) -> None:
 def run(ctx: click.Context, experiment_file: Path, detach: bool) -> None:
     """Submit EXPERIMENT_FILE and follow it until it finishes.
 
-    Ctrl-C stops following; training sessions keep running, and `gpupool daemon` (or another
-    `gpupool run`) carries on scheduling.
+    Ctrl-C stops following; training sessions keep running, and `gpupool watch ID` or
+    `gpupool daemon` carries on scheduling.
     """
     from gpupool.daemon import Driver
     from gpupool.spec import load_experiment
@@ -86,6 +86,24 @@ def run(ctx: click.Context, experiment_file: Path, detach: bool) -> None:
     sys.exit(_follow(pool, driver, experiment.id, console))
 
 
+@cli.command()
+@click.argument("experiment_id")
+@click.pass_context
+def watch(ctx: click.Context, experiment_id: str) -> None:
+    """Follow an experiment already submitted, scheduling it in the foreground.
+
+    Use it after Ctrl-C on `gpupool run`, or after a crash: it picks up the running session
+    (or resumes from the last verified checkpoint) and shows the live progress line.
+    """
+    from gpupool.daemon import Driver
+
+    pool = _open_pool(ctx)
+    experiment = pool.state.experiment(experiment_id)
+    driver = Driver(pool)
+    driver.step()
+    sys.exit(_follow(pool, driver, experiment.id, _console()))
+
+
 def _follow(pool: Any, driver: Any, experiment_id: str, console: Any) -> int:
     from rich.live import Live
 
@@ -101,7 +119,8 @@ def _follow(pool: Any, driver: Any, experiment_id: str, console: Any) -> int:
                     break
                 time.sleep(0.5)
     except KeyboardInterrupt:
-        console.print("stopped following; sessions keep running (`gpupool daemon` continues)")
+        console.print(f"stopped following; sessions keep running: `gpupool watch {experiment_id}` "
+                      "or `gpupool daemon` carries on")
         return 130
     finally:
         background.shutdown(wait=True)  # type: ignore[attr-defined]

@@ -73,7 +73,8 @@ def test_providers_json_lists_local_as_usable(tmp_path: Path) -> None:
     assert {"kaggle", "colab"} <= rows.keys()
 
 
-@pytest.mark.parametrize("command", ["run", "status", "logs", "cancel", "daemon", "providers", "quota"])
+@pytest.mark.parametrize(
+    "command", ["run", "watch", "status", "logs", "cancel", "daemon", "providers", "quota"])
 def test_help_teaches(command: str, tmp_path: Path) -> None:
     result = gpupool([command, "--help"], tmp_path / "data")
     assert result.returncode == 0 and "Usage:" in result.stdout and len(result.stdout) > 150
