@@ -20,7 +20,7 @@ experiments = sa.Table(
     sa.Column("name", sa.String(64), nullable=False, index=True),
     sa.Column("spec", sa.Text, nullable=False),
     sa.Column("state", sa.String(16), nullable=False, index=True),
-    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False, index=True),  # status pages by it
     sa.Column("updated_at", sa.Float, nullable=False),
     sa.Column("bundle", sa.Text, nullable=False),
     sa.Column("hops", sa.Integer, nullable=False, default=0),
