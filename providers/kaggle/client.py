@@ -249,7 +249,8 @@ class KaggleRemote:
         request.license_name, request.is_private = "unknown", private
         request.files = [_new_file(ApiDatasetNewFile, token) for token in tokens]
         datasets = self.sdk.datasets.dataset_api_client
-        answer = self.call("create dataset", lambda: datasets.create_dataset(request), idempotent=False)
+        # Safe to retry after a timeout or reset: a create that did land answers "already exists".
+        answer = self.call("create dataset", lambda: datasets.create_dataset(request))
         if answer.error and "already" not in answer.error:
             raise ProviderError("kaggle", f"creating dataset {owner}/{slug} failed: {answer.error}")
 
