@@ -31,4 +31,5 @@ class ColabConfig(BaseModel):
                                                description="Colab publishes none: a guess")
     startup_seconds: float = Field(300, ge=0, description="a person has to open it")
     upload_chunk_bytes: int = Field(8 * 1024 * 1024, ge=256 * 1024)
+    request_timeout: float = Field(60, gt=0, description="seconds before a stalled Drive request is retried")
     gpu_probe: str = Field("nvidia-smi -L", description="command that succeeds when a GPU is there")

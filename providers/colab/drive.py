@@ -14,6 +14,7 @@ only when a ``Drive`` is opened.
 from __future__ import annotations
 
 import builtins
+import http.client
 import io
 import json
 import os
@@ -100,10 +101,14 @@ def _credential_errors() -> tuple[type[BaseException], ...]:
     return (AccessTokenRefreshError, RefreshError, InvalidCredentialsError, AuthenticationError)
 
 
-def open_auth(client: dict, credentials_file: Path, factory: AuthFactory | None = None) -> Any:
-    """A ``GoogleAuth`` from saved credentials, refreshed; never starts a browser flow."""
+def open_auth(client: dict, credentials_file: Path, factory: AuthFactory | None = None,
+              timeout: float | None = None) -> Any:
+    """A ``GoogleAuth`` from saved credentials, refreshed; never starts a browser flow.
+    ``timeout`` bounds each HTTP request (PyDrive2 sets none: a stalled one blocks forever)."""
     os.environ.setdefault("GDRIVE_NON_INTERACTIVE", "1")
     auth = (factory or default_auth_factory)(auth_settings(client, credentials_file))
+    if timeout is not None:
+        auth.http_timeout = timeout  # read when its Http objects are built, in Authorize()
     if not Path(credentials_file).exists():
         raise CredentialsError(PROVIDER, f"no saved credentials at {credentials_file}; "
                                          "run `gpupool auth colab`")
@@ -168,6 +173,8 @@ class Drive:
                 return _reason(err)
             return None
         if isinstance(err, (ConnectionError, socket.timeout, TimeoutError)):
+            return type(err).__name__
+        if isinstance(err, http.client.HTTPException):  # e.g. IncompleteRead: a cut response
             return type(err).__name__
         import httplib2
 

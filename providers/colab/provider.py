@@ -69,7 +69,8 @@ class ColabProvider(Provider):
     def drive(self) -> gdrive.Drive:
         if self._drive is None:
             client = gdrive.load_client_config(self.config.client_secrets)
-            auth = gdrive.open_auth(client, self.config.credentials_file, self.auth_factory)
+            auth = gdrive.open_auth(client, self.config.credentials_file, self.auth_factory,
+                                    timeout=self.config.request_timeout)
             options: dict[str, Any] = {"chunk_bytes": self.config.upload_chunk_bytes}
             if self.sleep is not None:
                 options["sleep"] = self.sleep
