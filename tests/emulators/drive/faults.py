@@ -41,6 +41,8 @@ class Fault:
     headers: dict = field(default_factory=dict)
     reset: bool = False
     cut_after: int | None = None
+    delay: float = 0.0  # stall this long (bounded), then answer normally
+    truncate: bool = False  # announce the full Content-Length, send half the body, then close
 
     @property
     def drops_connection(self) -> bool:
@@ -82,6 +84,16 @@ def token_expired() -> Fault:
 
 def connection_reset() -> Fault:
     return Fault(reset=True)
+
+
+def hang(seconds: float) -> Fault:
+    """Stall before answering (past a client's timeout); bounded to 5 s."""
+    return Fault(delay=min(seconds, 5.0))
+
+
+def truncated() -> Fault:
+    """Answer with half the body under the full Content-Length, then close (a cut download)."""
+    return Fault(truncate=True)
 
 
 def cut_upload(after_bytes: int) -> Fault:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 import socket
 import struct
+import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,6 +94,8 @@ class _RequestHandler(BaseHTTPRequestHandler):
         endpoint = route.endpoint if route else "unknown"
         fault = emulator.faults.take(endpoint) if route else None
         body = self._read_body(fault)
+        if fault is not None and fault.delay:
+            time.sleep(fault.delay)
         if method == "GET" and self.command == "POST":  # googleapiclient's form of a long GET
             query.update(_flat(parse_qs(body.decode(), keep_blank_values=True)))
             body = b""
@@ -107,7 +111,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
         record.status = None if response is DROP else response.status
         if response is DROP:
             return self._drop()
-        self._send(response)
+        self._send(response, truncate=fault is not None and fault.truncate)
 
     def _dispatch(self, route: Route | None, fault: Fault | None, request: Request) -> Response:
         if route is None:
@@ -148,14 +152,17 @@ class _RequestHandler(BaseHTTPRequestHandler):
         self.connection.close()
         self.close_connection = True
 
-    def _send(self, response: Response) -> None:
+    def _send(self, response: Response, truncate: bool = False) -> None:
         self.send_response(response.status,
                            "Resume Incomplete" if response.status == 308 else None)
         for name, value in response.headers.items():
             self.send_header(name, value)
         self.send_header("Content-Length", str(len(response.body)))
         self.end_headers()
-        self.wfile.write(response.body)
+        self.wfile.write(response.body[: len(response.body) // 2] if truncate else response.body)
+        if truncate:
+            self.wfile.flush()
+            self.close_connection = True
 
 
 class _Server(ThreadingHTTPServer):
@@ -164,6 +171,11 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, emulator: DriveEmulator) -> None:
         self.emulator = emulator
         super().__init__(("127.0.0.1", 0), _RequestHandler)
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            return  # the client gave up first (its timeout during a hang fault)
+        super().handle_error(request, client_address)  # type: ignore[arg-type]
 
 
 class DriveEmulator:
