@@ -227,6 +227,7 @@ class KaggleProvider(Provider):
             return self._progress(state, seen, f"Kaggle status {status or failure} not understood")
         if not state.terminal:
             return self._progress(state, seen, f"Kaggle: {status}")
+        self._quota = None  # the session just spent GPU time: the next placement asks again
         self._save_log(attempt.id, lines)
         return self._ended(status or "", failure, files, lines, seen)
 
