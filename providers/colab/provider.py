@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from gpupool.bundle import pack_runtime
 from gpupool.errors import CheckpointError, CredentialsError, ProviderError
-from gpupool.manifest import MANIFEST, Manifest, ManifestError, read_local, verify_local
+from gpupool.manifest import MANIFEST, Manifest, ManifestError, check_name, read_local, verify_local
 from gpupool.provider import (
     Availability,
     Launch,
@@ -256,11 +256,13 @@ class ColabProvider(Provider):
             for item in sorted(drive.children(checkpoints["id"]), key=lambda i: i["title"]):
                 if item["title"] in have or drive.find(item["id"], MANIFEST) is None:
                     continue  # already relayed, or torn (its manifest never arrived)
-                local = staging / item["title"]
-                try:
+                try:  # Drive titles are untrusted: "../x" or "/x" would escape the staging folder
+                    local = staging / check_name(item["title"])
                     manifest = self._download_checkpoint(item["id"], local)
+                    if manifest.name != item["title"]:
+                        raise ManifestError(f"its manifest names {manifest.name}")
                 except ManifestError as err:
-                    corrupt.append(f"{item['title']}: {err}")
+                    corrupt.append(f"{item['title']!r}: {err}")
                     continue
                 collected.append(store.import_local(local, manifest))
         finally:
