@@ -9,11 +9,15 @@ Order (the client's: access tokens before legacy keys): an explicitly configured
 from __future__ import annotations
 
 import json
+import logging
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpupool.errors import CredentialsError
+
+log = logging.getLogger(__name__)
 
 HINT = ("put your API key in ~/.kaggle/kaggle.json (kaggle.com > Settings > API > Create New "
         "Token), or set KAGGLE_API_TOKEN, or KAGGLE_USERNAME and KAGGLE_KEY")
@@ -93,4 +97,7 @@ def _from_json(path: Path) -> Credentials | None:
         user, key = str(data["username"]), str(data["key"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("kaggle: %s is readable by other users of this machine; run chmod 600 %s",
+                    path, path)
     return Credentials(str(path), username=user, key=key) if user and key else None
