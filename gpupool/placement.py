@@ -45,7 +45,9 @@ class Place:
 @dataclass(frozen=True)
 class Wait:
     reason: str
-    until: float | None = None  # earliest time something may change
+    # The earliest time something may change: ``now`` when it may at any moment (a session
+    # frees a slot, credentials are fixed), None when only a configuration change would help.
+    until: float | None = None
 
 
 def choose(
@@ -80,21 +82,21 @@ def refusal(
     """Why ``c`` cannot take the experiment now (None if it can), and until when."""
     if not c.configured:
         return "not configured", None
-    if not c.credentials_ok:
-        return c.credentials_hint or "credentials not usable", None
+    if not c.credentials_ok:  # the user may fix them at any moment
+        return c.credentials_hint or "credentials not usable", now
     if c.unavailable_until is not None and c.unavailable_until > now:
         reason = c.unavailable_reason or "unavailable"
         return f"{reason} (retry {_at(c.unavailable_until, now)})", c.unavailable_until
-    if not c.available:
-        return c.unavailable_reason or "unavailable", c.unavailable_until
-    if c.max_concurrent is not None and c.active >= c.max_concurrent:
-        return f"{c.active} of {c.max_concurrent} sessions in use", None
+    if not c.available:  # no known end (a known one is a cooldown, above): look every step
+        return c.unavailable_reason or "unavailable", now
+    if c.max_concurrent is not None and c.active >= c.max_concurrent:  # frees when one ends
+        return f"{c.active} of {c.max_concurrent} sessions in use", now
     gpu_problem = _gpu_mismatch(c, resources)
     if gpu_problem:
         return gpu_problem, None
     if c.remaining_seconds is not None and c.remaining_seconds < min_slice + c.startup_seconds:
         left = format_duration(c.remaining_seconds)
-        resets = f"; resets at {_at(c.quota_resets_at, now)}" if c.quota_resets_at else ""
+        resets = f"; resets {_at(c.quota_resets_at, now)}" if c.quota_resets_at else ""
         return f"quota too small ({left} left{resets})", c.quota_resets_at
     return None, None
 

@@ -58,9 +58,10 @@ CASES = {
          cand("local")], place=("local", "default")),
     "bad-credentials-reason": Case(
         ["kaggle"], [cand("kaggle", credentials_ok=False, credentials_hint="run `gpupool auth kaggle`")],
-        reason_has=["kaggle: run `gpupool auth kaggle`"]),
+        reason_has=["kaggle: run `gpupool auth kaggle`"], until=NOW),
     "bad-credentials-no-hint": Case(
-        ["kaggle"], [cand("kaggle", credentials_ok=False)], reason_has=["credentials not usable"]),
+        ["kaggle"], [cand("kaggle", credentials_ok=False)], reason_has=["credentials not usable"],
+        until=NOW),
     "cooldown-until": Case(
         ["colab"], [cand("colab", unavailable_until=NOW + 300, unavailable_reason="usage limits")],
         reason_has=["colab: usage limits", f"retry in {format_duration(300)}"], until=NOW + 300),
@@ -72,10 +73,10 @@ CASES = {
         place=("kaggle", "default")),
     "unavailable-window": Case(
         ["local"], [cand("local", available=False, unavailable_reason="outside 22:00-08:00 window")],
-        reason_has=["local: outside 22:00-08:00 window"]),
+        reason_has=["local: outside 22:00-08:00 window"], until=NOW),
     "concurrency-cap-reached": Case(
         ["kaggle"], [cand("kaggle", active=2, max_concurrent=2)],
-        reason_has=["kaggle: 2 of 2 sessions in use"]),
+        reason_has=["kaggle: 2 of 2 sessions in use"], until=NOW),
     "concurrency-cap-not-reached": Case(
         ["kaggle"], [cand("kaggle", active=1, max_concurrent=2)], place=("kaggle", "default")),
     "second-account-used-when-first-full": Case(
@@ -85,7 +86,7 @@ CASES = {
         ["kaggle"],
         [cand("kaggle", remaining_seconds=SLICE + 59, startup_seconds=60, quota_resets_at=NOW + 7200)],
         reason_has=[f"quota too small ({format_duration(SLICE + 59)} left",
-                    f"resets at in {format_duration(7200)}"],
+                    f"resets in {format_duration(7200)}"],
         until=NOW + 7200),
     "quota-exactly-enough": Case(
         ["kaggle"], [cand("kaggle", remaining_seconds=SLICE + 60, startup_seconds=60)],
@@ -120,6 +121,11 @@ CASES = {
                     "paperspace: not configured"],
         until=NOW + 900),
     "nothing-listed": Case([], [cand("local")], reason_has=["no provider listed"]),
+    "a-full-provider-is-not-outwaited-by-a-quota-reset": Case(
+        ["kaggle", "local"],
+        [cand("kaggle", remaining_seconds=0, quota_resets_at=NOW + 2 * 86400),
+         cand("local", active=1, max_concurrent=1)],
+        reason_has=["kaggle: quota too small", "local: 1 of 1 sessions in use"], until=NOW),
 }
 
 
