@@ -169,6 +169,8 @@ def _render_experiments(rows: list[dict[str, Any]], total: int, page: int, limit
         table.add_column(column)
     for row in rows:
         note = row["url"] or row["waiting_for"] or row["message"] or ""
+        if row["waiting_for"] and row["next_try_in"]:
+            note += f" (next try in {row['next_try_in']})"
         table.add_row(row["id"], row["state"], row["provider"] or "-", str(row["step"] or "-"),
                       str(row["hops"]), f"{row['gpu_hours']:.2f}", note)
     _console().print(table)
@@ -185,6 +187,9 @@ def _render_experiment(data: dict[str, Any]) -> None:
     for key in ("waiting_for", "url", "message", "last_checkpoint"):
         if data.get(key):
             console.print(f"  {key.replace('_', ' ')}: {data[key]}")
+    if data.get("waiting_until"):
+        at = time.strftime("%a %H:%M:%S", time.localtime(data["waiting_until"]))
+        console.print(f"  next try: in {data['next_try_in']} ({at})")
     table = Table(title="attempts", title_justify="left")
     for column in ("#", "provider", "state", "duration", "steps", "checkpoint in → out", "ended because"):
         table.add_column(column)

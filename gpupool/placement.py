@@ -96,7 +96,7 @@ def refusal(
         return gpu_problem, None
     if c.remaining_seconds is not None and c.remaining_seconds < min_slice + c.startup_seconds:
         left = format_duration(c.remaining_seconds)
-        resets = f"; resets {_at(c.quota_resets_at, now)}" if c.quota_resets_at else ""
+        resets = f", resets {_at(c.quota_resets_at, now)}" if c.quota_resets_at else ""
         return f"quota too small ({left} left{resets})", c.quota_resets_at
     return None, None
 

@@ -14,6 +14,8 @@ def experiment_row(pool: Pool, experiment: Experiment, now: float) -> dict[str, 
     attempts = pool.state.attempts(experiment.id)
     current = attempts[-1] if attempts else None
     active = current if current is not None and current.state.active else None
+    waiting = experiment.state.value == "pending"
+    until = experiment.not_before if waiting and (experiment.not_before or 0) > now else None
     return {
         "id": experiment.id,
         "name": experiment.name,
@@ -25,7 +27,9 @@ def experiment_row(pool: Pool, experiment: Experiment, now: float) -> dict[str, 
         "hops": experiment.hops,
         "gpu_hours": round((experiment.gpu_seconds + (active.duration(now) if active else 0)) / 3600, 3),
         "last_checkpoint": experiment.last_checkpoint,
-        "waiting_for": experiment.wait_reason if experiment.state.value == "pending" else None,
+        "waiting_for": experiment.wait_reason if waiting else None,
+        "waiting_until": until,  # epoch seconds of the next placement try; None: every step
+        "next_try_in": format_duration(until - now) if until is not None else None,
         "url": active.url if active else None,
         "message": experiment.message,
     }
@@ -60,6 +64,8 @@ def progress_line(pool: Pool, experiment: Experiment, now: float) -> str:
     attempts = pool.state.attempts(experiment.id, active=True)
     if not attempts:
         reason = row["waiting_for"] or row["message"] or ""
+        if row["next_try_in"]:
+            reason += f" (next try in {row['next_try_in']})"
         return f"{experiment.id} {row['state']}" + (f": {reason}" if reason else "")
     attempt = attempts[0]
     parts = [f"{experiment.id} on {attempt.provider} ({attempt.state.value})"]
@@ -79,8 +85,8 @@ def progress_line(pool: Pool, experiment: Experiment, now: float) -> str:
 
 def quota_row(provider: str, account: str, quota: Quota | None, now: float) -> dict[str, Any]:
     if quota is None:
-        return {"provider": provider, "account": account, "used_hours": None,
-                "total_hours": None, "remaining_hours": None, "resets_in": None, "source": "unlimited"}
+        return {"provider": provider, "account": account, "used_hours": None, "total_hours": None,
+                "remaining_hours": None, "resets_at": None, "resets_in": None, "source": "unlimited"}
     remaining = quota.remaining_seconds
     return {
         "provider": provider, "account": account,

@@ -169,6 +169,15 @@ def test_refusal_is_none_for_a_fit_candidate():
     assert refusal(cand("local"), Resources(), SLICE, NOW) == (None, None)
 
 
+def test_wait_reason_splits_on_semicolons_into_one_part_per_provider():
+    candidates = [cand("colab", unavailable_until=NOW + 60, unavailable_reason="not opened"),
+                  cand("kaggle", remaining_seconds=5, quota_resets_at=NOW + 3600)]
+    result = choose(["colab", "kaggle"], Resources(), candidates, SLICE, NOW)
+    assert isinstance(result, Wait)
+    assert result.reason.split("; ") == ["colab: not opened (retry in 1m00s)",
+                                         "kaggle: quota too small (5s left, resets in 1h00m)"]
+
+
 def test_wait_until_is_the_earliest_change():
     candidates = [cand("a", unavailable_until=NOW + 500), cand("b", unavailable_until=NOW + 200),
                   cand("c", remaining_seconds=0, quota_resets_at=NOW + 100)]
@@ -196,7 +205,7 @@ REASONS = {
     "no-gpu": (cand("x", gpu_kinds=frozenset()), "no GPU", None),
     "quota-no-reset-known": (cand("x", remaining_seconds=0), "quota too small (0s left)", None),
     "quota-with-reset": (cand("x", remaining_seconds=360, quota_resets_at=NOW + 86400 + 3 * 3600),
-                         "quota too small (6m00s left; resets in 1d03h", NOW + 86400 + 3 * 3600),
+                         "quota too small (6m00s left, resets in 1d03h", NOW + 86400 + 3 * 3600),
 }
 
 
@@ -351,7 +360,7 @@ def test_ledger_charges_before_the_weekly_reset_stop_counting(tmp_path: Path):
     assert view.remaining_seconds == pytest.approx(0.1 * HOUR)  # last week's 20 h do not count
     assert view.quota_resets_at == SAT
     report = scheduler.reconcile_once(friday)
-    assert report.waiting[ident] == "kaggle: quota too small (6m00s left; resets in 4h00m)"
+    assert report.waiting[ident] == "kaggle: quota too small (6m00s left, resets in 4h00m)"
     assert pool.state.experiment(ident).not_before == SAT
     assert scheduler.reconcile_once(SAT - 1).placed == []  # not even asked before the reset
 
