@@ -36,21 +36,25 @@ from tests.helpers import (
 )
 from tests.providers.colab_support import Person, make_provider
 
-STEPS = 600
-# The example script, slowed by a fixed sleep per step, so that no session can finish the run
-# in the second or two between publishing its first checkpoint and being cut.
+STEPS = 800
+# The example script, slowed by a fixed sleep per step on Colab and Kaggle, so that neither can
+# finish the run in the second or two between publishing its first checkpoint and being cut;
+# the local session runs at full speed.
 SLOW_TRAIN = '''\
-import runpy, sys, time
+import os, runpy, sys, time
 from gpupool import runtime
-report = runtime.Session.report
-def slow_report(self, step, **kw):
-    time.sleep(0.01)
-    return report(self, step, **kw)
-runtime.Session.report = slow_report
+if os.environ.get("GPUPOOL_PROVIDER") != "local":
+    report = runtime.Session.report
+    def slow_report(self, step, **kw):
+        time.sleep(0.01)
+        return report(self, step, **kw)
+    runtime.Session.report = slow_report
 sys.argv = ["train.py"]
 runpy.run_path("train.py", run_name="__main__")
 '''
 QUOTA_REFRESH = dt.timedelta(days=2, hours=3)
+pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(),
+                                reason="finds the Colab kernel's process tree in /proc")
 
 
 @pytest.fixture(autouse=True)
@@ -106,11 +110,11 @@ def _children() -> dict[int, list[int]]:
     return children
 
 
-def kill_kernels() -> int:
-    """SIGKILL this test's Jupyter kernels and everything under them (the runtime is gone)."""
+def kill_kernels(work: Path) -> int:
+    """SIGKILL the Jupyter kernel running in ``work`` and everything under it: the runtime is
+    gone, as when Colab disconnects or recycles it."""
     children = _children()
-    kernels = [pid for pid in children.get(os.getpid(), [])
-               if b"ipykernel" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    kernels = [pid for pid in children.get(os.getpid(), []) if _cwd(pid) == work.resolve()]
     doomed, todo = [], list(kernels)
     while todo:
         pid = todo.pop()
@@ -122,6 +126,13 @@ def kill_kernels() -> int:
         except ProcessLookupError:
             pass
     return len(kernels)
+
+
+def _cwd(pid: int) -> Path | None:
+    try:
+        return Path(os.readlink(f"/proc/{pid}/cwd"))
+    except OSError:
+        return None
 
 
 def on_drive(drive, folder_id: str) -> bool:
@@ -162,7 +173,7 @@ class Director:
         elif current.provider == "colab" and self.person is not None and not self.colab_cut:
             record = self.pool.provider("colab").records.get(current.id)  # type: ignore[attr-defined]
             if on_drive(self.drive, record["folder_id"]):
-                self.colab_cut = kill_kernels() == 1
+                self.colab_cut = kill_kernels(self.person.work) > 0
         elif current.provider == "kaggle" and not self.kaggle_cut:
             session = next(iter(self.kaggle.sessions.values()), None)
             if session is not None and in_kaggle_working(session):
