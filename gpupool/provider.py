@@ -71,6 +71,7 @@ class Launch:
     checkpoint_interval: float
     now: float
     extra_env: dict[str, str] = field(default_factory=dict)
+    quota_seconds: float | None = None  # GPU time left on the account, if limited
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,12 @@ class Provider(abc.ABC):
     def session_seconds(self) -> float | None:
         """The longest a session may last here (the provider's cap), None if unlimited."""
         return getattr(self.config, "session_seconds", None)
+
+    def planned_session_seconds(self, launch: Launch) -> float | None:
+        """How long this attempt's session may run: the provider's cap, shortened to the quota
+        left, so the runtime saves before the quota (not only the cap) cuts the session."""
+        limits = [s for s in (self.session_seconds(), launch.quota_seconds) if s is not None]
+        return min(limits) if limits else None
 
     def gpu_kinds(self) -> set[str] | None:
         """GPU kinds this provider can give (lowercase), None if it cannot tell."""

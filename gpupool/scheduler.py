@@ -229,6 +229,11 @@ class Scheduler:
             startup_seconds=provider.startup_seconds(),
         )
 
+    def _quota_left(self, provider: Provider, account: str, now: float) -> float | None:
+        charged = self.state.charged_seconds(provider.name, account, provider.quota_window_start(now))
+        quota = provider.quota(account, now, charged)
+        return quota.remaining_seconds if quota is not None else None
+
     def _active_counts(self) -> dict[tuple[str, str], int]:
         counts: dict[tuple[str, str], int] = {}
         for attempt in self.state.attempts(active=True):
@@ -245,6 +250,7 @@ class Scheduler:
             attempt_id=attempt.id, experiment_id=experiment.id, account=attempt.account, spec=spec,
             bundle=Path(experiment.bundle), store=store, restore=restore,
             checkpoint_interval=self.interval_for(spec, provider, restore), now=now,
+            quota_seconds=self._quota_left(provider, attempt.account, now),
         )
         try:
             submission = provider.submit(launch)

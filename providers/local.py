@@ -127,7 +127,7 @@ class LocalProvider(Provider):
             restore_dir = self._prepare_restore(launch, session)
             config = {
                 "session_dir": str(session), "bundle": str(launch.bundle), "setup": launch.spec.setup,
-                "run": launch.spec.run, "session_seconds": self.config.session_seconds,
+                "run": launch.spec.run, "session_seconds": self.planned_session_seconds(launch),
                 "deadline_margin": self.config.deadline_margin, "runtime_path": _gpupool_root(),
                 "env": self._env(launch, session, restore_dir),
             }

@@ -57,42 +57,48 @@ def test_uninterrupted_run_completes(tmp_path: Path, reference: dict) -> None:
     assert_same_weights(weights, reference)
 
 
-def test_sigkilled_trainer_resumes_bit_identical(tmp_path: Path, reference: dict) -> None:
+LONG_STEPS = 8000  # about 13 s of training here: killed three times, or cut by several sessions
+
+
+@pytest.fixture(scope="module")
+def long_reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return reference_weights(tmp_path_factory.mktemp("ref-long"), LONG_STEPS)
+
+
+def test_sigkilled_trainer_resumes_bit_identical(tmp_path: Path, long_reference: dict) -> None:
     pool = make_pool(tmp_path)
-    experiment = pool.submit(load_experiment(write_experiment(tmp_path, steps=STEPS, providers=["local"])))
+    path = write_experiment(tmp_path, steps=LONG_STEPS, providers=["local"])
+    experiment = pool.submit(load_experiment(path))
     rng = random.Random(7)
     kills: list[int] = []
-    next_kill = [time.time() + rng.uniform(2.5, 4.0)]
+    kill_at: dict[str, float] = {}  # attempt -> when to kill it: a random moment after its first save
 
     def kill_at_random(now: float) -> None:
-        if len(kills) >= 3 or now < next_kill[0]:
-            return
         for attempt in pool.state.attempts(experiment.id, active=True):
             pid = trainer_pid(pool, attempt.id)
             checkpoints = pool.data_dir / "local" / "sessions" / attempt.id / "checkpoints"
-            if pid is not None and list_local(checkpoints):  # it has saved at least once
+            if len(kills) >= 3 or pid is None or not list_local(checkpoints):
+                continue
+            kill_at.setdefault(attempt.id, now + rng.uniform(0.0, 1.0))
+            if now >= kill_at[attempt.id] and attempt.seq not in kills:
                 os.kill(pid, signal.SIGKILL)
                 kills.append(attempt.seq)
-                next_kill[0] = now + rng.uniform(2.5, 4.0)
 
-    done = drive_until_done(pool, experiment.id, on_tick=kill_at_random)
+    done = drive_until_done(pool, experiment.id, on_tick=kill_at_random, tick=0.1)
     assert done.state == ExperimentState.SUCCEEDED, done.message
     attempts = pool.state.attempts(experiment.id)
-    assert len(kills) == 3
-    assert [a.state for a in attempts].count(AttemptState.LOST) == 3
+    assert kills == [1, 2, 3]
+    assert [a.state for a in attempts] == [AttemptState.LOST] * 3 + [AttemptState.SUCCEEDED]
     assert all(a.checkpoint_in for a in attempts[1:]), "every later attempt resumed from a checkpoint"
     step, weights = final_weights(pool.store_for(experiment.id), tmp_path)
-    assert step == STEPS
-    assert_same_weights(weights, reference)
+    assert step == LONG_STEPS
+    assert_same_weights(weights, long_reference)
 
 
-CAPPED_STEPS = 4000  # about 7 s of training here; a 10 s session has 7 s, less its start-up
-
-
-def test_session_cap_yields_and_hops(tmp_path: Path) -> None:
-    reference = reference_weights(tmp_path / "ref", CAPPED_STEPS)
-    pool = make_pool(tmp_path, session_seconds=10, deadline_margin=3)
-    path = write_experiment(tmp_path, steps=CAPPED_STEPS, providers=["local"])
+def test_session_cap_yields_and_hops(tmp_path: Path, long_reference: dict) -> None:
+    reference = long_reference  # a 12 s session holds at most 9 s of training, less start-up
+    pool = make_pool(tmp_path, session_seconds=12, deadline_margin=3)
+    path = write_experiment(tmp_path, steps=LONG_STEPS, providers=["local"])
     experiment = pool.submit(load_experiment(path))
     done = drive_until_done(pool, experiment.id)
     assert done.state == ExperimentState.SUCCEEDED, done.message

@@ -188,3 +188,15 @@ def test_crash_at_any_state_write_loses_and_duplicates_nothing(tmp_path: Path, c
     assert pool.state.charged_seconds("kaggle", "default", 0) == pytest.approx(
         sum(a.gpu_seconds for a in attempts))
     assert experiment.last_step == 180
+
+
+def test_session_is_planned_to_end_before_the_quota_runs_out(tmp_path: Path) -> None:
+    kaggle = FakeProvider("kaggle", quota_hours=2.0, session_seconds=9 * 3600)
+    pool, scheduler, ident = make(tmp_path, kaggle)
+    scheduler.reconcile_once(T0)
+    launch = next(iter(kaggle.sessions.values())).launch
+    assert launch.quota_seconds == pytest.approx(2 * 3600)
+    assert kaggle.planned_session_seconds(launch) == pytest.approx(2 * 3600)  # not the 9 h cap
+    unlimited = FakeProvider("local", session_seconds=600)
+    assert unlimited.planned_session_seconds(launch.__class__(**{**launch.__dict__,
+                                                                  "quota_seconds": None})) == 600

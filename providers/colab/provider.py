@@ -170,7 +170,7 @@ class ColabProvider(Provider):
             "ATTEMPT_FOLDER_ID": folder, "FOLDER_TITLE": self.config.folder,
             "RUN": launch.spec.run, "SETUP": launch.spec.setup, "SESSION_ENV": env,
             "RESTORE_NAME": launch.restore.name if launch.restore else None,
-            "SESSION_SECONDS": self.config.session_seconds,
+            "SESSION_SECONDS": self.planned_session_seconds(launch) or self.config.session_seconds,
             "DEADLINE_MARGIN": self.config.deadline_margin,
             "HEARTBEAT_SECONDS": self.config.heartbeat_seconds,
             "UPLOAD_CHUNK_BYTES": self.config.upload_chunk_bytes,

@@ -210,7 +210,8 @@ class KaggleProvider(Provider):
                       checkpoint=CHECKPOINT if restore else None,
                       checkpoint_name=restore.name if restore else None,
                       setup=launch.spec.setup, run=launch.spec.run, env=env,
-                      session_seconds=self.config.session_seconds, margin=self.config.margin)
+                      session_seconds=self.planned_session_seconds(launch) or self.config.session_seconds,
+                      margin=self.config.margin)
 
     def poll(self, attempt: Attempt, now: float) -> PollResult:
         record = self._record_of(attempt)
