@@ -114,11 +114,13 @@ def gpupool_cli(args: list[str], env: dict[str, str], **kwargs: object) -> subpr
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs)
 
 
-def test_scheduler_killed_mid_run_is_finished_by_daemon_once_loop(tmp_path: Path, reference: dict) -> None:
+def test_scheduler_killed_mid_run_is_finished_by_daemon_once_loop(
+    tmp_path: Path, long_reference: dict
+) -> None:
     env = {**os.environ, "GPUPOOL_DATA_DIR": str(tmp_path / "data"),
            "GPUPOOL_PROVIDERS__LOCAL__SESSION_SECONDS": "15",
            "GPUPOOL_PROVIDERS__LOCAL__DEADLINE_MARGIN": "2"}
-    path = write_experiment(tmp_path, steps=STEPS, providers=["local"])
+    path = write_experiment(tmp_path, steps=LONG_STEPS, providers=["local"])
     submitted = gpupool_cli(["run", "--detach", str(path)], env)
     assert submitted.wait(timeout=60) == 0, submitted.stdout.read()  # type: ignore[union-attr]
     rng = random.Random(3)
@@ -130,7 +132,7 @@ def test_scheduler_killed_mid_run_is_finished_by_daemon_once_loop(tmp_path: Path
         assert time.monotonic() < deadline, "did not finish"
         daemon = gpupool_cli(["daemon", "--once"], env)
         if rng.random() < 0.5:  # kill the scheduler at a random moment of its step
-            time.sleep(rng.uniform(0.05, 0.8))
+            time.sleep(rng.uniform(0.2, 2.5))  # start-up or mid-step
             daemon.send_signal(signal.SIGKILL)
             killed += daemon.wait() == -signal.SIGKILL
         else:
@@ -139,7 +141,7 @@ def test_scheduler_killed_mid_run_is_finished_by_daemon_once_loop(tmp_path: Path
         time.sleep(0.3)
     final = pool.state.experiment(experiment.id)
     assert final.state == ExperimentState.SUCCEEDED, final.message
-    assert killed >= 2
+    assert killed >= 3
     attempts = pool.state.attempts(experiment.id)
     sessions = sorted(p.name for p in (tmp_path / "data" / "local" / "sessions").iterdir())
     assert sessions == sorted(a.id for a in attempts), "one session per attempt: none duplicated, none lost"
@@ -151,4 +153,4 @@ def test_scheduler_killed_mid_run_is_finished_by_daemon_once_loop(tmp_path: Path
     total = pool.state.charged_seconds("local", "default", 0)
     assert total == pytest.approx(sum(a.gpu_seconds for a in charged))
     step, weights = final_weights(pool.store_for(experiment.id), tmp_path)
-    assert_same_weights(weights, reference)
+    assert_same_weights(weights, long_reference)
