@@ -210,7 +210,10 @@ def test_colab_then_kaggle_then_local_bit_identical(drive_emulator, kaggle_emu, 
     assert history == [("colab", AttemptState.LOST), ("kaggle", AttemptState.LOST),
                        ("local", AttemptState.SUCCEEDED)], [a.end_reason for a in attempts]
     colab_attempt, kaggle_attempt, local_attempt = attempts
-    assert "no heartbeat from the notebook" in colab_attempt.end_reason
+    # Cut off: the test kills the kernel (no more heartbeats), unless on a slow machine the
+    # notebook's own session cap stopped the trainer first. Either way the session was lost.
+    assert ("no heartbeat from the notebook" in colab_attempt.end_reason
+            or "training process was killed" in colab_attempt.end_reason), colab_attempt.end_reason
     assert "GPU quota exhausted" in kaggle_attempt.end_reason
     assert local_attempt.end_reason == "training completed"
 
