@@ -232,7 +232,9 @@ class Scheduler:
     def _quota_left(self, provider: Provider, account: str, now: float) -> float | None:
         charged = self.state.charged_seconds(provider.name, account, provider.quota_window_start(now))
         quota = provider.quota(account, now, charged)
-        return quota.remaining_seconds if quota is not None else None
+        if quota is None or quota.source == "estimate":
+            return None  # a guess (Colab) must not cut a session short
+        return quota.remaining_seconds
 
     def _active_counts(self) -> dict[tuple[str, str], int]:
         counts: dict[tuple[str, str], int] = {}

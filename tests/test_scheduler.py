@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from gpupool.pool import Pool
+from gpupool.provider import Quota
 from gpupool.scheduler import Scheduler
 from gpupool.settings import PoolSettings
 from gpupool.spec import ExperimentSpec
@@ -200,3 +201,16 @@ def test_session_is_planned_to_end_before_the_quota_runs_out(tmp_path: Path) -> 
     unlimited = FakeProvider("local", session_seconds=600)
     assert unlimited.planned_session_seconds(launch.__class__(**{**launch.__dict__,
                                                                   "quota_seconds": None})) == 600
+
+
+def test_an_estimated_quota_does_not_shorten_the_session(tmp_path: Path) -> None:
+    class Estimated(FakeProvider):
+        def quota(self, account: str, now: float, charged: float) -> Quota | None:
+            return Quota(charged, 2 * 3600, source="estimate")  # Colab publishes none: a guess
+
+    colab = Estimated("colab", session_seconds=12 * 3600)
+    pool, scheduler, ident = make(tmp_path, colab)
+    scheduler.reconcile_once(T0)
+    launch = next(iter(colab.sessions.values())).launch
+    assert launch.quota_seconds is None
+    assert colab.planned_session_seconds(launch) == 12 * 3600
