@@ -12,6 +12,7 @@
     ├── ProviderError                 a provider failed (network, protocol, remote error)
     │   ├── CredentialsError          credentials missing, invalid, expired or revoked
     │   ├── ProviderUnavailable       no capacity now: the scheduler should try elsewhere
+    │   ├── CancelFailed              a session could not be stopped; the person must act
     │   └── RateLimited               the service asked us to slow down (``retry_after``)
     └── RuntimeErrorInSession         misuse of gpupool.runtime inside a training script
 """
@@ -86,6 +87,17 @@ class ProviderUnavailable(ProviderError):
     def __init__(self, provider: str, message: str, until: float | None = None):
         self.until = until
         super().__init__(provider, message)
+
+
+class CancelFailed(ProviderError):
+    """A running session could not be stopped (no API to stop it, or the call failed).
+
+    ``action`` says what the person must do (e.g. stop it on kaggle.com); gpupool keeps
+    tracking and charging that session until it ends."""
+
+    def __init__(self, provider: str, message: str, action: str = ""):
+        self.action = action
+        super().__init__(provider, message + (f"; {action}" if action else ""))
 
 
 class RateLimited(ProviderError):
