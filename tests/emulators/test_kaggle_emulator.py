@@ -19,11 +19,13 @@ from kagglesdk.blobs.types.blob_api_service import ApiBlobType, ApiStartBlobUplo
 from kagglesdk.datasets.types.dataset_api_service import (
     ApiCreateDatasetRequest,
     ApiDatasetNewFile,
+    ApiDeleteDatasetRequest,
     ApiDownloadDatasetRequest,
     ApiGetDatasetStatusRequest,
 )
 from kagglesdk.kernels.types.kernels_api_service import (
     ApiCancelKernelSessionRequest,
+    ApiDeleteKernelRequest,
     ApiGetAcceleratorQuotaStatisticsRequest,
     ApiGetKernelRequest,
     ApiGetKernelSessionStatusRequest,
@@ -183,7 +185,8 @@ def test_gpu_concurrency_cap_refuses_push_then_cancel_frees_a_slot(
     assert refused.error == "Maximum batch GPU session count of 2 reached"
     assert not push(client, "alice/cpu-job", "print(1)").error  # CPU sessions are not capped
 
-    session_id = int(first.url.split("scriptVersionId=")[1])
+    assert "scriptVersionId" not in first.url  # Kaggle's answer names no session
+    session_id = emu.session("alice/gpu-one").id
     emu.wait_status(session_id, "RUNNING")
     cancel = ApiCancelKernelSessionRequest()
     cancel.kernel_session_id = session_id
@@ -324,6 +327,113 @@ def test_hang_outlasts_a_client_timeout(emu: KaggleEmulator) -> None:
             auth=("alice", "alice-key"),
             timeout=0.3,
         )
+
+
+RPC = "/api/v1/kernels.KernelsApiService/"
+
+
+def raw_push(emu: KaggleEmulator, slug: str, timeout: float = 5.0) -> requests.Response:
+    body = {"slug": slug, "newTitle": slug, "text": SLEEP_FOREVER, "language": "python",
+            "kernelType": "script", "enableGpu": True}
+    return requests.post(emu.url + RPC + "SaveKernel", json=body, auth=("alice", "alice-key"),
+                         timeout=timeout)
+
+
+def test_push_answered_500_after_it_took_effect(emu: KaggleEmulator) -> None:
+    emu.inject("SaveKernel", Fault.http(500, after=True))
+    with pytest.raises(requests.HTTPError, match="500"):
+        push(emu.sdk_client(), "alice/landed-job", SLEEP_FOREVER, gpu=True)
+    assert [k.slug for k in emu.live_kernels()] == ["landed-job"]
+    assert emu.wait_status("alice/landed-job", "RUNNING").version == 1
+    assert len(emu.sessions) == 1
+
+
+def test_late_answer_and_reset_after_effect(emu: KaggleEmulator) -> None:
+    emu.inject("SaveKernel", Fault.hang(3, after=True), Fault.reset(after=True))
+    with pytest.raises(requests.Timeout):
+        raw_push(emu, "alice/late-job", timeout=0.3)
+    assert emu.session("alice/late-job").version == 1  # created before the (late) answer
+    with pytest.raises(requests.ConnectionError):
+        raw_push(emu, "alice/reset-job")
+    assert emu.session("alice/reset-job").version == 1
+    assert len(emu.sessions) == 2
+
+
+def test_hang_before_effect_creates_the_kernel_only_later(emu: KaggleEmulator) -> None:
+    emu.config.max_hang_seconds = 1.0
+    emu.inject("SaveKernel", Fault.hang(1.0))
+    with pytest.raises(requests.Timeout):
+        raw_push(emu, "alice/slow-job", timeout=0.2)
+    assert not emu.kernels  # not yet: the server is still stalling
+    emu.wait_status("alice/slow-job", "RUNNING", timeout=10)  # then it lands, unseen
+
+
+def test_session_id_is_exposed_only_when_configured(emu: KaggleEmulator) -> None:
+    answer = raw_push(emu, "alice/id-job").json()
+    assert "kernelSessionId" not in answer and "scriptVersionId" not in answer["url"]
+    emu.config.expose_session_id = True
+    answer = raw_push(emu, "alice/id-job-2").json()
+    status = requests.post(emu.url + RPC + "GetKernelSessionStatus", auth=("alice", "alice-key"),
+                           json={"userName": "alice", "kernelSlug": "id-job-2"}, timeout=5)
+    session = emu.session("alice/id-job-2")
+    assert answer["kernelSessionId"] == status.json()["kernelSessionId"] == session.id
+
+
+def test_cancel_ends_the_session_and_its_charge(emu: KaggleEmulator) -> None:
+    client = emu.sdk_client()
+    push(client, "alice/charged", SLEEP_FOREVER, gpu=True)
+    session = emu.wait_status("alice/charged", "RUNNING")
+    cancel = ApiCancelKernelSessionRequest()
+    cancel.kernel_session_id = session.id
+    assert not client.kernels.kernels_api_client.cancel_kernel_session(cancel).error_message
+    assert emu.wait(session.id).status == "CANCEL_ACKNOWLEDGED"
+    charged = session.charged_seconds
+    assert emu.charged_sessions() == [session] and charged > 0
+    assert session.charged_seconds == charged  # no longer growing
+    assert emu.gpu_seconds_used() == pytest.approx(charged)
+
+
+def test_delete_kernel_and_dataset_really_delete_and_free_quota(emu: KaggleEmulator) -> None:
+    emu.config.private_dataset_quota_bytes = 8
+    client = emu.sdk_client()
+    emu.add_dataset("alice/inputs-one", {"a.bin": b"12345"})
+    token = _uploaded(client, "b.bin", b"6789")
+    refused = client.datasets.dataset_api_client.create_dataset(_create("inputs-two", token))
+    assert "quota" in (refused.error or "")
+    delete = ApiDeleteDatasetRequest()
+    delete.owner_slug, delete.dataset_slug = "alice", "inputs-one"
+    client.datasets.dataset_api_client.delete_dataset(delete)
+    assert not emu.live_datasets()
+    with pytest.raises(requests.HTTPError, match="not found"):
+        client.datasets.dataset_api_client.delete_dataset(delete)
+    created = client.datasets.dataset_api_client.create_dataset(_create("inputs-two", token))
+    assert created.status == "ok" and len(emu.live_datasets()) == 1
+
+    push(client, "alice/gone-job", "print(1)")
+    emu.wait("alice/gone-job")
+    remove = ApiDeleteKernelRequest()
+    remove.user_name, remove.kernel_slug = "alice", "gone-job"
+    client.kernels.kernels_api_client.delete_kernel(remove)
+    assert not emu.live_kernels()
+    with pytest.raises(requests.HTTPError):
+        status_of(client, "alice/gone-job")
+
+
+def _uploaded(client, name: str, data: bytes) -> str:
+    start = ApiStartBlobUploadRequest()
+    start.type, start.name, start.content_length = ApiBlobType.DATASET, name, len(data)
+    blob = client.blobs.blob_api_client.start_blob_upload(start)
+    requests.put(blob.create_url, data=data, timeout=5).raise_for_status()
+    return str(blob.token)
+
+
+def _create(slug: str, token: str) -> ApiCreateDatasetRequest:
+    create = ApiCreateDatasetRequest()
+    create.owner_slug, create.slug, create.title, create.is_private = "alice", slug, slug, True
+    new_file = ApiDatasetNewFile()
+    new_file.token = token
+    create.files = [new_file]
+    return create
 
 
 # ---------------------------------------------------------------- datasets

@@ -150,14 +150,17 @@ def save_kernel(emu: KaggleEmulator, user: str, body: dict[str, Any]) -> dict[st
     kernel = _kernel_for_push(emu, owner, slug, body)
     invalid = _invalid_sources(emu, body)
     session = emu.start_session(kernel, body, gpu)
-    url = f"{emu.url}/code/{owner}/{slug}?scriptVersionId={session.id}"
-    return {
+    # Kaggle's answer carries the version number and the kernel id, not the session's id.
+    answer = {
         "ref": f"/code/{owner}/{slug}",
-        "url": url,
+        "url": f"{emu.url}/code/{owner}/{slug}",
         "versionNumber": session.version,
         "kernelId": kernel.id,
         **invalid,
     }
+    if emu.config.expose_session_id:
+        answer["kernelSessionId"] = session.id
+    return answer
 
 
 @rpc("kernels.KernelsApiService", "GetKernelSessionStatus")
@@ -170,6 +173,8 @@ def get_kernel_session_status(
         response["status"] = session.status
     if session.failure_message:
         response["failureMessage"] = session.failure_message
+    if emu.config.expose_session_id:
+        response["kernelSessionId"] = session.id
     return response
 
 
@@ -264,7 +269,7 @@ def delete_kernel(emu: KaggleEmulator, user: str, body: dict[str, Any]) -> dict[
     kernel = _find_kernel(emu, user, body.get("userName") or user, body.get("kernelSlug", ""))
     if kernel.owner != user:
         raise ApiError(403, "Permission 'kernels.delete' was denied")
-    kernel.deleted = True
+    kernel.deleted = True  # kept (with its sessions) for tests to inspect; gone for the API
     for session in kernel.sessions:
         session.cancel.set()
     return {}
@@ -308,6 +313,9 @@ def create_dataset(emu: KaggleEmulator, user: str, body: dict[str, Any]) -> dict
     if (owner, slug) in emu.datasets:
         return {"status": "error", "error": f"The dataset {owner}/{slug} already exists"}
     files = _dataset_files(emu, body.get("files", []))
+    if body.get("isPrivate", True) and _over_private_quota(emu, user, files):
+        quota = emu.config.private_dataset_quota_bytes
+        return {"status": "error", "error": f"Private dataset quota of {quota:g} bytes exceeded"}
     dataset = Dataset(
         owner,
         slug,
@@ -317,6 +325,21 @@ def create_dataset(emu: KaggleEmulator, user: str, body: dict[str, Any]) -> dict
     )
     emu.datasets[(owner, slug)] = dataset
     return _add_version(emu, dataset, files, "")
+
+
+def _over_private_quota(emu: KaggleEmulator, user: str, files: dict[str, bytes]) -> bool:
+    used = sum(d.size for d in emu.datasets.values() if d.owner == user and d.is_private)
+    return used + sum(len(data) for data in files.values()) > emu.config.private_dataset_quota_bytes
+
+
+@rpc("datasets.DatasetApiService", "DeleteDataset")
+def delete_dataset(emu: KaggleEmulator, user: str, body: dict[str, Any]) -> dict[str, Any]:
+    owner, slug = body.get("ownerSlug") or user, body.get("datasetSlug", "")
+    dataset = _find_dataset(emu, user, owner, slug)
+    if owner != user:
+        raise ApiError(403, f"User {user} may not delete {owner}/{slug}")
+    del emu.datasets[(dataset.owner, dataset.slug)]  # really gone: its bytes leave the quota
+    return {}
 
 
 def _find_dataset(emu: KaggleEmulator, user: str, owner: str, slug: str) -> Dataset:

@@ -231,6 +231,20 @@ class KaggleEmulator:
 
     # ------------------------------------------------------------ conveniences for tests
 
+    def live_kernels(self) -> list[Kernel]:
+        """Kernels that exist for the API (not deleted)."""
+        with self.lock:
+            return [k for k in self.kernels.values() if not k.deleted]
+
+    def live_datasets(self) -> list[Dataset]:
+        with self.lock:
+            return list(self.datasets.values())
+
+    def charged_sessions(self) -> list[Session]:
+        """Sessions that were charged GPU time (each counts once, for as long as it ran)."""
+        with self.lock:
+            return [s for s in self.sessions.values() if s.charged_seconds > 0]
+
     def add_dataset(self, ref: str, files: dict[str, bytes], *, private: bool = True) -> Dataset:
         """Seed a ready dataset (or a new ready version of one) without going through uploads."""
         owner, slug = ref.split("/")
@@ -263,11 +277,14 @@ class KaggleEmulator:
         return session
 
     def wait_status(self, ref: str | int, status: str, timeout: float = 10.0) -> Session:
-        """Block until the session reaches `status` (e.g. "RUNNING")."""
+        """Block until the session reaches `status` (e.g. "RUNNING"); it need not exist yet."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            session = self.session(ref)
-            if session.status == status:
+            try:
+                session = self.session(ref)
+            except KeyError:  # not pushed yet (e.g. a push still stalled by a hang fault)
+                session = None
+            if session is not None and session.status == status:
                 return session
             time.sleep(0.01)
         raise TimeoutError(f"Kaggle emulator session {ref} never reached {status}")

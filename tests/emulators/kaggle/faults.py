@@ -2,6 +2,10 @@
 
 Endpoints are named by RPC method ("SaveKernel", "GetKernelSessionStatus", ...) or by one of the
 plain-HTTP routes: "download" (output-file and dataset-zip GETs) and "upload" (blob PUTs).
+
+A fault built with ``after=True`` strikes once the request has taken effect: the push created its
+kernel and session, the dataset exists, and only then is the answer an error, late or cut off.
+That is the case a client cannot tell from "nothing happened" without asking what exists.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ class Fault:
     seconds: float = 0.0
     fields: dict[str, Any] = field(default_factory=dict)
     value: str = ""
+    after: bool = False  # strike after the request took effect (http, hang, reset)
 
     @classmethod
     def rate_limit(cls, retry_after: float | str = 1) -> Fault:
@@ -32,19 +37,25 @@ class Fault:
         return cls("http", 429, RATE_LIMIT_BODY, {"Retry-After": str(retry_after)})
 
     @classmethod
-    def http(cls, code: int = 500, body: dict[str, Any] | None = None) -> Fault:
-        """A bare HTTP error (500, 503, ...); the body has no "code" unless one is given."""
-        return cls("http", code, body if body is not None else {"message": f"emulated {code}"})
+    def http(cls, code: int = 500, body: dict[str, Any] | None = None, *,
+             after: bool = False) -> Fault:
+        """A bare HTTP error (500, 503, ...); the body has no "code" unless one is given.
+        ``after``: the request is carried out first, then answered with the error."""
+        body = body if body is not None else {"message": f"emulated {code}"}
+        return cls("http", code, body, after=after)
 
     @classmethod
-    def hang(cls, seconds: float) -> Fault:
-        """Stall before answering normally (bounded by Config.max_hang_seconds and by stop())."""
-        return cls("hang", seconds=seconds)
+    def hang(cls, seconds: float, *, after: bool = False) -> Fault:
+        """Stall, then answer normally (bounded by Config.max_hang_seconds and by stop()).
+        Default: stall before the request takes effect; ``after``: carry it out at once and
+        stall only the answer (a client that times out never hears that it worked)."""
+        return cls("hang", seconds=seconds, after=after)
 
     @classmethod
-    def reset(cls) -> Fault:
-        """Close the connection with a TCP RST instead of answering."""
-        return cls("reset")
+    def reset(cls, *, after: bool = False) -> Fault:
+        """Close the connection with a TCP RST instead of answering (``after``: once the
+        request has taken effect)."""
+        return cls("reset", after=after)
 
     @classmethod
     def truncate(cls) -> Fault:

@@ -133,6 +133,9 @@ class Handler(BaseHTTPRequestHandler):
         )
         fault = emu.take_fault(endpoint)
         try:
+            if fault is not None and fault.after:
+                self._answer_after_effect(fault, self._route(path, body))
+                return
             if fault is not None and fault.kind == "reset":
                 self._reset()
                 return
@@ -148,6 +151,17 @@ class Handler(BaseHTTPRequestHandler):
             )
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client gave up (e.g. its timeout during a hang)
+
+    def _answer_after_effect(self, fault: Fault, reply: Reply) -> None:
+        """The request already took effect (``reply`` is its real answer); now misbehave."""
+        if fault.kind == "reset":
+            self._reset()
+            return
+        if fault.kind == "hang":
+            self.server.emu.stopping.wait(min(fault.seconds, self.server.emu.config.max_hang_seconds))
+            self._send(reply)
+            return
+        self._send(_fault_reply(fault) if fault.kind == "http" else _rewrite(reply, fault))
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":

@@ -6,6 +6,7 @@ import datetime as dt
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,14 @@ class Config:
     python: str = sys.executable
     extra_env: dict[str, str] = field(default_factory=dict)  # added to every kernel's environment
     max_hang_seconds: float = 10.0  # upper bound on a "hang" fault
+    # Kaggle's public API does not expose a kernel session's id (kaggle-cli #1169, PR #1174:
+    # "not currently exposed outside the server"), so by default no answer carries one. A test
+    # may turn this on to model a service that puts `kernelSessionId` in the push and status
+    # answers, the only id CancelKernelSession accepts.
+    expose_session_id: bool = False
+    # Bytes of private datasets an account may keep (Kaggle limits private storage);
+    # CreateDataset is refused past it, and DeleteDataset frees it.
+    private_dataset_quota_bytes: float = float("inf")
 
 
 @dataclass
@@ -77,6 +86,13 @@ class Session:
     @property
     def live(self) -> bool:
         return self.status in LIVE_STATUSES
+
+    @property
+    def charged_seconds(self) -> float:
+        """GPU time this session was charged so far (0 for CPU or never-started sessions)."""
+        if not self.gpu or self.started is None:
+            return 0.0
+        return (self.ended if self.ended is not None else time.monotonic()) - self.started
 
 
 @dataclass
@@ -137,6 +153,11 @@ class Dataset:
     @property
     def ref(self) -> str:
         return f"{self.owner}/{self.slug}"
+
+    @property
+    def size(self) -> int:
+        """Bytes held by every version (what counts against the private-dataset quota)."""
+        return sum(len(data) for version in self.versions for data in version.files.values())
 
     def latest_ready(self) -> DatasetVersion | None:
         ready = [v for v in self.versions if v.ready]
