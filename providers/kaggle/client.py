@@ -1,9 +1,14 @@
 """A thin wrapper over ``kagglesdk.KaggleClient`` that adds what the client lacks.
 
 The SDK sets no HTTP timeout (a stalled connection blocks forever) and retries nothing for
-push, status or output. Every call here has a per-request timeout and is retried with
-exponential backoff and jitter on connection errors, timeouts, 5xx and 429 (honouring
-``Retry-After``). ``sleep`` is injected so tests never really wait.
+push, status or output. Every call here has a per-request timeout and a bounded number of
+retries with exponential backoff and jitter on connection errors, timeouts, 5xx and 429
+(honouring ``Retry-After``). ``sleep`` is injected so tests never really wait.
+
+A call that is not idempotent (a push, a dataset create) is retried only when it surely did
+not happen (429, no connection made). Any other failure (a 5xx, a timeout or reset after the
+request was sent) raises ``OutcomeUnknown``: the caller asks Kaggle what exists before it
+sends anything again, since a second push would start a second session.
 
 kagglesdk is imported only when the first client is built (``import kagglesdk`` itself has no
 side effects, unlike ``import kaggle``, which authenticates at import time).
@@ -14,6 +19,7 @@ from __future__ import annotations
 import email.utils
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +40,18 @@ CHUNK = 1 << 20
 
 class RemoteNotFound(ProviderError):
     """Kaggle answered 403/404: the kernel or dataset does not exist (or is not ours)."""
+
+
+class OutcomeUnknown(ProviderError):
+    """A call that is not idempotent got no clear answer (5xx, timeout, reset after sending):
+    it may or may not have taken effect. Resolve it by asking what exists; never resend."""
+
+
+@dataclass(frozen=True)
+class KernelStatus:
+    name: str | None  # a KernelWorkerStatus name; None when the client cannot parse it
+    failure: str  # Kaggle's failureMessage, as it was
+    session_id: int | None  # ``kernelSessionId`` when the answer carries one (see cancel)
 
 
 @dataclass(frozen=True)
@@ -59,6 +77,7 @@ class KaggleRemote:
         self.sleep = sleep
         self._sdk: Any = None
         self._downloads: Any = None
+        self._answers = threading.local()  # the last raw HTTP answer, per thread
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -79,8 +98,20 @@ class KaggleRemote:
                               user_agent="gpupool")
         http = client.http_client()
         http._init_session()  # the SDK builds its requests.Session lazily; harden it now
-        _harden(http._session, creds, self._timeout)
+        _harden(http._session, creds, self._timeout, self._keep_answer)
         return client
+
+    def _keep_answer(self, response: Any) -> None:
+        self._answers.last = response
+
+    def _answer_field(self, name: str) -> Any:
+        """A field of the last JSON answer that kagglesdk's typed objects drop (unknown to it)."""
+        response = getattr(self._answers, "last", None)
+        try:
+            body = response.json() if response is not None else None
+        except ValueError:
+            return None
+        return body.get(name) if isinstance(body, dict) else None
 
     @property
     def _timeout(self) -> tuple[float, float]:
@@ -104,11 +135,13 @@ class KaggleRemote:
         import requests
 
         status = _status_of(err)
-        retry_after = _retry_after(err) if status == 429 else None
-        retryable = status in RETRY_STATUSES or (
-            status is None and idempotent and isinstance(err, requests.RequestException))
         if status is None and not isinstance(err, requests.RequestException):
             raise err
+        if not idempotent and not _surely_not_done(err, status):
+            raise OutcomeUnknown("kaggle", f"{what}: no clear answer ({_brief(err)}); "
+                                           "it may have taken effect")
+        retry_after = _retry_after(err) if status == 429 else None
+        retryable = status in RETRY_STATUSES or status is None
         if not retryable or attempt >= self.config.max_retries:
             raise _translate(what, err, status, retry_after)
         if retry_after is not None:
@@ -131,12 +164,15 @@ class KaggleRemote:
                                              "is not active; create a new one on kaggle.com")
         return str(answer.username)
 
-    def push(self, request: Any) -> Any:
+    def push(self, request: Any) -> tuple[Any, int | None]:
+        """Push and run the kernel: (``ApiSaveKernelResponse``, session id if the answer has one).
+        Raises ``OutcomeUnknown`` when the push may have landed without a clear answer."""
         kernels = self.sdk.kernels.kernels_api_client
-        return self.call("push", lambda: kernels.save_kernel(request), idempotent=False)
+        answer = self.call("push", lambda: kernels.save_kernel(request), idempotent=False)
+        return answer, _int_or_none(self._answer_field("kernelSessionId"))
 
-    def status(self, owner: str, slug: str, version: int | None) -> tuple[str | None, str]:
-        """(status name, failure message); name None when the client cannot parse the status."""
+    def status(self, owner: str, slug: str, version: int | None) -> KernelStatus:
+        """The session's status; raises ``RemoteNotFound`` when there is no such kernel."""
         from kagglesdk.kernels.types.kernels_api_service import ApiGetKernelSessionStatusRequest
 
         request = ApiGetKernelSessionStatusRequest()
@@ -147,8 +183,9 @@ class KaggleRemote:
         try:
             answer = self.call("status", lambda: kernels.get_kernel_session_status(request))
         except KeyError as err:  # kagglesdk raises KeyError for a status it does not know
-            return None, f"unknown status {err}"
-        return answer.status.name, answer.failure_message or ""
+            return KernelStatus(None, f"unknown status {err}", None)
+        return KernelStatus(answer.status.name, answer.failure_message or "",
+                            _int_or_none(self._answer_field("kernelSessionId")))
 
     def current_version(self, owner: str, slug: str) -> int | None:
         """The kernel's newest version number, None when there is no such kernel."""
@@ -168,6 +205,7 @@ class KaggleRemote:
 
         files: list[OutputFile] = []
         log_text, token = "", ""
+        seen_tokens: set[str] = set()
         kernels = self.sdk.kernels.kernels_api_client
         while True:
             request = ApiListKernelSessionOutputRequest()
@@ -181,8 +219,13 @@ class KaggleRemote:
             token = page.next_page_token or ""
             if not token:
                 return files, log_text
+            if token in seen_tokens:  # a server paging in circles must not hold us forever
+                raise ProviderError("kaggle", f"listing outputs of {owner}/{slug}: page token "
+                                              f"{token!r} repeats")
+            seen_tokens.add(token)
 
     def cancel(self, session_id: int) -> str:
+        """Ask Kaggle to stop a session (asking twice is harmless); returns its error text."""
         from kagglesdk.kernels.types.kernels_api_service import ApiCancelKernelSessionRequest
 
         request = ApiCancelKernelSessionRequest()
@@ -190,6 +233,37 @@ class KaggleRemote:
         kernels = self.sdk.kernels.kernels_api_client
         answer = self.call("cancel", lambda: kernels.cancel_kernel_session(request))
         return answer.error_message or ""
+
+    def delete_kernel(self, owner: str, slug: str) -> bool:
+        """Delete the kernel (its versions, outputs and logs); False when it was already gone."""
+        from kagglesdk.kernels.types.kernels_api_service import ApiDeleteKernelRequest
+
+        request = ApiDeleteKernelRequest()
+        request.user_name, request.kernel_slug = owner, slug
+        kernels = self.sdk.kernels.kernels_api_client
+        try:
+            answer = self.call("delete kernel", lambda: kernels.delete_kernel(request))
+        except RemoteNotFound:
+            return False
+        if answer.error_message:
+            raise ProviderError("kaggle", f"deleting kernel {owner}/{slug} failed: "
+                                          f"{answer.error_message}")
+        return True
+
+    def delete_dataset(self, owner: str, slug: str) -> bool:
+        """Delete the dataset (every version); False when it was already gone."""
+        from kagglesdk.datasets.types.dataset_api_service import ApiDeleteDatasetRequest
+
+        request = ApiDeleteDatasetRequest()
+        request.owner_slug, request.dataset_slug = owner, slug
+        datasets = self.sdk.datasets.dataset_api_client
+        try:
+            answer = self.call("delete dataset", lambda: datasets.delete_dataset(request))
+        except RemoteNotFound:
+            return False
+        if answer.error:
+            raise ProviderError("kaggle", f"deleting dataset {owner}/{slug} failed: {answer.error}")
+        return True
 
     def quota(self) -> RemoteQuota:
         from kagglesdk.kernels.types.kernels_api_service import (
@@ -249,8 +323,9 @@ class KaggleRemote:
         request.license_name, request.is_private = "unknown", private
         request.files = [_new_file(ApiDatasetNewFile, token) for token in tokens]
         datasets = self.sdk.datasets.dataset_api_client
-        # Safe to retry after a timeout or reset: a create that did land answers "already exists".
-        answer = self.call("create dataset", lambda: datasets.create_dataset(request))
+        # Not idempotent: an unclear answer raises OutcomeUnknown, and the caller asks.
+        answer = self.call("create dataset", lambda: datasets.create_dataset(request),
+                           idempotent=False)
         if answer.error and "already" not in answer.error:
             raise ProviderError("kaggle", f"creating dataset {owner}/{slug} failed: {answer.error}")
 
@@ -276,9 +351,11 @@ class KaggleRemote:
         return self._downloads
 
 
-def _harden(session: Any, creds: Credentials, timeout: tuple[float, float]) -> None:
+def _harden(session: Any, creds: Credentials, timeout: tuple[float, float],
+            keep: Callable[[Any], None]) -> None:
     """Give every request of the SDK's session a timeout, and the auth we chose (the SDK would
-    otherwise prefer any access token lying around over an explicitly configured key)."""
+    otherwise prefer any access token lying around over an explicitly configured key); hand
+    each answer to ``keep`` (to read fields the SDK's types drop)."""
     from kagglesdk.kaggle_http_client import KaggleHttpClient
 
     if creds.token:
@@ -290,7 +367,10 @@ def _harden(session: Any, creds: Credentials, timeout: tuple[float, float]) -> N
     def send_with_timeout(request: Any, **kwargs: Any) -> Any:
         if kwargs.get("timeout") is None:
             kwargs["timeout"] = timeout
-        return send(request, **kwargs)
+        response = send(request, **kwargs)
+        if not kwargs.get("stream"):
+            keep(response)
+        return response
 
     session.send = send_with_timeout
 
@@ -304,6 +384,31 @@ def _new_file(cls: Any, token: str) -> Any:
 def _status_of(err: Exception) -> int | None:
     response = getattr(err, "response", None)
     return getattr(response, "status_code", None)
+
+
+def _surely_not_done(err: Exception, status: int | None) -> bool:
+    """Whether a failed call certainly had no effect: a definite answer (4xx, including a 429
+    refusal), or a connection that was never made. A 5xx, a read timeout or a reset after
+    sending leave the outcome unknown."""
+    import requests
+
+    if status is not None:
+        return status < 500
+    if isinstance(err, requests.exceptions.ConnectTimeout):
+        return True
+    if isinstance(err, requests.exceptions.ConnectionError) and err.args:
+        from urllib3.exceptions import NewConnectionError
+
+        reason = getattr(err.args[0], "reason", None)
+        return isinstance(reason, NewConnectionError)  # refused: nothing was sent
+    return False
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value) if value is not None and int(value) > 0 else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _retry_after(err: Exception) -> float | None:

@@ -34,7 +34,10 @@ class KaggleConfig(BaseModel):
     max_retries: int = Field(5, ge=0)
     backoff_base: float = Field(1.0, ge=0, description="first retry delay; doubles each time")
     backoff_max: float = Field(60.0, ge=0)
-    dataset_ready_timeout: float = Field(600.0, gt=0)
+    dataset_ready_timeout: float = Field(600.0, gt=0, description="seconds a new dataset may "
+                                         "take to read READY (404 until then is not-ready-yet)")
+    push_settle_seconds: float = Field(300.0, gt=0, description="seconds to keep asking whether "
+                                       "a push that got no clear answer started a kernel")
     dataset_poll_seconds: float = Field(5.0, ge=0)
     slug_prefix: str = Field("gpupool", pattern=r"^[a-z0-9][a-z0-9-]{0,19}$")
     startup_seconds: float = Field(180.0, ge=0, description="queue and image start, for planning")

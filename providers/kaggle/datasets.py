@@ -20,7 +20,7 @@ from gpupool.bundle import pack_runtime
 from gpupool.errors import ProviderError, ProviderUnavailable
 from gpupool.provider import Launch
 
-from .client import KaggleRemote
+from .client import KaggleRemote, OutcomeUnknown
 from .config import KaggleConfig
 from .kernel import MARKER
 
@@ -45,24 +45,41 @@ def stage_inputs(launch: Launch, staging: Path, marker: dict[str, Any]) -> list[
 
 def ensure_dataset(remote: KaggleRemote, config: KaggleConfig, owner: str, slug: str,
                    files: Callable[[], list[Path]], clock: Callable[[], float] = time.monotonic) -> None:
-    """Create ``owner/slug`` from ``files()`` unless it exists, then wait until it is READY."""
+    """Create ``owner/slug`` from ``files()`` unless it exists, then wait until it is READY.
+
+    Raises ProviderError when Kaggle refuses or fails it, ProviderUnavailable when it is not
+    ready within ``dataset_ready_timeout`` seconds."""
     if remote.dataset_status(owner, slug) is None:
         tokens = [remote.upload(path) for path in files()]
-        remote.create_dataset(owner, slug, tokens, private=not config.public)
+        create(remote, owner, slug, tokens, private=not config.public)
     wait_ready(remote, config, owner, slug, clock)
+
+
+def create(remote: KaggleRemote, owner: str, slug: str, tokens: list[str], *, private: bool) -> None:
+    """Create the dataset once. After an unclear answer, ask whether it exists before sending
+    the create again; the slug is the dataset's key, so a second create can never make a
+    second dataset (Kaggle answers "already exists", which counts as done)."""
+    try:
+        remote.create_dataset(owner, slug, tokens, private=private)
+    except OutcomeUnknown:
+        if remote.dataset_status(owner, slug) is None:
+            remote.create_dataset(owner, slug, tokens, private=private)
 
 
 def wait_ready(remote: KaggleRemote, config: KaggleConfig, owner: str, slug: str,
                clock: Callable[[], float] = time.monotonic) -> None:
+    """Poll until READY. Kaggle is eventually consistent here: a dataset just created may
+    answer 404 for a while, so "not found" means "not ready yet" until the timeout."""
     give_up = clock() + config.dataset_ready_timeout
     while True:
         status = remote.dataset_status(owner, slug)
         if status == "READY":
             return
-        if status in FAILED_STATUSES or status is None:
-            raise ProviderError("kaggle", f"dataset {owner}/{slug} is {status or 'missing'}; "
+        if status in FAILED_STATUSES:
+            raise ProviderError("kaggle", f"dataset {owner}/{slug} is {status}; "
                                           "its upload failed, the next attempt uploads it again")
         if clock() >= give_up:
-            raise ProviderUnavailable("kaggle", f"dataset {owner}/{slug} still {status} after "
+            raise ProviderUnavailable("kaggle", f"dataset {owner}/{slug} still "
+                                                f"{status or 'not found'} after "
                                                 f"{config.dataset_ready_timeout:g}s")
         remote.sleep(config.dataset_poll_seconds)

@@ -5,6 +5,12 @@ datasets.py), a private kernel with a generated bootstrap script runs them (kern
 session's ``/kaggle/working/gpupool`` comes back as its output, from which verified checkpoints
 are published (outputs.py). The adapter keeps a small record per attempt (kernel version and
 session id) under its data dir; a re-submit after a scheduler crash finds the kernel it pushed.
+
+A push that gets no clear answer (a 5xx, a timeout, a reset) may still have started a session,
+so it is never sent again: Kaggle is asked whether the attempt's kernel exists, now and at each
+poll for ``push_settle_seconds``, and a kernel that shows up is adopted (polled, collected,
+charged, cancelled, deleted like any other). Only then is the attempt given up as unavailable.
+Kernels and datasets are deleted once the attempt is done with them (janitor.py).
 """
 
 from __future__ import annotations
@@ -19,9 +25,13 @@ import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlsplit
 
-from gpupool.errors import CredentialsError, GpupoolError, ProviderError, ProviderUnavailable
+from gpupool.errors import (
+    CancelFailed,
+    CredentialsError,
+    GpupoolError,
+    ProviderUnavailable,
+)
 from gpupool.provider import (
     Availability,
     Launch,
@@ -35,10 +45,11 @@ from gpupool.provider import (
 from gpupool.states import AttemptState
 
 from . import outputs
-from .client import KaggleRemote, RemoteNotFound
+from .client import KaggleRemote, KernelStatus, OutcomeUnknown, RemoteNotFound
 from .config import KAGGLE_CAP_SECONDS, KaggleConfig
 from .credentials import HINT, Credentials, find_credentials
 from .datasets import CHECKPOINT, CODE, RUNTIME, ensure_dataset, stage_inputs
+from .janitor import Janitor, Leftover
 from .kernel import (
     STATUS_MAP,
     dataset_slug,
@@ -57,8 +68,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 CHECK_TTL = 300.0  # seconds a credentials check or quota answer is reused
 QUOTA_TTL = 60.0
-LIMIT_WORDS = re.compile(r"exceeded|maximum run time|time limit|timed out|quota|cancel|stopped", re.I)
 WEEK = 7 * 86400
+ENDED = frozenset({"COMPLETE", "ERROR", "CANCEL_ACKNOWLEDGED"})
+STOPPING = frozenset({"CANCEL_REQUESTED", *ENDED})
+CANCEL_CHECKS = 3  # status reads to confirm a cancel took (Kaggle may take a moment)
 
 
 class KaggleProvider(Provider):
@@ -74,6 +87,7 @@ class KaggleProvider(Provider):
         self._owner: str | None = None
         self._checked: tuple[float, bool, str] | None = None
         self._quota: tuple[float, Quota] | None = None
+        self._janitor: Janitor | None = None
 
     # -- credentials and the client ---------------------------------------------------------
 
@@ -83,6 +97,12 @@ class KaggleProvider(Provider):
             self._remote = KaggleRemote(find_credentials(self.config.credentials), self.config,
                                         sleep=lambda s: self.sleep(s))
         return self._remote
+
+    @property
+    def janitor(self) -> Janitor:
+        if self._janitor is None:
+            self._janitor = Janitor(self.remote, self.data_dir / "leftovers.json")
+        return self._janitor
 
     @property
     def owner(self) -> str:
@@ -103,14 +123,14 @@ class KaggleProvider(Provider):
         try:
             source = self.remote.credentials.source
         except CredentialsError as err:
-            return False, str(err).removeprefix("kaggle: ")
+            return False, detail(err)
         try:
             owner = self.owner
             quota = self._api_quota(self.clock())
         except CredentialsError as err:
-            return False, f"credentials from {source} do not work: {err}; {HINT}"
+            return False, f"credentials from {source} do not work: {detail(err)}; {HINT}"
         except GpupoolError as err:
-            return False, f"credentials from {source}, but Kaggle did not answer: {err}"
+            return False, f"credentials from {source}, but Kaggle did not answer: {detail(err)}"
         left = (quota.remaining_seconds or 0) / 3600
         return True, f"user {owner} (credentials from {source}); {left:.1f} GPU-hours left this week"
 
@@ -127,7 +147,7 @@ class KaggleProvider(Provider):
         try:
             return self._api_quota(now)
         except GpupoolError as err:
-            log.warning("kaggle: quota API failed (%s); using the ledger", err)
+            log.warning("kaggle: quota API failed (%s); using the ledger", detail(err))
             return Quota(charged, self.config.weekly_gpu_hours * 3600,
                          self.quota_window_start(now) + WEEK, source="ledger")
 
@@ -149,54 +169,75 @@ class KaggleProvider(Provider):
     # -- attempts ---------------------------------------------------------------------------
 
     def submit(self, launch: Launch) -> Submission:
+        self.sweep()
         record = self._read_record(launch.attempt_id)
         if record is not None:
             return _submission(record, "already submitted")
         owner, slug = self.owner, kernel_slug(self.config.slug_prefix, launch.attempt_id)
-        adopted = self._adopt(launch.attempt_id, owner, slug)
+        adopted = self._adopt(launch.attempt_id, owner, slug, "found kernel {ref} pushed earlier")
         if adopted is not None:
             return adopted
-        dataset = dataset_slug(slug)
         staging = self.data_dir / "staging" / launch.attempt_id
         files = lambda: stage_inputs(launch, staging, self._marker(launch))  # noqa: E731
-        ensure_dataset(self.remote, self.config, owner, dataset, files, clock=self._monotonic)
-        answer = self._push(launch, owner, slug, dataset)
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(answer, Submission):
-            return answer
-        record = {"owner": owner, "slug": slug, "version": int(answer.version_number or 0) or None,
-                  "session_id": _session_id(answer.url), "url": answer.url}
-        self._write_record(launch.attempt_id, record)
-        return _submission(record, f"kernel {owner}/{slug} pushed")
+        try:
+            ensure_dataset(self.remote, self.config, owner, dataset_slug(slug), files,
+                           clock=self._monotonic)
+            return self._push(launch, owner, slug)
+        except GpupoolError:
+            # Nothing runs for this attempt: delete what it created (the dataset holds a copy
+            # of the checkpoint and counts against the private-storage quota).
+            self.janitor.delete(Leftover(launch.attempt_id, owner, slug, dataset_slug(slug)))
+            raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
-    def _push(self, launch: Launch, owner: str, slug: str, dataset: str) -> Any:
+    def _push(self, launch: Launch, owner: str, slug: str) -> Submission:
         request = save_request(
-            owner=owner, slug=slug, script=render_script(launch.attempt_id), dataset=dataset,
-            private=not self.config.public, accelerator=self._accelerator(launch),
-            internet=self.config.enable_internet,
+            owner=owner, slug=slug, script=render_script(launch.attempt_id),
+            dataset=dataset_slug(slug), private=not self.config.public,
+            accelerator=self._accelerator(launch), internet=self.config.enable_internet,
             timeout_seconds=int(min(KAGGLE_CAP_SECONDS, self.config.session_seconds + 300)))
         try:
-            answer = self.remote.push(request)
-        except ProviderError:
-            adopted = self._adopt(launch.attempt_id, owner, slug)  # the push may have landed
-            if adopted is None:
-                raise
-            return adopted
+            answer, session_id = self.remote.push(request)
+        except OutcomeUnknown as err:
+            return self._unclear_push(launch, owner, slug, err)
         if answer.error:
             raise ProviderUnavailable(self.name, f"Kaggle refused the kernel: {answer.error}",
                                       _refresh_time(answer.error))
         if answer.invalid_dataset_sources:
             log.warning("kaggle: %s cannot mount %s", slug, answer.invalid_dataset_sources)
-        return answer
+        record = {"owner": owner, "slug": slug, "version": int(answer.version_number or 0) or None,
+                  "session_id": session_id, "url": answer.url or None}
+        self._write_record(launch.attempt_id, record)
+        return _submission(record, f"kernel {owner}/{slug} pushed")
 
-    def _adopt(self, attempt_id: str, owner: str, slug: str) -> Submission | None:
-        """The kernel already pushed for this attempt (a scheduler crashed after pushing)."""
+    def _unclear_push(self, launch: Launch, owner: str, slug: str,
+                      err: OutcomeUnknown) -> Submission:
+        """The push may have landed: adopt its kernel if Kaggle shows it, else keep asking at
+        each poll (the attempt stays submitted, so nothing else is placed meanwhile)."""
+        log.warning("kaggle: %s; asking Kaggle whether kernel %s/%s exists", detail(err), owner, slug)
+        try:
+            adopted = self._adopt(launch.attempt_id, owner, slug,
+                                  "the push got no clear answer; found its kernel {ref}")
+        except GpupoolError:
+            adopted = None  # cannot ask now: the polls ask
+        if adopted is not None:
+            return adopted
+        record = {"owner": owner, "slug": slug, "version": None, "session_id": None, "url": None,
+                  "unconfirmed_since": launch.now}
+        self._write_record(launch.attempt_id, record)
+        return _submission(record, f"the push got no clear answer ({detail(err)}); "
+                                   "waiting to see whether Kaggle started the kernel")
+
+    def _adopt(self, attempt_id: str, owner: str, slug: str, message: str) -> Submission | None:
+        """Take over the kernel already pushed for this attempt (its push got no answer, or a
+        scheduler crashed after pushing); None when Kaggle shows no such kernel."""
         version = self.remote.current_version(owner, slug)
         if version is None:
             return None
         record = {"owner": owner, "slug": slug, "version": version, "session_id": None, "url": None}
         self._write_record(attempt_id, record)
-        return _submission(record, f"found kernel {owner}/{slug} pushed earlier")
+        return _submission(record, message.format(ref=f"{owner}/{slug} v{version}"))
 
     def _accelerator(self, launch: Launch) -> str | None:
         return self.config.accelerator if launch.spec.resources.wants_gpu else None
@@ -215,55 +256,119 @@ class KaggleProvider(Provider):
 
     def poll(self, attempt: Attempt, now: float) -> PollResult:
         record = self._record_of(attempt)
+        if record.get("unconfirmed_since") is not None:
+            waiting = self._confirm_push(attempt.id, record, now)
+            if waiting is not None:
+                return waiting
         owner, slug, version = record["owner"], record["slug"], record.get("version")
-        status, failure = self.remote.status(owner, slug, version)
+        status = self.remote.status(owner, slug, version)
+        if status.session_id and not record.get("session_id"):
+            self._write_record(attempt.id, {**record, "session_id": status.session_id})
         files, log_text = self.remote.outputs(owner, slug, version)
         lines = outputs.log_lines(log_text)
         seen = outputs.progress(outputs.events(lines))
-        state = STATUS_MAP.get(status or "")
+        state = STATUS_MAP.get(status.name or "")
         if state is None:
             log.warning("kaggle: %s/%s has status %s, unknown to gpupool; still polling",
-                        owner, slug, status or failure)
+                        owner, slug, status.name or status.failure)
             state = attempt.state if attempt.state.active else AttemptState.RUNNING
-            return self._progress(state, seen, f"Kaggle status {status or failure} not understood")
+            return self._progress(state, seen,
+                                  f"Kaggle status {status.name or status.failure} not understood")
         if not state.terminal:
-            return self._progress(state, seen, f"Kaggle: {status}")
+            return self._progress(state, seen, f"Kaggle: {status.name}")
         self._quota = None  # the session just spent GPU time: the next placement asks again
         self._save_log(attempt.id, lines)
-        return self._ended(status or "", failure, files, lines, seen)
+        return self._ended(status, files, lines, seen)
+
+    def _confirm_push(self, attempt_id: str, record: dict[str, Any], now: float) -> PollResult | None:
+        """For a push that got no clear answer: None once its kernel shows up (adopted), else
+        "still submitted" until ``push_settle_seconds`` have passed, then unavailable."""
+        owner, slug = record["owner"], record["slug"]
+        version = self.remote.current_version(owner, slug)
+        if version is not None:
+            record.update(version=version, unconfirmed_since=None)
+            self._write_record(attempt_id, record)
+            log.info("kaggle: the unanswered push of %s/%s landed (v%d); adopted", owner, slug, version)
+            return None
+        waited = now - float(record["unconfirmed_since"])
+        settle = self.config.push_settle_seconds
+        if waited < settle:
+            return PollResult(AttemptState.SUBMITTED,
+                              message=f"push got no clear answer {waited:.0f}s ago; waiting "
+                                      f"(up to {settle:g}s) for Kaggle to show kernel {owner}/{slug}")
+        return PollResult(AttemptState.UNAVAILABLE,
+                          message=f"the push got no clear answer and no kernel {owner}/{slug} "
+                                  f"appeared within {settle:g}s; nothing runs on Kaggle for it")
 
     def _progress(self, state: AttemptState, seen: dict[str, Any], message: str) -> PollResult:
         return PollResult(state, step=seen.get("step"), heartbeat=seen.get("time"),
                           total=seen.get("total"), started_at=seen.get("first_time"), message=message)
 
-    def _ended(self, status: str, failure: str, files: list, lines: list[str],
+    def _ended(self, status: KernelStatus, files: list, lines: list[str],
                seen: dict[str, Any]) -> PollResult:
-        if status == "CANCEL_ACKNOWLEDGED":
+        """How the session ended. A user error is only what the session's own exit record
+        says; a session Kaggle ended without one is a loss, with Kaggle's message as it was."""
+        if status.name == "CANCEL_ACKNOWLEDGED":
             return PollResult(AttemptState.CANCELLED, step=seen.get("step"),
-                              message="the Kaggle session was cancelled")
+                              message=_with_kaggle("the Kaggle session was cancelled", status))
         self._scratch().mkdir(parents=True, exist_ok=True)
         found = outputs.read_exit(self.remote, files, self._scratch())
         started = (found.get("started.json") or {}).get("time") or seen.get("first_time")
         ended = found.get("exit.json")
-        if ended is not None:
-            state, message = classify_exit(ended.get("returncode"), ended.get("outcome"))
-        elif outputs.checkpoint_files(files) and (status == "COMPLETE" or LIMIT_WORDS.search(failure)):
-            state, message = AttemptState.LOST, f"Kaggle stopped the session: {failure or status}"
+        if ended is None:
+            state = AttemptState.LOST
+            message = _with_kaggle(f"Kaggle ended the session ({status.name}) before it "
+                                   "recorded an exit", status)
         else:
-            state, message = AttemptState.FAILED, f"the Kaggle session ended {status}: {failure}"
+            state, message = _classify(ended)
+            if state in (AttemptState.LOST, AttemptState.YIELDED):
+                message = _with_kaggle(message, status)
         if state == AttemptState.FAILED:
             message += "; log ends with:\n" + outputs.tail(lines)
         return PollResult(state, step=seen.get("step"), heartbeat=seen.get("time"),
                           started_at=started, message=message)
 
     def cancel(self, attempt: Attempt) -> None:
+        """Stop the attempt's session, or raise CancelFailed saying what the person must do.
+
+        Returns only when the session is stopping or already over. Kaggle stops a session by
+        its id (``CancelKernelSession``), which its public API does not reveal today (status
+        and push answers carry none; kaggle-cli #1169, PR #1174): the id is used when an
+        answer carries ``kernelSessionId``, and otherwise the person is told where to stop it.
+        """
         record = self._record_of(attempt)
-        if not record.get("session_id"):
-            log.warning("kaggle: no session id recorded for %s; stop it on kaggle.com", attempt.id)
-            return
-        error = self.remote.cancel(int(record["session_id"]))
-        if error:
-            log.info("kaggle: cancel %s: %s", attempt.id, error)
+        owner, slug, version = record["owner"], record["slug"], record.get("version")
+        action = f"stop it at https://www.kaggle.com/code/{owner}/{slug}"
+        if record.get("unconfirmed_since") is not None and version is None:
+            if self.remote.current_version(owner, slug) is None:
+                raise CancelFailed(self.name, f"the push of {owner}/{slug} got no clear answer "
+                                              "and Kaggle shows no kernel yet",
+                                   f"if it appears, {action}")
+        try:
+            status = self.remote.status(owner, slug, version)
+        except RemoteNotFound:
+            return  # no kernel: nothing runs
+        if status.name not in STOPPING:
+            self._request_stop(record, status, action)
+        self.janitor.remember(Leftover(attempt.id, owner, slug, dataset_slug(slug), after_end=True))
+
+    def _request_stop(self, record: dict[str, Any], status: KernelStatus, action: str) -> None:
+        ref = f"{record['owner']}/{record['slug']}"
+        session_id = record.get("session_id") or status.session_id
+        if not session_id:
+            raise CancelFailed(self.name, f"Kaggle's API does not give the session id of kernel "
+                                          f"{ref}, so gpupool cannot stop it", action)
+        try:
+            error = self.remote.cancel(int(session_id))
+        except GpupoolError as err:
+            raise CancelFailed(self.name, f"cancelling {ref} failed: {detail(err)}", action) from None
+        for check in range(CANCEL_CHECKS):
+            now = self.remote.status(record["owner"], record["slug"], record.get("version"))
+            if now.name in STOPPING:
+                return
+            if check + 1 < CANCEL_CHECKS:
+                self.sleep(self.config.backoff_base)
+        raise CancelFailed(self.name, f"Kaggle did not stop {ref} ({error or now.name})", action)
 
     def logs(self, attempt: Attempt) -> str:
         saved = self._log_path(attempt.id)
@@ -278,7 +383,10 @@ class KaggleProvider(Provider):
 
     def collect(self, attempt: Attempt, store: CheckpointStore) -> list[Manifest]:
         record = self._record_of(attempt)
-        files, _ = self.remote.outputs(record["owner"], record["slug"], record.get("version"))
+        try:
+            files, _ = self.remote.outputs(record["owner"], record["slug"], record.get("version"))
+        except RemoteNotFound:
+            return []  # no kernel (its push never landed): nothing to collect
         wanted = outputs.checkpoint_files(files)
         if not wanted:
             return []
@@ -290,7 +398,47 @@ class KaggleProvider(Provider):
                     for folder, manifest in outputs.verified_checkpoints(root)]
 
     def cleanup(self, attempt: Attempt) -> None:
+        """After collect: keep the log locally, then delete the attempt's kernel and dataset
+        (retried later when Kaggle does not answer now)."""
         shutil.rmtree(self.data_dir / "staging" / attempt.id, ignore_errors=True)
+        record = self._record_of(attempt)
+        item = Leftover(attempt.id, record["owner"], record["slug"], dataset_slug(record["slug"]))
+        if self._keep_log(item):
+            self.janitor.delete(item)
+        else:
+            self.janitor.remember(item)
+        self.sweep()
+
+    def sweep(self) -> None:
+        """Retry deletions that failed before, and those that waited for a session to end."""
+        for item in self.janitor.pending():
+            try:
+                if item.after_end and not self._session_over(item):
+                    continue
+            except GpupoolError:
+                continue
+            if self._keep_log(item):
+                self.janitor.delete(item)
+
+    def _session_over(self, item: Leftover) -> bool:
+        try:
+            return self.remote.status(item.owner, item.kernel, None).name in ENDED
+        except RemoteNotFound:
+            return True
+
+    def _keep_log(self, item: Leftover) -> bool:
+        """Save the attempt's log locally before its kernel goes; False when Kaggle cannot
+        give it now (the deletion waits, so ``gpupool logs`` keeps working)."""
+        if self._log_path(item.attempt).exists():
+            return True
+        try:
+            _, log_text = self.remote.outputs(item.owner, item.kernel, None)
+        except RemoteNotFound:
+            return True  # no kernel, no log
+        except GpupoolError:
+            return False
+        self._save_log(item.attempt, outputs.log_lines(log_text))
+        return True
 
     # -- local records ----------------------------------------------------------------------
 
@@ -346,10 +494,23 @@ def _parse_remote_id(remote_id: str | None, owner: str, slug: str) -> tuple[str,
     return owner, slug, None
 
 
-def _session_id(url: str | None) -> int | None:
-    """The kernel session id, from the push answer's ``...?scriptVersionId=N`` URL."""
-    values = parse_qs(urlsplit(url or "").query).get("scriptVersionId")
-    return int(values[0]) if values and values[0].isdigit() else None
+def detail(err: Exception) -> str:
+    """The error's text without the provider's own "kaggle: " prefix, for messages that
+    already say which provider they are about."""
+    return str(err).removeprefix("kaggle: ")
+
+
+def _with_kaggle(message: str, status: KernelStatus) -> str:
+    """``message`` plus Kaggle's own failure message, exactly as Kaggle gave it."""
+    return f"{message}; Kaggle said: {status.failure}" if status.failure else message
+
+
+def _classify(ended: dict[str, Any]) -> tuple[AttemptState, str]:
+    """classify_exit over the session's exit.json, with who stopped the command when the
+    supervisor recorded it (``stopped_by``: "deadline", "signal")."""
+    stopped_by = ended.get("stopped_by")
+    extra = {"stopped_by": stopped_by} if stopped_by is not None else {}
+    return classify_exit(ended.get("returncode"), ended.get("outcome"), **extra)
 
 
 def _refresh_time(error: str) -> float | None:
