@@ -70,7 +70,8 @@ def choose(
             why, until = refusal(candidate, resources, min_slice_seconds, now)
             if why is None:
                 return Place(candidate.provider, candidate.account)
-            reasons.append(f"{_label(candidate)}: {why}")
+            # A provider's own errors already start with its name ("kaggle: ..."): say it once.
+            reasons.append(f"{_label(candidate)}: {why.removeprefix(candidate.provider + ': ')}")
             if until is not None:
                 wake.append(until)
     return Wait("; ".join(reasons) or "no provider listed", min(wake) if wake else None)

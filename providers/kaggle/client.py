@@ -434,6 +434,12 @@ def _translate(what: str, err: Exception, status: int | None, retry_after: float
     return ProviderError("kaggle", f"{what} failed: {_brief(err)}")
 
 
+def detail(err: Exception) -> str:
+    """The error's text without the provider's own "kaggle: " prefix, for messages that
+    already say which provider they are about."""
+    return str(err).removeprefix("kaggle: ")
+
+
 def _brief(err: Exception) -> str:
     """The error without URLs' query strings (signed URLs) or anything long."""
     text = f"{type(err).__name__}: {err}"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from gpupool.errors import GpupoolError
 
-from .client import KaggleRemote
+from .client import KaggleRemote, detail
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ class Janitor:
             self.remote.delete_kernel(item.owner, item.kernel)
             self.remote.delete_dataset(item.owner, item.dataset)
         except GpupoolError as err:
-            log.warning("could not delete %s/%s yet (%s); will retry", item.owner, item.kernel, err)
+            log.warning("kaggle: could not delete %s/%s yet (%s); will retry", item.owner,
+                        item.kernel, detail(err))
             self.remember(item)
             return False
         self.forget(item.attempt)

@@ -45,7 +45,7 @@ from gpupool.provider import (
 from gpupool.states import AttemptState
 
 from . import outputs
-from .client import KaggleRemote, KernelStatus, OutcomeUnknown, RemoteNotFound
+from .client import KaggleRemote, KernelStatus, OutcomeUnknown, RemoteNotFound, detail
 from .config import KAGGLE_CAP_SECONDS, KaggleConfig
 from .credentials import HINT, Credentials, find_credentials
 from .datasets import CHECKPOINT, CODE, RUNTIME, ensure_dataset, stage_inputs
@@ -492,12 +492,6 @@ def _parse_remote_id(remote_id: str | None, owner: str, slug: str) -> tuple[str,
     if len(parts) == 3 and parts[2].isdigit():
         return parts[0], parts[1], int(parts[2]) or None
     return owner, slug, None
-
-
-def detail(err: Exception) -> str:
-    """The error's text without the provider's own "kaggle: " prefix, for messages that
-    already say which provider they are about."""
-    return str(err).removeprefix("kaggle: ")
 
 
 def _with_kaggle(message: str, status: KernelStatus) -> str:

@@ -62,8 +62,8 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name)
 
 
-@pytest.fixture
-def emu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[KaggleEmulator]:
+@pytest.fixture(name="emu")
+def emu_fixture(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[KaggleEmulator]:
     """A running emulator; the provider finds a kaggle.json (the planted secret) in the config dir."""
     # Kaggle's image has torch on the PATH's python; here that is this interpreter's.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
