@@ -40,6 +40,9 @@ class KaggleConfig(BaseModel):
                                        "a push that got no clear answer started a kernel")
     dataset_poll_seconds: float = Field(5.0, ge=0)
     slug_prefix: str = Field("gpupool", pattern=r"^[a-z0-9][a-z0-9-]{0,19}$")
+    keep_remote_objects: bool = Field(False, description="keep each attempt's kernel and inputs "
+                                      "dataset on Kaggle after collecting it (they use your "
+                                      "private storage); default: delete them")
     startup_seconds: float = Field(180.0, ge=0, description="queue and image start, for planning")
 
     @property

@@ -1,4 +1,4 @@
-"""Reading a finished (or running) session: its log, the runtime's events, its output files.
+"""A session as it comes back: its log, the runtime's events, its output files, how it ended.
 
 Output files are downloaded into a fresh temporary folder (the kaggle client would skip files
 that exist and write ``<slug>.log`` among them), every checkpoint is verified against its
@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from gpupool.manifest import ManifestError, list_local, verify_local
+from gpupool.provider import PollResult, classify_exit
 from gpupool.runtime import EVENT_PREFIX
+from gpupool.states import AttemptState
 
-from .client import KaggleRemote, OutputFile
+from .client import KaggleRemote, KernelStatus, OutputFile
 from .kernel import SESSION_SUBDIR
 
 CHECKPOINTS = f"{SESSION_SUBDIR}/checkpoints/"
@@ -113,3 +115,43 @@ def verified_checkpoints(root: Path) -> list[tuple[Path, Any]]:
         if (root / manifest.name).is_dir():
             good.append((root / manifest.name, manifest))
     return good
+
+
+def ending(remote: KaggleRemote, status: KernelStatus, files: list[OutputFile], lines: list[str],
+           seen: dict[str, Any], scratch: Path) -> PollResult:
+    """How a session Kaggle reports as ended (COMPLETE, ERROR, CANCEL_ACKNOWLEDGED) ended.
+
+    A user error (FAILED) is only what the session's own exit.json says; a session that Kaggle
+    ended without one (any failure message, or none) is LOST, with Kaggle's message as it was.
+    """
+    if status.name == "CANCEL_ACKNOWLEDGED":
+        return PollResult(AttemptState.CANCELLED, step=seen.get("step"),
+                          message=with_kaggle_message("the Kaggle session was cancelled", status))
+    found = read_exit(remote, files, scratch)
+    started = (found.get("started.json") or {}).get("time") or seen.get("first_time")
+    ended = found.get("exit.json")
+    if ended is None:
+        state = AttemptState.LOST
+        message = with_kaggle_message(f"Kaggle ended the session ({status.name}) before it "
+                                      "recorded an exit", status)
+    else:
+        state, message = classify(ended)
+        if state in (AttemptState.LOST, AttemptState.YIELDED):
+            message = with_kaggle_message(message, status)
+    if state == AttemptState.FAILED:
+        message += "; log ends with:\n" + tail(lines)
+    return PollResult(state, step=seen.get("step"), heartbeat=seen.get("time"),
+                      started_at=started, message=message)
+
+
+def with_kaggle_message(message: str, status: KernelStatus) -> str:
+    """``message`` plus Kaggle's own failure message, exactly as Kaggle gave it."""
+    return f"{message}; Kaggle said: {status.failure}" if status.failure else message
+
+
+def classify(ended: dict[str, Any]) -> tuple[AttemptState, str]:
+    """classify_exit over the session's exit.json, passing who stopped the command when the
+    supervisor recorded it (``stopped_by``: "deadline" or "signal")."""
+    stopped_by = ended.get("stopped_by")
+    extra = {"stopped_by": stopped_by} if stopped_by is not None else {}
+    return classify_exit(ended.get("returncode"), ended.get("outcome"), **extra)

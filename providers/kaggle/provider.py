@@ -16,9 +16,7 @@ Kernels and datasets are deleted once the attempt is done with them (janitor.py)
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
-import os
 import re
 import shutil
 import tempfile
@@ -39,7 +37,6 @@ from gpupool.provider import (
     Provider,
     Quota,
     Submission,
-    classify_exit,
     runtime_env,
 )
 from gpupool.states import AttemptState
@@ -59,6 +56,7 @@ from .kernel import (
     render_script,
     save_request,
 )
+from .records import Records
 
 if TYPE_CHECKING:
     from gpupool.manifest import Manifest
@@ -88,6 +86,7 @@ class KaggleProvider(Provider):
         self._checked: tuple[float, bool, str] | None = None
         self._quota: tuple[float, Quota] | None = None
         self._janitor: Janitor | None = None
+        self.records = Records(self.data_dir)
 
     # -- credentials and the client ---------------------------------------------------------
 
@@ -170,7 +169,7 @@ class KaggleProvider(Provider):
 
     def submit(self, launch: Launch) -> Submission:
         self.sweep()
-        record = self._read_record(launch.attempt_id)
+        record = self.records.read(launch.attempt_id)
         if record is not None:
             return _submission(record, "already submitted")
         owner, slug = self.owner, kernel_slug(self.config.slug_prefix, launch.attempt_id)
@@ -207,8 +206,8 @@ class KaggleProvider(Provider):
         if answer.invalid_dataset_sources:
             log.warning("kaggle: %s cannot mount %s", slug, answer.invalid_dataset_sources)
         record = {"owner": owner, "slug": slug, "version": int(answer.version_number or 0) or None,
-                  "session_id": session_id, "url": answer.url or None}
-        self._write_record(launch.attempt_id, record)
+                  "session_id": session_id, "url": answer.url or None, "pushed_at": launch.now}
+        self.records.write(launch.attempt_id, record)
         return _submission(record, f"kernel {owner}/{slug} pushed")
 
     def _unclear_push(self, launch: Launch, owner: str, slug: str,
@@ -225,7 +224,7 @@ class KaggleProvider(Provider):
             return adopted
         record = {"owner": owner, "slug": slug, "version": None, "session_id": None, "url": None,
                   "unconfirmed_since": launch.now}
-        self._write_record(launch.attempt_id, record)
+        self.records.write(launch.attempt_id, record)
         return _submission(record, f"the push got no clear answer ({detail(err)}); "
                                    "waiting to see whether Kaggle started the kernel")
 
@@ -236,7 +235,7 @@ class KaggleProvider(Provider):
         if version is None:
             return None
         record = {"owner": owner, "slug": slug, "version": version, "session_id": None, "url": None}
-        self._write_record(attempt_id, record)
+        self.records.write(attempt_id, record)
         return _submission(record, message.format(ref=f"{owner}/{slug} v{version}"))
 
     def _accelerator(self, launch: Launch) -> str | None:
@@ -261,9 +260,12 @@ class KaggleProvider(Provider):
             if waiting is not None:
                 return waiting
         owner, slug, version = record["owner"], record["slug"], record.get("version")
-        status = self.remote.status(owner, slug, version)
+        try:
+            status = self.remote.status(owner, slug, version)
+        except RemoteNotFound:
+            return self._vanished(attempt, record, now)
         if status.session_id and not record.get("session_id"):
-            self._write_record(attempt.id, {**record, "session_id": status.session_id})
+            self.records.write(attempt.id, {**record, "session_id": status.session_id})
         files, log_text = self.remote.outputs(owner, slug, version)
         lines = outputs.log_lines(log_text)
         seen = outputs.progress(outputs.events(lines))
@@ -277,8 +279,9 @@ class KaggleProvider(Provider):
         if not state.terminal:
             return self._progress(state, seen, f"Kaggle: {status.name}")
         self._quota = None  # the session just spent GPU time: the next placement asks again
-        self._save_log(attempt.id, lines)
-        return self._ended(status, files, lines, seen)
+        self.records.save_log(attempt.id, lines)
+        self._scratch().mkdir(parents=True, exist_ok=True)
+        return outputs.ending(self.remote, status, files, lines, seen, self._scratch())
 
     def _confirm_push(self, attempt_id: str, record: dict[str, Any], now: float) -> PollResult | None:
         """For a push that got no clear answer: None once its kernel shows up (adopted), else
@@ -287,7 +290,7 @@ class KaggleProvider(Provider):
         version = self.remote.current_version(owner, slug)
         if version is not None:
             record.update(version=version, unconfirmed_since=None)
-            self._write_record(attempt_id, record)
+            self.records.write(attempt_id, record)
             log.info("kaggle: the unanswered push of %s/%s landed (v%d); adopted", owner, slug, version)
             return None
         waited = now - float(record["unconfirmed_since"])
@@ -300,33 +303,20 @@ class KaggleProvider(Provider):
                           message=f"the push got no clear answer and no kernel {owner}/{slug} "
                                   f"appeared within {settle:g}s; nothing runs on Kaggle for it")
 
+    def _vanished(self, attempt: Attempt, record: dict[str, Any], now: float) -> PollResult:
+        """Kaggle does not show the kernel. Right after a push that may be its eventual
+        consistency; a kernel seen running that disappears was deleted (or lost) on Kaggle."""
+        ref = f"{record['owner']}/{record['slug']}"
+        pushed = record.get("pushed_at")
+        settling = pushed is not None and now - float(pushed) < self.config.push_settle_seconds
+        if attempt.state == AttemptState.SUBMITTED and settling:
+            return PollResult(AttemptState.SUBMITTED, message=f"Kaggle does not show {ref} yet")
+        return PollResult(AttemptState.LOST, message=f"Kaggle no longer has kernel {ref} "
+                                                     "(deleted on kaggle.com?)")
+
     def _progress(self, state: AttemptState, seen: dict[str, Any], message: str) -> PollResult:
         return PollResult(state, step=seen.get("step"), heartbeat=seen.get("time"),
                           total=seen.get("total"), started_at=seen.get("first_time"), message=message)
-
-    def _ended(self, status: KernelStatus, files: list, lines: list[str],
-               seen: dict[str, Any]) -> PollResult:
-        """How the session ended. A user error is only what the session's own exit record
-        says; a session Kaggle ended without one is a loss, with Kaggle's message as it was."""
-        if status.name == "CANCEL_ACKNOWLEDGED":
-            return PollResult(AttemptState.CANCELLED, step=seen.get("step"),
-                              message=_with_kaggle("the Kaggle session was cancelled", status))
-        self._scratch().mkdir(parents=True, exist_ok=True)
-        found = outputs.read_exit(self.remote, files, self._scratch())
-        started = (found.get("started.json") or {}).get("time") or seen.get("first_time")
-        ended = found.get("exit.json")
-        if ended is None:
-            state = AttemptState.LOST
-            message = _with_kaggle(f"Kaggle ended the session ({status.name}) before it "
-                                   "recorded an exit", status)
-        else:
-            state, message = _classify(ended)
-            if state in (AttemptState.LOST, AttemptState.YIELDED):
-                message = _with_kaggle(message, status)
-        if state == AttemptState.FAILED:
-            message += "; log ends with:\n" + outputs.tail(lines)
-        return PollResult(state, step=seen.get("step"), heartbeat=seen.get("time"),
-                          started_at=started, message=message)
 
     def cancel(self, attempt: Attempt) -> None:
         """Stop the attempt's session, or raise CancelFailed saying what the person must do.
@@ -371,7 +361,7 @@ class KaggleProvider(Provider):
         raise CancelFailed(self.name, f"Kaggle did not stop {ref} ({error or now.name})", action)
 
     def logs(self, attempt: Attempt) -> str:
-        saved = self._log_path(attempt.id)
+        saved = self.records.log_path(attempt.id)
         if saved.exists():
             return saved.read_text(errors="replace")
         record = self._record_of(attempt)
@@ -401,6 +391,8 @@ class KaggleProvider(Provider):
         """After collect: keep the log locally, then delete the attempt's kernel and dataset
         (retried later when Kaggle does not answer now)."""
         shutil.rmtree(self.data_dir / "staging" / attempt.id, ignore_errors=True)
+        if self.config.keep_remote_objects:
+            return
         record = self._record_of(attempt)
         item = Leftover(attempt.id, record["owner"], record["slug"], dataset_slug(record["slug"]))
         if self._keep_log(item):
@@ -429,7 +421,7 @@ class KaggleProvider(Provider):
     def _keep_log(self, item: Leftover) -> bool:
         """Save the attempt's log locally before its kernel goes; False when Kaggle cannot
         give it now (the deletion waits, so ``gpupool logs`` keeps working)."""
-        if self._log_path(item.attempt).exists():
+        if self.records.log_path(item.attempt).exists():
             return True
         try:
             _, log_text = self.remote.outputs(item.owner, item.kernel, None)
@@ -437,42 +429,18 @@ class KaggleProvider(Provider):
             return True  # no kernel, no log
         except GpupoolError:
             return False
-        self._save_log(item.attempt, outputs.log_lines(log_text))
+        self.records.save_log(item.attempt, outputs.log_lines(log_text))
         return True
 
     # -- local records ----------------------------------------------------------------------
 
     def _record_of(self, attempt: Attempt) -> dict[str, Any]:
-        record = self._read_record(attempt.id)
+        record = self.records.read(attempt.id)
         if record is not None:
             return record
         owner, slug, version = _parse_remote_id(attempt.remote_id, self.owner,
                                                 kernel_slug(self.config.slug_prefix, attempt.id))
         return {"owner": owner, "slug": slug, "version": version, "session_id": None}
-
-    def _record_path(self, attempt_id: str) -> Path:
-        return self.data_dir / "attempts" / f"{attempt_id}.json"
-
-    def _read_record(self, attempt_id: str) -> dict[str, Any] | None:
-        try:
-            return json.loads(self._record_path(attempt_id).read_text())
-        except (OSError, ValueError):
-            return None
-
-    def _write_record(self, attempt_id: str, record: dict[str, Any]) -> None:
-        path = self._record_path(attempt_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, path)
-
-    def _log_path(self, attempt_id: str) -> Path:
-        return self.data_dir / "logs" / f"{attempt_id}.log"
-
-    def _save_log(self, attempt_id: str, lines: list[str]) -> None:
-        path = self._log_path(attempt_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n".join(lines) + "\n")
 
     def _scratch(self) -> Path:
         return self.data_dir / "downloads"
@@ -492,19 +460,6 @@ def _parse_remote_id(remote_id: str | None, owner: str, slug: str) -> tuple[str,
     if len(parts) == 3 and parts[2].isdigit():
         return parts[0], parts[1], int(parts[2]) or None
     return owner, slug, None
-
-
-def _with_kaggle(message: str, status: KernelStatus) -> str:
-    """``message`` plus Kaggle's own failure message, exactly as Kaggle gave it."""
-    return f"{message}; Kaggle said: {status.failure}" if status.failure else message
-
-
-def _classify(ended: dict[str, Any]) -> tuple[AttemptState, str]:
-    """classify_exit over the session's exit.json, with who stopped the command when the
-    supervisor recorded it (``stopped_by``: "deadline", "signal")."""
-    stopped_by = ended.get("stopped_by")
-    extra = {"stopped_by": stopped_by} if stopped_by is not None else {}
-    return classify_exit(ended.get("returncode"), ended.get("outcome"), **extra)
 
 
 def _refresh_time(error: str) -> float | None:

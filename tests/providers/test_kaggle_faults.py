@@ -232,6 +232,19 @@ def test_session_kaggle_ended_without_an_exit_record_is_lost(
     assert done.errors == 0 and "max_hops" in (done.message or "")
 
 
+def test_kernel_deleted_on_kaggle_while_running_is_lost_not_polled_forever(
+        emu: KaggleEmulator, tmp_path) -> None:
+    pool, _, _ = make_pool(tmp_path)
+    experiment, attempt, session = running_attempt(pool, emu, tmp_path)
+    scheduler = Scheduler(pool)
+    scheduler.reconcile_once(time.time())
+    assert pool.state.attempt(attempt.id).state == AttemptState.RUNNING
+    emu.kernel(session.ref).deleted = True  # the person deleted it on kaggle.com
+    scheduler.reconcile_once(time.time())
+    ended = pool.state.attempt(attempt.id)
+    assert ended.state == AttemptState.LOST and "no longer has kernel" in (ended.end_reason or "")
+
+
 # -- 7. a new dataset that answers 404 is not ready yet ------------------------------------
 
 def test_new_dataset_answering_404_is_waited_for(emu: KaggleEmulator, tmp_path) -> None:
