@@ -270,3 +270,24 @@ def test_messages_name_the_provider_once(emu: KaggleEmulator, tmp_path) -> None:
     _, fresh, _ = make_pool(tmp_path / "again")
     no_doubled_prefix(attempt.end_reason, *report.waiting.values(), *waiting.waiting.values(),
                       pool.state.experiment(experiment.id).wait_reason, fresh.check_credentials()[1])
+
+
+# -- 8. every call to Kaggle has a timeout and a bounded retry -----------------------------
+
+IDEMPOTENT_CALLS = ("GetDatasetStatus", "StartBlobUpload", "upload", "GetKernel",
+                    "GetKernelSessionStatus", "ListKernelSessionOutput", "download",
+                    "GetAcceleratorQuotaStatistics", "DeleteKernel", "DeleteDataset")
+
+
+def test_every_call_times_out_and_is_retried(emu: KaggleEmulator, tmp_path) -> None:
+    """A stall on any call costs one timeout and one retry (a backoff recorded), never the
+    stall itself; pushes and creates are the unclear-outcome tests above."""
+    emu.config.max_hang_seconds = 30
+    for endpoint in IDEMPOTENT_CALLS:
+        emu.inject(endpoint, Fault.hang(30))
+    pool, _, sleeps = make_pool(tmp_path, request_timeout=0.5, download_timeout=0.5)
+    experiment = pool.submit(spec(tmp_path, run=QUICK))
+    assert drive(pool, experiment.id, timeout=60).state == ExperimentState.SUCCEEDED
+    assert not any(emu.faults.values())  # every stall was met by the run
+    assert len([s for s in sleeps if s > 0]) == len(IDEMPOTENT_CALLS)
+    assert not emu.live_kernels() and not emu.live_datasets()
