@@ -22,7 +22,7 @@ SESSION_SUBDIR = "gpupool"  # under /kaggle/working
 MAX_SLUG = 50
 
 # Every KernelWorkerStatus, mapped once. COMPLETE and ERROR are refined by the session's
-# exit.json (and, for ERROR, by whether a checkpoint was kept); see provider.py.
+# exit.json: without one, Kaggle ended the session and it is LOST (see outputs.ending).
 STATUS_MAP: dict[str, AttemptState] = {
     "QUEUED": AttemptState.SUBMITTED,
     "NEW_SCRIPT": AttemptState.SUBMITTED,
