@@ -259,6 +259,20 @@ def test_new_dataset_answering_404_is_waited_for(emu: KaggleEmulator, tmp_path) 
     assert drive(pool, experiment.id, timeout=60).state == ExperimentState.SUCCEEDED
 
 
+def test_new_kernel_not_found_right_after_its_push_is_not_lost(
+        emu: KaggleEmulator, tmp_path) -> None:
+    pool, _, _ = make_pool(tmp_path)
+    denied = Fault.http(403, {"code": 403, "message": "Permission 'kernels.get' was denied"})
+    experiment = pool.submit(spec(tmp_path, run=QUICK))
+    scheduler = Scheduler(pool)
+    assert scheduler.reconcile_once(time.time()).placed
+    emu.inject("GetKernelSessionStatus", denied, times=2)  # Kaggle has not caught up yet
+    scheduler.reconcile_once(time.time())
+    attempt = pool.state.attempts(experiment.id)[0]
+    assert attempt.state == AttemptState.SUBMITTED and "does not show" in (attempt.detail or "")
+    assert drive(pool, experiment.id, timeout=60).state == ExperimentState.SUCCEEDED
+
+
 def test_messages_name_the_provider_once(emu: KaggleEmulator, tmp_path) -> None:
     emu.config.max_gpu_sessions = 0
     pool, provider, _ = make_pool(tmp_path)
