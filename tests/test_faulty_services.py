@@ -79,7 +79,7 @@ def emu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 def kaggle_pool(tmp: Path) -> tuple[Pool, KaggleProvider, list[float]]:
     section = {"request_timeout": 0.4, "max_retries": 4, "backoff_base": 0.5, "backoff_max": 30,
                "dataset_poll_seconds": 0, "session_seconds": 600, "deadline_margin": 1,
-               "startup_seconds": 1,
+               "startup_seconds": 1, "push_settle_seconds": 5,  # > the longest stall (1.5 s)
                "keep_remote_objects": True}  # the finished kernels are polled again below
     pool = Pool(PoolSettings(data_dir=tmp / "data", providers={"kaggle": section}))
     provider = pool.provider("kaggle")

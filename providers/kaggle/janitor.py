@@ -53,16 +53,19 @@ class Janitor:
         return True
 
     def remember(self, item: Leftover) -> None:
+        """Keep ``item`` to delete later (one entry per attempt; the newest wins)."""
         items = {i.attempt: i for i in self.pending()}
         items[item.attempt] = item
         self._write(list(items.values()))
 
     def forget(self, attempt: str) -> None:
+        """Drop the attempt's entry: its objects are gone."""
         items = self.pending()
         if any(i.attempt == attempt for i in items):
             self._write([i for i in items if i.attempt != attempt])
 
     def pending(self) -> list[Leftover]:
+        """What is still to delete ([] when the list is missing or unreadable)."""
         try:
             return [Leftover(**entry) for entry in json.loads(self.path.read_text())]
         except (OSError, ValueError, TypeError):

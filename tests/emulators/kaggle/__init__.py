@@ -5,9 +5,11 @@
         client.kernels.kernels_api_client.save_kernel(request)
         emu.wait("alice/my-job").outputs    # {"model.pt": Path(...)}
 
-See emulator.py (the object), faults.py (Fault.rate_limit(), .http(), .hang(), .reset(),
-.truncate(), .extra_fields(), .status()), state.py (Config: caps, quota, timing) and
-runner.py (the fake /kaggle).
+See emulator.py (the object; live_kernels(), live_datasets(), charged_sessions() count what a
+client left behind and what was charged), faults.py (Fault.rate_limit(), .http(), .hang(),
+.reset(), .truncate(), .extra_fields(), .status(); http/hang/reset with after=True strike once
+the request took effect), state.py (Config: caps, quota, timing, expose_session_id,
+private_dataset_quota_bytes) and runner.py (the fake /kaggle).
 """
 
 from __future__ import annotations
