@@ -327,8 +327,17 @@ class KaggleProvider(Provider):
         answer carries ``kernelSessionId``, and otherwise the person is told where to stop it.
         """
         record = self._record_of(attempt)
+        action = f"stop it at https://www.kaggle.com/code/{record['owner']}/{record['slug']}"
+        try:
+            self._cancel(attempt, record, action)
+        except CancelFailed:
+            raise
+        except GpupoolError as err:  # Kaggle did not answer: what runs, runs on
+            raise CancelFailed(self.name, f"could not reach Kaggle to stop {record['slug']}: "
+                                          f"{detail(err)}", action) from None
+
+    def _cancel(self, attempt: Attempt, record: dict[str, Any], action: str) -> None:
         owner, slug, version = record["owner"], record["slug"], record.get("version")
-        action = f"stop it at https://www.kaggle.com/code/{owner}/{slug}"
         if record.get("unconfirmed_since") is not None and version is None:
             if self.remote.current_version(owner, slug) is None:
                 raise CancelFailed(self.name, f"the push of {owner}/{slug} got no clear answer "

@@ -163,6 +163,17 @@ def test_cancel_that_kaggle_refuses_raises_cancel_failed(emu: KaggleEmulator, tm
     assert session.status == "RUNNING" and len(backoffs) == 2  # bounded retries, then the truth
 
 
+def test_cancel_when_kaggle_does_not_answer_raises_cancel_failed(
+        emu: KaggleEmulator, tmp_path) -> None:
+    pool, provider, _ = make_pool(tmp_path, max_retries=1)
+    _, attempt, session = running_attempt(pool, emu, tmp_path)
+    emu.inject("GetKernelSessionStatus", Fault.http(503), times=2)
+    with pytest.raises(CancelFailed, match="could not reach Kaggle") as caught:
+        provider.cancel(pool.state.attempt(attempt.id))
+    assert caught.value.action.startswith("stop it at https://www.kaggle.com/code/alice/")
+    assert session.status == "RUNNING"
+
+
 def test_cancel_of_a_session_that_already_ended_sends_nothing(
         emu: KaggleEmulator, tmp_path) -> None:
     pool, provider, _ = make_pool(tmp_path)
