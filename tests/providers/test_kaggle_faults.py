@@ -139,6 +139,16 @@ def test_cancel_stops_the_kernel_and_its_charge(emu: KaggleEmulator, tmp_path) -
     assert session.charged_seconds == charged
 
 
+def test_adopted_session_is_cancelled_like_any_other(emu: KaggleEmulator, tmp_path) -> None:
+    emu.config.expose_session_id = True
+    emu.inject("SaveKernel", Fault.http(500, after=True))
+    pool, _, _ = make_pool(tmp_path)
+    experiment, attempt, session = running_attempt(pool, emu, tmp_path)
+    assert "found its kernel" in (pool.state.attempt(attempt.id).detail or "")
+    Scheduler(pool).cancel(experiment.id, time.time())
+    assert emu.wait(session.id).status == "CANCEL_ACKNOWLEDGED" and len(emu.sessions) == 1
+
+
 def test_cancel_without_a_session_id_says_so_and_where_to_stop_it(
         emu: KaggleEmulator, tmp_path) -> None:
     pool, provider, _ = make_pool(tmp_path)
