@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from gpupool.errors import GpupoolError
+from gpupool.errors import ConfigError, GpupoolError
 
 EXAMPLES = """
 \b
@@ -62,10 +62,14 @@ def cli(ctx: click.Context, config: Path | None) -> None:
 @cli.command()
 @click.argument("experiment_file", type=click.Path(path_type=Path))
 @click.option("--detach", is_flag=True, help="Submit and return at once (a `gpupool daemon` runs it).")
+@click.option("--wait", "wait_anyway", is_flag=True,
+              help="Submit even when no provider can run it now, and wait for one.")
 @click.pass_context
-def run(ctx: click.Context, experiment_file: Path, detach: bool) -> None:
+def run(ctx: click.Context, experiment_file: Path, detach: bool, wait_anyway: bool) -> None:
     """Submit EXPERIMENT_FILE and follow it until it finishes.
 
+    First says which providers it will use and why each other one is skipped, with the
+    command that fixes it; with none usable it stops (exit 2) unless --wait is given.
     Ctrl-C stops following; training sessions keep running, and `gpupool watch ID` or
     `gpupool daemon` carries on scheduling.
     """
@@ -74,16 +78,34 @@ def run(ctx: click.Context, experiment_file: Path, detach: bool) -> None:
 
     spec = load_experiment(experiment_file)
     pool = _open_pool(ctx)
+    _preflight(pool, spec, wait_anyway)
     experiment = pool.submit(spec)
     console = _console()
     console.print(f"submitted [bold]{experiment.id}[/] ({spec.name}), providers: {', '.join(spec.providers)}")
-    driver = Driver(pool)
+    driver = Driver(pool, role="run")
     driver.step()
     if detach:
         console.print(f"detached; `gpupool status {experiment.id}` shows progress, "
                       "and `gpupool daemon` must be running to carry it on")
         return
     sys.exit(_follow(pool, driver, experiment.id, console))
+
+
+def _preflight(pool: Any, spec: Any, wait_anyway: bool) -> None:
+    """Print which providers will be used and why others are skipped; with none usable,
+    stop with exit 2 before anything is submitted (unless told to wait)."""
+    from gpupool.preflight import check_providers, report_lines, usable
+
+    checks = check_providers(pool, spec)
+    err = not usable(checks)
+    click.echo(f"providers for {spec.name}:", err=err)
+    for line in report_lines(checks):
+        click.echo(line, err=err)
+    if err and not wait_anyway:
+        raise ConfigError(f"no provider can run {spec.name} now ({', '.join(spec.providers)}); "
+                          "fix one as shown above, or pass --wait to submit it and wait")
+    if err:
+        click.echo("  none is usable now; submitting anyway (--wait): it waits until one is", err=True)
 
 
 @cli.command()
@@ -99,7 +121,7 @@ def watch(ctx: click.Context, experiment_id: str) -> None:
 
     pool = _open_pool(ctx)
     experiment = pool.state.experiment(experiment_id)
-    driver = Driver(pool)
+    driver = Driver(pool, role="watch")
     driver.step()
     sys.exit(_follow(pool, driver, experiment.id, _console()))
 
@@ -145,7 +167,8 @@ def _summary(pool: Any, experiment_id: str, console: Any) -> int:
 @click.pass_context
 def status(ctx: click.Context, experiment_id: str | None, as_json: bool, limit: int, page: int) -> None:
     """Show experiments, or one experiment with every attempt and its recent events."""
-    from gpupool.views import attempt_row, experiment_row
+    from gpupool.states import ExperimentState
+    from gpupool.views import attempt_row, experiment_row, scheduler_line, scheduler_row
 
     pool = _open_pool(ctx)
     now = time.time()
@@ -154,11 +177,17 @@ def status(ctx: click.Context, experiment_id: str | None, as_json: bool, limit: 
         data = experiment_row(pool, experiment, now)
         data["attempts"] = [attempt_row(a, now) for a in pool.state.attempts(experiment.id)]
         data["events"] = pool.state.events(experiment.id, limit=20)
+        data["scheduler"] = scheduler_row(pool, now)
         _print_json(data) if as_json else _render_experiment(data)
+        if not as_json:
+            _console().print(scheduler_line(data["scheduler"], int(not experiment.state.terminal), now))
         return
     rows = [experiment_row(pool, e, now)
             for e in pool.state.experiments(limit=limit, offset=(page - 1) * limit)]
     _print_json(rows) if as_json else _render_experiments(rows, pool.state.count_experiments(), page, limit)
+    if not as_json:
+        unfinished = len(pool.state.experiments([ExperimentState.PENDING, ExperimentState.RUNNING]))
+        _console().print(scheduler_line(scheduler_row(pool, now), unfinished, now))
 
 
 def _render_experiments(rows: list[dict[str, Any]], total: int, page: int, limit: int) -> None:
@@ -257,7 +286,7 @@ def daemon(ctx: click.Context, once: bool) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     pool = _open_pool(ctx)
-    driver = Driver(pool)
+    driver = Driver(pool, role="daemon")
     if once:
         report = driver.step()
         driver.release()
@@ -445,10 +474,19 @@ def main() -> None:
         click.echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as err:
-        err.show()
+        _show_click_error(err)
         sys.exit(err.exit_code)
     except GpupoolError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def _show_click_error(err: click.ClickException) -> None:
+    """click's own errors in gpupool's form (``error: ...``), so every message starts alike."""
+    ctx = getattr(err, "ctx", None)
+    if isinstance(err, click.UsageError) and ctx is not None:
+        click.echo(ctx.get_usage(), err=True)
+        click.echo(f"Try '{ctx.command_path} --help' for help.", err=True)
+    click.echo(f"error: {err.format_message()}", err=True)

@@ -1,5 +1,11 @@
 """Driving the scheduler: APScheduler calls ``reconcile_once`` on an interval, under a lease so
-that two schedulers sharing one database never place the same work twice."""
+that two schedulers sharing one database never place the same work twice.
+
+The lease is also the record that a scheduler runs: its owner names the host, the process, the
+role (``daemon`` or a foreground ``run``/``watch``) and when it started, so ``gpupool status``
+can say whether anything is moving the experiments on, and since when. The lease holder also
+sends the pool's notifications (gpupool.notify) after each step.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,10 @@ import secrets
 import socket
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
+from gpupool import db
 from gpupool.pool import Pool
 from gpupool.scheduler import Report, Scheduler
 
@@ -17,8 +26,41 @@ LEASE = "scheduler"
 log = logging.getLogger("gpupool.daemon")
 
 
-def owner_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+def owner_id(role: str = "scheduler", since: float | None = None) -> str:
+    """``host:pid:token:role:since`` (``since`` in whole epoch seconds); at most 128 chars."""
+    host = socket.gethostname()[:64]
+    return f"{host}:{os.getpid()}:{secrets.token_hex(3)}:{role}:{int(since or 0)}"
+
+
+@dataclass(frozen=True)
+class SchedulerRecord:
+    """What the lease says about the scheduler: who holds it, since when, and if it is alive."""
+
+    running: bool
+    host: str
+    pid: int | None
+    role: str
+    since: float | None  # epoch seconds the holder started, None if it did not say
+    last_seen: float  # epoch seconds of its last step (the lease's expiry minus its ttl)
+    why_not: str = ""  # why it is taken as not running
+
+
+def scheduler_record(pool: Pool, now: float) -> SchedulerRecord | None:
+    """The scheduler lease as a record; None when no scheduler holds or held it (released)."""
+    with pool.state.engine.connect() as conn:
+        row = conn.execute(db.leases.select().where(db.leases.c.name == LEASE)).first()
+    if row is None:
+        return None
+    host, pid, _token, role, since = (str(row.owner).split(":") + ["", "", "", ""])[:5]
+    ttl = max(30.0, 3 * pool.settings.poll_interval)
+    why_not = ""
+    if holder_is_dead(row.owner):
+        why_not = f"process {pid} on {host} is gone"
+    elif row.expires_at <= now:
+        why_not = "it stopped renewing its lease"
+    return SchedulerRecord(running=not why_not, host=host, pid=int(pid) if pid.isdigit() else None,
+                           role=role or "scheduler", since=float(since) if since.isdigit() and
+                           int(since) > 0 else None, last_seen=row.expires_at - ttl, why_not=why_not)
 
 
 def holder_is_dead(owner: str) -> bool:
@@ -39,15 +81,18 @@ def holder_is_dead(owner: str) -> bool:
 class Driver:
     """Runs reconcile steps while holding the scheduler lease."""
 
-    def __init__(self, pool: Pool, *, owner: str | None = None,
-                 on_report: Callable[[Report], None] | None = None):
+    def __init__(self, pool: Pool, *, owner: str | None = None, role: str = "scheduler",
+                 on_report: Callable[[Report], None] | None = None, notifier: Any = None):
+        from gpupool.notify import Notifier
+
         self.pool = pool
         self.scheduler = Scheduler(pool)
-        self.owner = owner or owner_id()
+        self.owner = owner or owner_id(role, pool.clock())
         self.on_report = on_report
         self.ttl = max(30.0, 3 * pool.settings.poll_interval)
         self._lock = threading.Lock()
         self.holds_lease = False
+        self.notifier = notifier if notifier is not None else Notifier.for_pool(pool)
 
     def step(self) -> Report | None:
         """One reconcile step; None when another scheduler holds the lease."""
@@ -60,9 +105,19 @@ class Driver:
             report = self.scheduler.reconcile_once(now)
         for problem in report.problems:
             log.warning(problem)
+        self._notify(now)
         if self.on_report is not None:
             self.on_report(report)
         return report
+
+    def _notify(self, now: float) -> None:
+        """Send the notifications this step's events call for; never stops the scheduler."""
+        if self.notifier is None:
+            return
+        try:
+            self.notifier.check(now)
+        except Exception:  # a notification service down must not stop training
+            log.exception("sending notifications failed; they are retried next step")
 
     def release(self) -> None:
         self.pool.state.release_lease(LEASE, self.owner)

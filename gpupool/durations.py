@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Annotated
+
+from pydantic import BeforeValidator
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _PART = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
@@ -49,3 +52,14 @@ def format_duration(seconds: float) -> str:
     if minutes:
         return f"{minutes}m{secs:02d}s"
     return f"{secs}s"
+
+
+def _seconds(value: object) -> object:
+    """Pydantic's before-validator: durations as text become seconds; other values pass on."""
+    if isinstance(value, str):
+        return parse_duration(value)
+    return value
+
+
+# A field of seconds that also takes "30m" or "1h30m", as experiment files do.
+Seconds = Annotated[float, BeforeValidator(_seconds)]

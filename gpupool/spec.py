@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from gpupool.durations import parse_duration
 from gpupool.errors import SpecError
-from gpupool.yamlfile import load_yaml_model, locate
+from gpupool.yamlfile import compose, did_you_mean, load_yaml_model, locate, locate_in
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{1,48}[a-z0-9]$")
 ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -139,10 +139,30 @@ class ExperimentSpec(_Strict):
 
 
 def load_experiment(path: str | Path, *, check_workdir: bool = True) -> ExperimentSpec:
-    """Read and validate an experiment file; relative ``workdir`` is taken from the file's folder."""
+    """Read and validate an experiment file; relative ``workdir`` is taken from the file's folder.
+
+    Raises ``SpecError`` (exit 2) with each problem's key, line and, for a misspelt key or
+    provider, the closest known one."""
     path = Path(path)
     spec = load_yaml_model(path, ExperimentSpec, context={"base_dir": path.parent.resolve()})
+    _check_provider_names(path, spec.providers)
     if check_workdir and not spec.workdir.is_dir():
         where = locate(path.read_text(encoding="utf-8"), ("workdir",))
         raise SpecError(str(path), [(where, f"{spec.workdir} is not a directory")])
     return spec
+
+
+def _check_provider_names(path: Path, names: list[str]) -> None:
+    """Every name in ``providers:`` must be an installed provider (found by entry point)."""
+    from gpupool.provider import available_providers
+
+    installed = sorted(available_providers())
+    unknown = [(i, name) for i, name in enumerate(names) if name not in installed]
+    if not unknown:
+        return
+    root = compose(path.read_text(encoding="utf-8"))
+    problems = [(locate_in(root, ("providers", i)),
+                 f"unknown provider {name!r}" + (did_you_mean(name, installed)
+                                                 or f" (installed: {', '.join(installed) or 'none'})"))
+                for i, name in unknown]
+    raise SpecError(str(path), problems)

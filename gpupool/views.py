@@ -97,3 +97,37 @@ def quota_row(provider: str, account: str, quota: Quota | None, now: float) -> d
         "resets_in": format_duration(quota.resets_at - now) if quota.resets_at else None,
         "source": quota.source,
     }
+
+
+def scheduler_row(pool: Pool, now: float) -> dict[str, Any]:
+    """Whether a scheduler (daemon, or a foreground run/watch) is moving experiments on, read
+    from its lease in the state database, and since when (epoch seconds)."""
+    from gpupool.daemon import scheduler_record
+
+    record = scheduler_record(pool, now)
+    if record is None:
+        return {"running": False, "role": None, "host": None, "pid": None, "since": None,
+                "last_seen": None, "why_not": "none has run since the last one stopped"}
+    return {"running": record.running, "role": record.role, "host": record.host,
+            "pid": record.pid, "since": record.since, "last_seen": record.last_seen,
+            "why_not": record.why_not or None}
+
+
+def scheduler_line(row: dict[str, Any], unfinished: int, now: float) -> str:
+    """One sentence for ``gpupool status``: who schedules, since when, or that nobody does."""
+    if row["running"]:
+        since = f" since {_clock(row['since'])} ({format_duration(now - row['since'])} ago)" \
+            if row["since"] else ""
+        return f"scheduler: {row['role']} on {row['host']} (pid {row['pid']}) running{since}"
+    seen = f", last step at {_clock(row['last_seen'])}" if row["last_seen"] else ""
+    line = f"scheduler: none running ({row['why_not']}{seen})"
+    if unfinished:
+        line += (f"; {unfinished} unfinished experiment(s) will not move on until "
+                 "`gpupool daemon` or `gpupool watch ID` runs")
+    return line
+
+
+def _clock(epoch: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from gpupool.durations import Seconds
 from gpupool.errors import ProviderError
 from gpupool.manifest import Manifest, ManifestError, list_local, verify_local
 from gpupool.provider import (
@@ -45,8 +46,8 @@ class LocalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool = True
     max_concurrent: int = Field(1, ge=1)
-    session_seconds: float | None = Field(None, gt=0, description="cap each session (None: no cap)")
-    deadline_margin: float | None = Field(None, ge=0, description="stop this long before the cap")
+    session_seconds: Seconds | None = Field(None, gt=0, description="cap each session (None: no cap)")
+    deadline_margin: Seconds | None = Field(None, ge=0, description="stop this long before the cap")
     gpus: Literal["auto", "none"] | list[str] = "auto"
     cpu_fallback: bool = Field(True, description="run GPU experiments on the CPU when no GPU")
     windows: list[str] = Field(default_factory=list, description='e.g. ["22:00-07:00"] local time')

@@ -60,9 +60,8 @@ def test_malformed_pool_files_give_field_errors_never_tracebacks(tmp_path: Path,
 def test_malformed_pool_file_names_the_field_and_line(tmp_path: Path) -> None:
     path = tmp_path / "pool.yaml"
     path.write_text("poll_interval: 5\nproviders:\n  kaggle:\n    max_retries: lots\n")
-    pool = load_settings(path)
-    with pytest.raises(SpecError, match=r"providers\.kaggle\.max_retries"):
-        load_provider_class("kaggle").from_section(pool.provider_section("kaggle"), tmp_path, lambda: 0)
+    with pytest.raises(SpecError, match=r"providers\.kaggle\.max_retries \(line 4\)"):
+        load_settings(path)  # checked when loaded, not when the provider is first used
     path.write_text("poll_interval: -1\n")
     with pytest.raises(SpecError, match="line 1"):
         load_settings(path)

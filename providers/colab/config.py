@@ -7,6 +7,8 @@ from pathlib import Path
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field
 
+from gpupool.durations import Seconds
+
 CONFIG_DIR = Path(platformdirs.user_config_dir("gpupool")) / "colab"
 DEFAULT_CLIENT_SECRETS = CONFIG_DIR / "client_secrets.json"
 DEFAULT_CREDENTIALS = CONFIG_DIR / "credentials.json"
@@ -21,15 +23,16 @@ class ColabConfig(BaseModel):
                                    description="saved user credentials (written by gpupool auth colab)")
     folder: str = Field("gpupool", description="folder in My Drive holding gpupool's files")
     max_concurrent: int = Field(1, ge=1)
-    session_seconds: float = Field(12 * 3600, gt=0, description="Colab's free session cap")
-    deadline_margin: float = Field(600, ge=0, description="stop this long before the cap")
-    start_timeout: float = Field(1800, gt=0, description="withdraw if nobody runs it in time")
-    heartbeat_seconds: float = Field(30, gt=0, description="how often the notebook reports")
-    heartbeat_timeout: float = Field(600, gt=0, description="silence after which it is lost")
-    no_gpu_cooldown: float = Field(6 * 3600, ge=0, description="rest after 'no GPU' reports")
+    session_seconds: Seconds = Field(12 * 3600, gt=0, description="Colab's free session cap")
+    deadline_margin: Seconds = Field(600, ge=0, description="stop this long before the cap")
+    start_timeout: Seconds = Field(1800, gt=0, description="withdraw if nobody runs it in time")
+    heartbeat_seconds: Seconds = Field(30, gt=0, description="how often the notebook reports")
+    heartbeat_timeout: Seconds = Field(600, gt=0, description="silence after which it is lost")
+    no_gpu_cooldown: Seconds = Field(6 * 3600, ge=0, description="rest after 'no GPU' reports")
     estimated_gpu_hours_per_day: float = Field(4.0, gt=0,
                                                description="Colab publishes none: a guess")
-    startup_seconds: float = Field(300, ge=0, description="a person has to open it")
+    startup_seconds: Seconds = Field(300, ge=0, description="a person has to open it")
     upload_chunk_bytes: int = Field(8 * 1024 * 1024, ge=256 * 1024)
-    request_timeout: float = Field(60, gt=0, description="seconds before a stalled Drive request is retried")
+    request_timeout: Seconds = Field(60, gt=0,
+                                     description="seconds before a stalled Drive request is retried")
     gpu_probe: str = Field("nvidia-smi -L", description="command that succeeds when a GPU is there")

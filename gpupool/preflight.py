@@ -1,0 +1,93 @@
+"""Before an experiment is submitted: which of its providers can run it, and why each other
+one is skipped, with the command or setting that fixes it.
+
+``gpupool run`` prints this and refuses (exit 2) when none is usable, unless asked to wait:
+an experiment accepted with nowhere to go would otherwise wait forever without a word.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gpupool.errors import GpupoolError
+from gpupool.pool import Pool
+from gpupool.spec import ExperimentSpec
+
+# Providers whose credentials `gpupool auth NAME` sets up.
+AUTH_COMMANDS = {"colab": "gpupool auth colab", "kaggle": "gpupool auth kaggle"}
+
+
+@dataclass(frozen=True)
+class ProviderCheck:
+    """One provider's answer: usable or not, why, and what fixes it (a command or a setting)."""
+
+    name: str
+    usable: bool
+    reason: str
+    fix: str | None = None
+    on_cpu: bool = False  # a GPU experiment that would train on this provider's CPU
+
+
+def check_providers(pool: Pool, spec: ExperimentSpec) -> list[ProviderCheck]:
+    """Check every provider in ``spec.providers``, in the experiment's order of preference.
+
+    Credential checks may call the provider's API (Kaggle, Drive), each bounded by that
+    provider's own request timeout."""
+    return [check_provider(pool, spec, name) for name in spec.providers]
+
+
+def check_provider(pool: Pool, spec: ExperimentSpec, name: str) -> ProviderCheck:
+    where = _pool_file(pool)
+    try:
+        provider = pool.provider(name)
+    except GpupoolError as err:
+        return ProviderCheck(name, False, _first_line(str(err)), f"fix providers.{name} in {where}")
+    if not provider.enabled:
+        return ProviderCheck(name, False, "disabled in the pool configuration",
+                             f"set providers.{name}.enabled: true in {where}")
+    try:
+        ok, hint = provider.check_credentials()
+    except GpupoolError as err:
+        ok, hint = False, str(err)
+    if not ok:
+        return ProviderCheck(name, False, _first_line(hint), _fix(name, where))
+    on_cpu = spec.resources.wants_gpu and bool(getattr(provider, "accepts_cpu", lambda: False)())
+    return ProviderCheck(name, True, _first_line(hint), on_cpu=on_cpu)
+
+
+def _fix(name: str, where: str) -> str:
+    if name in AUTH_COMMANDS:
+        return AUTH_COMMANDS[name]
+    if name == "local":
+        return f"set providers.local.cpu_fallback: true in {where}, or install a CUDA GPU driver"
+    return f"see `gpupool providers` and providers.{name} in {where}"
+
+
+def _pool_file(pool: Pool) -> str:
+    return str(pool.settings.config_file) if pool.settings.config_file else "the pool file"
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
+def report_lines(checks: list[ProviderCheck]) -> list[str]:
+    """The pre-flight report, one line per provider plus a line for each fix."""
+    lines = []
+    for check in checks:
+        if check.usable:
+            lines.append(f"  will use {check.name}: {check.reason}")
+            if check.on_cpu:
+                lines.append(f"    note: no GPU on {check.name}, so this GPU experiment will train "
+                             "on the CPU there (much slower); set "
+                             f"providers.{check.name}.cpu_fallback: "
+                             "false to wait for a GPU instead")
+        else:
+            lines.append(f"  skipping {check.name}: {check.reason}")
+            if check.fix:
+                lines.append(f"    fix: {check.fix}")
+    return lines
+
+
+def usable(checks: list[ProviderCheck]) -> list[str]:
+    return [check.name for check in checks if check.usable]
