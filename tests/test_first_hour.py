@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -234,3 +235,64 @@ def test_refusal_is_a_config_error_for_library_callers(tmp_path):
     experiment = write_experiment(tmp_path, steps=3, providers=["kaggle"])
     result = CliRunner().invoke(cli, ["--config", str(pool), "run", str(experiment)])
     assert isinstance(result.exception, ConfigError) and result.exception.exit_code == 2
+
+
+# -- `gpupool status`: is a scheduler running, and since when ---------------------------------
+
+def status_text(pool_file: Path, *args: str) -> str:
+    from click.testing import CliRunner
+
+    from gpupool.cli import cli
+
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(cli, ["--config", str(pool_file), "status", *args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_status_says_when_no_scheduler_runs_and_what_is_left_waiting(tmp_path):
+    pool = no_credentials_pool(tmp_path)
+    experiment = write_experiment(tmp_path, steps=10, providers=["colab"])
+    assert gpupool(["--config", str(pool), "run", "--detach", "--wait", str(experiment)]).returncode == 0
+    text = status_text(pool)
+    assert "scheduler: none running" in text
+    assert "1 unfinished experiment(s) will not move on until `gpupool daemon`" in text
+
+
+def test_status_names_the_running_scheduler_and_since_when(tmp_path):
+    from gpupool.daemon import Driver
+    from gpupool.pool import Pool
+
+    pool_file = no_credentials_pool(tmp_path)
+    pool = Pool(load_settings(pool_file))
+    driver = Driver(pool, role="daemon")
+    try:
+        assert driver.step() is not None
+        text = status_text(pool_file)
+        assert f"scheduler: daemon on {os.uname().nodename[:64]} (pid {os.getpid()}) running since" in text
+        experiment = write_experiment(tmp_path, steps=10, providers=["colab"])
+        gpupool(["--config", str(pool_file), "run", "--detach", "--wait", str(experiment)])
+        ident = json.loads(gpupool(["--config", str(pool_file), "status", "--json"]).stdout)[0]["id"]
+        detail = json.loads(status_text(pool_file, ident, "--json"))
+        assert detail["scheduler"]["running"] and detail["scheduler"]["role"] == "daemon"
+        assert abs(detail["scheduler"]["since"] - time.time()) < 600
+    finally:
+        driver.release()
+        pool.close()
+    assert "scheduler: none running" in status_text(pool_file)  # released on a clean stop
+
+
+def test_status_sees_through_the_lease_of_a_killed_scheduler(tmp_path):
+    from gpupool.daemon import LEASE
+    from gpupool.pool import Pool
+
+    pool_file = no_credentials_pool(tmp_path)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    owner = f"{os.uname().nodename[:64]}:{gone.pid}:abc123:run:{int(time.time())}"
+    pool = Pool(load_settings(pool_file))
+    try:
+        assert pool.state.acquire_lease(LEASE, owner, time.time(), 3600.0)  # killed -9 while held
+    finally:
+        pool.close()
+    text = status_text(pool_file)
+    assert f"scheduler: none running (process {gone.pid} on" in text and "is gone" in text
