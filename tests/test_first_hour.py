@@ -68,7 +68,8 @@ def test_misspelt_provider_section_is_an_error_not_a_silently_skipped_provider(t
 def test_misspelt_top_level_key_suggests_the_known_one(tmp_path):
     path = tmp_path / "pool.yaml"
     path.write_text("pol_interval: 5\n")
-    with pytest.raises(SpecError, match=r"pol_interval \(line 1\): unknown key \(did you mean 'poll_interval'\?\)"):
+    with pytest.raises(SpecError,
+                       match=r"pol_interval \(line 1\): unknown key \(did you mean 'poll_interval'\?\)"):
         load_settings(path)
 
 
@@ -146,7 +147,8 @@ def test_provider_typo_in_an_experiment_gets_file_line_and_suggestion(tmp_path):
 def test_misspelt_key_in_an_experiment_section_suggests_the_known_one(tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_text(f"name: typo-test\nworkdir: {tmp_path}\nrun: x\ncheckpoint:\n  keep_lst: 2\n")
-    with pytest.raises(SpecError, match=r"checkpoint\.keep_lst \(line 5\): unknown key \(did you mean 'keep_last'\?\)"):
+    with pytest.raises(SpecError,
+                       match=r"checkpoint\.keep_lst \(line 5\): unknown key \(did you mean 'keep_last'\?\)"):
         load_experiment(path)
 
 
