@@ -382,17 +382,74 @@ def _render_quota(rows: list[dict[str, Any]]) -> None:
 
 @cli.command()
 @click.argument("provider_name", metavar="PROVIDER")
-@click.option("--no-browser", is_flag=True, help="Print the sign-in URL instead of opening a browser.")
-@click.option("--paste", is_flag=True, help="Paste the redirect address instead of a local server.")
+@click.option("--no-browser", is_flag=True,
+              help="(colab) Print the sign-in URL and take the pasted address; for machines "
+                   "without a browser (the default when there is no display).")
+@click.option("--paste", is_flag=True, help="(colab) Same as --no-browser.")
+@click.option("--username", help="(kaggle) Your Kaggle username (asked if not given).")
+@click.option("--key-file", type=click.Path(path_type=Path, dir_okay=False),
+              help="(kaggle) The kaggle.json from kaggle.com > Settings > API > Create New Token.")
 @click.pass_context
-def auth(ctx: click.Context, provider_name: str, no_browser: bool, paste: bool) -> None:
-    """Sign in once to a provider that needs it, e.g. `gpupool auth colab`."""
-    provider = _open_pool(ctx).provider(provider_name)
+def auth(ctx: click.Context, provider_name: str, no_browser: bool, paste: bool,
+         username: str | None, key_file: Path | None) -> None:
+    """Set up a provider's credentials once: `gpupool auth colab`, `gpupool auth kaggle`.
+
+    colab walks through creating the Google OAuth client, then signs in (with or without a
+    browser on this machine). kaggle checks your API key against Kaggle, then saves it
+    (mode 0600) where the Kaggle client looks for it. Keys are never echoed.
+    """
+    pool = _open_pool(ctx)
+    if provider_name == "kaggle":
+        click.echo(_auth_kaggle(pool, username, key_file))
+        return
+    provider = pool.provider(provider_name)
     authorize = getattr(provider, "authorize", None)
     if authorize is None:
         raise click.UsageError(f"{provider_name} has no sign-in step (see `gpupool providers`)")
-    click.echo(authorize(launch_browser=not no_browser, paste=paste, prompt=click.prompt,
+    click.echo(authorize(launch_browser=not no_browser, paste=paste, prompt=_prompt_or_eof,
                          echo=click.echo))
+
+
+def _prompt_or_eof(question: str) -> str:
+    """click.prompt, with no input left (or Ctrl-C) as EOFError, which providers answer with
+    what to do next rather than a bare "aborted"."""
+    try:
+        return str(click.prompt(question))
+    except click.exceptions.Abort:
+        raise EOFError(question) from None
+
+
+def _auth_kaggle(pool: Any, username: str | None, key_file: Path | None) -> str:
+    """Check the key against Kaggle with a private trial file, then move it into place."""
+    from providers.kaggle.credentials import (
+        credentials_path,
+        overriding_environment,
+        read_key_file,
+        save_checked,
+    )
+
+    provider = pool.provider("kaggle")
+    if key_file is not None:
+        username, key = read_key_file(key_file)
+    else:
+        click.echo("Your API key: kaggle.com > Settings > API > Create New Token (the username "
+                   "and key are in the kaggle.json it downloads).")
+        username = username or click.prompt("Kaggle username")
+        key = click.prompt("Kaggle API key (not shown)", hide_input=True)
+
+    def check(path: Path) -> tuple[bool, str]:
+        trial = type(provider)(provider.config.model_copy(update={"credentials": path}),
+                               provider.data_dir, provider.clock)
+        return trial.check_credentials()
+
+    target = credentials_path(provider.config.credentials)
+    hint = save_checked(username or "", key, target, check)
+    lines = [f"Kaggle accepted the key: {hint}", f"saved to {target} (mode 0600)"]
+    shadowing = overriding_environment()
+    if shadowing and provider.config.credentials is None:
+        lines.append(f"note: {', '.join(shadowing)} set in this environment take precedence over "
+                     "the saved file; unset them to use it")
+    return "\n".join(lines)
 
 
 @cli.command()

@@ -1,21 +1,31 @@
 """``gpupool auth colab``: sign in once, save the credentials (0600), prepare the Drive folder.
 
-The one interactive step in the Colab provider. PyDrive2's loopback-redirect flow
-(``LocalWebserverAuth``) opens a browser, or prints the URL with ``launch_browser=False`` (for
-a machine without one: forward the port with ``ssh -L 8080:localhost:8080``). With ``paste``
-the user copies the ``code`` from the address the browser was sent to, since Google no longer
-allows the out-of-band flow. Afterwards everything runs non-interactively from the saved file.
+The one interactive step in the Colab provider, and the first thing a new user meets, so it
+walks them through it:
+
+1. Without an OAuth client yet, it prints the steps that create one in the Google Cloud console
+   and asks for the downloaded JSON, which it copies into place (0600).
+2. With a browser on this machine, PyDrive2's loopback flow opens it and catches the redirect.
+   Without one (no display, ``--no-browser`` or ``--paste``) it prints the sign-in URL and takes
+   the address the browser was sent to, pasted back from any other machine (as rclone's
+   ``authorize`` does): Google no longer offers the out-of-band flow. It never says a browser
+   was opened when none was.
+3. The code is exchanged over an HTTP client with a timeout; Google out of reach is a clear
+   error, never a traceback. Afterwards everything runs non-interactively from the saved file.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+import webbrowser
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
-from gpupool.errors import CredentialsError
+from gpupool.errors import CredentialsError, ProviderError
 
 from .config import ColabConfig
 from .drive import (
@@ -31,40 +41,166 @@ from .drive import (
 )
 
 REDIRECT = "http://localhost:8080/"
+AGAIN = "run `gpupool auth colab` again"
+
+CLIENT_GUIDE = """\
+Colab runs need a Google OAuth client of your own. Create it once (about 5 minutes):
+  1. Create a Google Cloud project (any name): https://console.cloud.google.com/projectcreate
+  2. Enable the Google Drive API in it:
+     https://console.cloud.google.com/apis/library/drive.googleapis.com
+  3. Set up the consent screen: https://console.cloud.google.com/auth/overview
+     (Get started; audience "External"; then under Audience > Test users add your own address).
+  4. Create the client: https://console.cloud.google.com/auth/clients > Create client >
+     Application type "Desktop app" > Create, then "Download JSON".
+  5. Give that file's path below; gpupool copies it to {path} (mode 0600).
+"""
+
+PASTE_GUIDE = """\
+Sign in to Google on any machine with a browser:
+  1. Open this address, choose your account and allow access to Google Drive:
+     {url}
+  2. Google then sends the browser to {redirect}... ; that page does not load, which is expected.
+     Copy the whole address from the address bar and paste it below.
+"""
 
 
 def sign_in(config: ColabConfig, *, launch_browser: bool = True, paste: bool = False,
             prompt: Callable[[str], str] = input, echo: Callable[[str], None] = print,
             auth_factory: AuthFactory | None = None) -> dict:
-    """Run the OAuth flow, save the credentials, then :func:`prepare_drive`."""
-    client = load_client_config(config.client_secrets)
+    """Run the OAuth flow, save the credentials (0600), then :func:`prepare_drive`.
+
+    Raises ``CredentialsError`` when Google refuses (the message says what to do) and
+    ``ProviderError`` when Google cannot be reached."""
+    client = client_config(config, prompt, echo)
     path = Path(config.credentials_file)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     interactive = os.environ.pop("GDRIVE_NON_INTERACTIVE", None)
     try:
         auth = (auth_factory or default_auth_factory)(auth_settings(client, path))
-        if paste:
+        if paste or not launch_browser or not browser_available():
+            if not paste and launch_browser:
+                echo("No web browser can be opened on this machine (no display).")
             _paste_flow(auth, prompt, echo)
         else:
-            auth.LocalWebserverAuth(launch_browser=launch_browser)
+            _browser_flow(auth)
     except _credential_errors() as err:
-        raise CredentialsError(PROVIDER, f"sign-in failed: {err}") from None
+        raise CredentialsError(PROVIDER, f"sign-in failed: {err}; {AGAIN}") from None
     finally:
         if interactive is not None:
             os.environ["GDRIVE_NON_INTERACTIVE"] = interactive
-    auth.SaveCredentialsFile(str(path))
+    mask = os.umask(0o077)  # created private, not chmod-ed after a window of being readable
+    try:
+        auth.SaveCredentialsFile(str(path))
+    finally:
+        os.umask(mask)
     secure_file(path)
     return prepare_drive(config, auth_factory=auth_factory)
+
+
+def browser_available() -> bool:
+    """Whether a graphical browser can be opened here. On Linux without a display, Python's
+    ``webbrowser`` would pick a text browser in this terminal, or nothing, so: no."""
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY")
+                                                 or os.environ.get("WAYLAND_DISPLAY")):
+        return False
+    try:
+        webbrowser.get()
+    except webbrowser.Error:
+        return False
+    return True
+
+
+# -- the OAuth client ----------------------------------------------------------------------
+
+def client_config(config: ColabConfig, prompt: Callable[[str], str],
+                  echo: Callable[[str], None]) -> dict:
+    """The OAuth client; when there is none yet, the steps to create one, then its file."""
+    target = Path(config.client_secrets).expanduser()
+    if target.exists():
+        return load_client_config(target)  # a broken file: its error says what is wrong
+    echo(CLIENT_GUIDE.format(path=target))
+    try:
+        answer = prompt("Path of the downloaded client JSON").strip()
+    except EOFError:
+        raise CredentialsError(PROVIDER, f"no OAuth client at {target}; follow the steps above, "
+                                         f"then {AGAIN}") from None
+    source = Path(answer.strip("'\"")).expanduser()
+    client = load_client_config(source)
+    install_client_file(source, target)
+    echo(f"OAuth client saved to {target}")
+    return client
+
+
+def install_client_file(source: Path, target: Path) -> None:
+    """Copy the client JSON into place, readable by its owner only (it holds the secret)."""
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    staging = target.with_name(f".{target.name}.{os.getpid()}")
+    shutil.copyfile(source, staging)
+    os.chmod(staging, 0o600)
+    os.replace(staging, target)
+
+
+# -- the two ways to get a code --------------------------------------------------------------
+
+def _browser_flow(auth: Any) -> None:
+    """PyDrive2's loopback flow: it opens the browser and receives the redirect itself."""
+    try:
+        auth.LocalWebserverAuth(launch_browser=True)
+    except _network_errors() as err:
+        raise _unreachable(err) from None
 
 
 def _paste_flow(auth: Any, prompt: Callable[[str], str], echo: Callable[[str], None]) -> None:
     auth.GetFlow()
     auth.flow.redirect_uri = REDIRECT
-    echo("Open this URL, allow access, then copy the address your browser ends up on "
-         f"(it starts with {REDIRECT}, the page itself will not load):\n{auth.GetAuthUrl()}")
-    answer = prompt("Address or code").strip()
-    code = parse_qs(urlsplit(answer).query).get("code", [answer])[0]
-    auth.Auth(code)
+    echo(PASTE_GUIDE.format(url=auth.GetAuthUrl(), redirect=REDIRECT))
+    try:
+        answer = prompt("Address (or just the code)").strip()
+    except EOFError:
+        raise CredentialsError(PROVIDER, f"no address was pasted; {AGAIN}") from None
+    exchange_code(auth, code_from(answer))
+
+
+def code_from(answer: str) -> str:
+    """The ``code`` in a pasted redirect address, or the answer itself if it is a bare code."""
+    if "://" not in answer and "code=" not in answer:
+        if not answer:
+            raise CredentialsError(PROVIDER, f"nothing was pasted; {AGAIN}")
+        return unquote(answer)  # copied from the address bar, its "/" reads "%2F"
+    query = parse_qs(urlsplit(answer).query or answer.partition("?")[2])
+    if "error" in query:
+        raise CredentialsError(PROVIDER, f"Google answered {query['error'][0]!r} (access was not "
+                                         f"allowed); {AGAIN} and choose Allow")
+    if not query.get("code"):
+        raise CredentialsError(PROVIDER, f"the pasted address has no code= in it; paste the whole "
+                                         f"address the browser ended on; {AGAIN}")
+    return query["code"][0]
+
+
+def exchange_code(auth: Any, code: str) -> None:
+    """Trade the one-time code for credentials, over the auth's own HTTP client (with its
+    timeout; oauth2client's default one has none), then build the Drive service."""
+    from oauth2client.client import FlowExchangeError
+
+    try:
+        auth.credentials = auth.flow.step2_exchange(code, http=auth._build_http())
+        auth.Authorize()
+    except FlowExchangeError as err:
+        raise CredentialsError(PROVIDER, f"Google refused the code ({err}); a code works once "
+                                         f"and only for a few minutes: {AGAIN}") from None
+    except _network_errors() as err:
+        raise _unreachable(err) from None
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    import httplib2
+
+    return (httplib2.HttpLib2Error, OSError)
+
+
+def _unreachable(err: BaseException) -> ProviderError:
+    return ProviderError(PROVIDER, f"cannot reach Google's sign-in service ({type(err).__name__}: "
+                                   f"{err}); check the network or proxy (HTTPS_PROXY), then {AGAIN}")
 
 
 def prepare_drive(config: ColabConfig, *, auth_factory: AuthFactory | None = None,

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,3 +102,58 @@ def _from_json(path: Path) -> Credentials | None:
         log.warning("kaggle: %s is readable by other users of this machine; run chmod 600 %s",
                     path, path)
     return Credentials(str(path), username=user, key=key) if user and key else None
+
+
+# -- `gpupool auth kaggle` -----------------------------------------------------------------------
+
+Check = Callable[[Path], tuple[bool, str]]
+
+
+def credentials_path(explicit: Path | None = None) -> Path:
+    """Where ``gpupool auth kaggle`` saves: the configured file, else the client's kaggle.json."""
+    return Path(explicit).expanduser() if explicit is not None else config_dir() / "kaggle.json"
+
+
+def read_key_file(path: Path) -> tuple[str, str]:
+    """(username, key) from a kaggle.json downloaded from kaggle.com > Settings > API."""
+    found = _from_json(Path(path).expanduser())
+    if found is None or not found.username or not found.key:
+        raise CredentialsError("kaggle", f"{path} holds no username and key; download it again "
+                                         "from kaggle.com > Settings > API > Create New Token")
+    return found.username, found.key
+
+
+def save_checked(username: str, key: str, target: Path, check: Check) -> str:
+    """Write the credentials to a private file beside ``target``, ``check`` them against the
+    Kaggle API with that file, and only then move it into place (mode 0600).
+
+    Returns the check's hint; raises ``CredentialsError`` when Kaggle refuses them (nothing is
+    saved then). The key is never printed: messages name the file, not its contents."""
+    username, key = username.strip(), key.strip()
+    if not username or not key:
+        raise CredentialsError("kaggle", "both a username and an API key are needed")
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    trial = target.with_name(f".{target.name}.{os.getpid()}.trial")
+    _write_private(trial, json.dumps({"username": username, "key": key}))
+    try:
+        ok, hint = check(trial)
+        if not ok:
+            raise CredentialsError("kaggle", hint.replace(str(trial), "the credentials given"))
+        os.replace(trial, target)
+    finally:
+        trial.unlink(missing_ok=True)
+    return hint.replace(str(trial), str(target))
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Create ``path`` readable by its owner only from the first byte (no chmod window)."""
+    path.unlink(missing_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(text)
+
+
+def overriding_environment() -> list[str]:
+    """Variables the kaggle client reads before kaggle.json: a saved file is not used while set."""
+    names = ("KAGGLE_API_TOKEN", "KAGGLE_USERNAME", "KAGGLE_KEY")
+    return [name for name in names if os.environ.get(name)]

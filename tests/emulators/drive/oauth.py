@@ -1,12 +1,14 @@
-"""Google's OAuth 2.0 token endpoint (refresh grant, revocation) and bearer-token checks.
+"""Google's OAuth 2.0 endpoints: the consent page (already agreed to), the token endpoint
+(authorization-code and refresh grants), revocation, and bearer-token checks.
 
 Answers are shaped like Google's, so oauth2client turns a revoked refresh token into
-``HttpAccessTokenRefreshError("invalid_grant: Token has been expired or revoked.")``.
+``HttpAccessTokenRefreshError("invalid_grant: Token has been expired or revoked.")`` and a
+bad code into ``FlowExchangeError("invalid_grant: Malformed auth code.")``.
 """
 
 from __future__ import annotations
 
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 from .resources import error_body
 from .state import ACCESS_TOKEN_SECONDS, DriveState
@@ -25,20 +27,51 @@ def _oauth_error(status: int, code: str, description: str) -> Response:
     return json_response({"error": code, "error_description": description}, status)
 
 
+def authorize(state: DriveState, req: Request) -> Response:
+    """``GET /o/oauth2/auth``: the consent page, as if the person signed in and clicked Allow.
+    Redirects to the loopback ``redirect_uri`` with a one-time code, as Google does."""
+    query = req.query
+    if query.get("client_id") != state.client_id:
+        return _oauth_error(401, "invalid_client", "The OAuth client was not found.")
+    redirect = query.get("redirect_uri", "")
+    if urlsplit(redirect).hostname not in ("localhost", "127.0.0.1"):
+        return _oauth_error(400, "redirect_uri_mismatch", "Desktop clients redirect to loopback.")
+    if query.get("response_type") != "code":
+        return _oauth_error(400, "unsupported_response_type", "response_type must be code")
+    params = {"code": state.issue_auth_code(redirect), "scope": query.get("scope", "")}
+    if "state" in query:
+        params["state"] = query["state"]
+    joiner = "&" if "?" in redirect else "?"
+    return Response(302, b"", {"Location": redirect + joiner + urlencode(params)})
+
+
 def token(state: DriveState, req: Request) -> Response:
     """``POST /token`` (oauth2.googleapis.com) and ``/o/oauth2/token`` (accounts.google.com)."""
     form = _form(req)
-    if form.get("grant_type") != "refresh_token":
+    if form.get("grant_type") not in ("refresh_token", "authorization_code"):
         return _oauth_error(400, "unsupported_grant_type",
                             f"Invalid grant_type: {form.get('grant_type', '')}")
     if (form.get("client_id"), form.get("client_secret")) != (state.client_id,
                                                                state.client_secret):
         return _oauth_error(401, "invalid_client", "The OAuth client was not found.")
+    if form["grant_type"] == "authorization_code":
+        return _exchange_code(state, form)
     if not state.refresh_token_valid(form.get("refresh_token", "")):
         return _oauth_error(400, "invalid_grant", "Token has been expired or revoked.")
     return json_response({"access_token": state.issue_access_token(),
                           "expires_in": ACCESS_TOKEN_SECONDS, "scope": DRIVE_SCOPE,
                           "token_type": "Bearer"})
+
+
+def _exchange_code(state: DriveState, form: dict[str, str]) -> Response:
+    redirect = state.take_auth_code(form.get("code", ""))
+    if redirect is None:
+        return _oauth_error(400, "invalid_grant", "Malformed auth code.")
+    if form.get("redirect_uri") != redirect:
+        return _oauth_error(400, "redirect_uri_mismatch", "Bad Request")
+    return json_response({"access_token": state.issue_access_token(),
+                          "expires_in": ACCESS_TOKEN_SECONDS, "scope": DRIVE_SCOPE,
+                          "refresh_token": state.issue_refresh_token(), "token_type": "Bearer"})
 
 
 def revoke(state: DriveState, req: Request) -> Response:

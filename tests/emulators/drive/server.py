@@ -47,6 +47,8 @@ ROUTES = [
     Route("PUT", f"/upload/drive/v2/files/{_ID}", "files.update", uploads.upload),
     Route("GET", "/drive/v2/about", "about.get", files.about_get),
     Route("POST", "/token|/o/oauth2/token", "oauth.token", oauth.token, needs_auth=False),
+    Route("GET", "/o/oauth2/auth|/o/oauth2/v2/auth", "oauth.authorize", oauth.authorize,
+          needs_auth=False),
     Route("GET POST", "/revoke|/o/oauth2/revoke", "oauth.revoke", oauth.revoke,
           needs_auth=False),
 ]

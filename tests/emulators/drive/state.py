@@ -105,6 +105,7 @@ class DriveState:
         self.files: dict[str, DriveFile] = {}
         self.access_tokens: dict[str, datetime] = {}  # token -> expiry
         self.refresh_tokens: dict[str, bool] = {}  # token -> still valid
+        self.auth_codes: dict[str, str] = {}  # one-time authorization code -> its redirect_uri
         self.uploads: dict[str, UploadSession] = {}
         self.requests: list[RequestRecord] = []
         self.root_id = "0A" + self._random(16) + "Uk9PVA"
@@ -229,6 +230,18 @@ class DriveState:
     def refresh_token_valid(self, token: str) -> bool:
         with self.lock:
             return self.refresh_tokens.get(token, False)
+
+    def issue_auth_code(self, redirect_uri: str) -> str:
+        """A one-time code, as Google's consent page appends to the redirect address."""
+        code = "4/0A" + self._random(30)
+        with self.lock:
+            self.auth_codes[code] = redirect_uri
+        return code
+
+    def take_auth_code(self, code: str) -> str | None:
+        """The redirect_uri the code was issued for; None if unknown or already used."""
+        with self.lock:
+            return self.auth_codes.pop(code, None)
 
     def issue_access_token(self) -> str:
         token = "ya29.emu-" + self._random(40)
