@@ -233,3 +233,19 @@ def test_auth_kaggle_takes_the_downloaded_kaggle_json(kaggle, tmp_path):
                                       "--key-file", str(downloaded)])
     assert result.exit_code == 0, (result.output, result.exception)
     assert (tmp_path / "kaggle-config" / "kaggle.json").exists() and KAGGLE_KEY not in result.output
+
+
+def test_revoked_saved_credentials_lead_to_a_new_sign_in(drive_emulator, tmp_path):
+    from tests.emulators.drive import write_credentials_file
+
+    installed_client(tmp_path, drive_emulator)
+    config = colab_config(tmp_path)
+    write_credentials_file(config.credentials_file, drive_emulator)
+    drive_emulator.revoke_refresh_token()
+    person = Person(drive_emulator)
+    result = sign_in(config, prompt=person.prompt, echo=person.echo,
+                     auth_factory=loopback(drive_emulator))
+    assert "no longer work; signing in again" in "\n".join(person.shown)
+    assert result["user"] == drive_emulator.state.user_email
+    saved = json.loads(config.credentials_file.read_text())
+    assert saved["refresh_token"] != drive_emulator.refresh_token  # a new grant, not the revoked one

@@ -73,6 +73,11 @@ def sign_in(config: ColabConfig, *, launch_browser: bool = True, paste: bool = F
     ``ProviderError`` when Google cannot be reached."""
     client = client_config(config, prompt, echo)
     path = Path(config.credentials_file)
+    if path.exists():
+        try:  # signed in before and still valid: nothing to ask (delete the file to switch)
+            return prepare_drive(config, auth_factory=auth_factory)
+        except CredentialsError:
+            echo(f"The saved credentials in {path} no longer work; signing in again.")
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     interactive = os.environ.pop("GDRIVE_NON_INTERACTIVE", None)
     try:
