@@ -135,6 +135,7 @@ def check_provider_sections(settings: PoolSettings, root: yaml.Node | None) -> N
 
     installed = sorted(available_providers())
     problems: list[tuple[str, str]] = []
+    normalized: dict[str, dict[str, Any]] = {}
     for name, section in settings.providers.items():
         where = locate_in(root, ("providers", name), key=True)
         if name not in installed:
@@ -143,13 +144,16 @@ def check_provider_sections(settings: PoolSettings, root: yaml.Node | None) -> N
             continue
         try:
             model = load_provider_class(name).Config
-            model.model_validate(section)
+            checked = model.model_validate(section)
         except GpupoolError as err:
             problems.append((where, str(err)))
         except ValidationError as err:
             problems += _section_problems(err, root, model, name)
+        else:  # the keys as given, with values in their checked form ("30m" becomes 1800.0)
+            normalized[name] = checked.model_dump(mode="json", include=set(section))
     if problems:
         raise SpecError(_source(settings.config_file), problems)
+    settings.providers = normalized
 
 
 def _section_problems(err: ValidationError, root: yaml.Node | None, model: type[BaseModel],

@@ -298,3 +298,16 @@ def test_status_sees_through_the_lease_of_a_killed_scheduler(tmp_path):
         pool.close()
     text = status_text(pool_file)
     assert f"scheduler: none running (process {gone.pid} on" in text and "is gone" in text
+
+
+def test_the_example_pool_file_loads_and_its_durations_reach_every_reader(tmp_path):
+    from gpupool.plan import provider_models
+
+    example = Path(__file__).resolve().parents[1] / "configs" / "pool.example.yaml"
+    settings = load_settings(example)
+    assert settings.poll_interval == 10
+    assert settings.provider_section("kaggle")["session_seconds"] == 9 * 3600  # "9h", checked
+    assert settings.provider_section("colab")["start_timeout"] == 1800  # "30m"
+    spec = load_experiment(write_experiment(tmp_path, steps=3, providers=["colab", "kaggle"]))
+    models = provider_models(spec, settings.providers, {})
+    assert models["colab"].start_timeout == 1800
