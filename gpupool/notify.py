@@ -144,7 +144,12 @@ class Notifier:
         try:
             return int(json.loads(self.cursor_file.read_text())["last_event_id"])
         except (OSError, ValueError, KeyError, TypeError):
-            return self._latest_event_id()  # first start: what happened before is not news
+            pass
+        # first start: what happened before is not news; kept at once, so that a scheduler
+        # started again and again (`daemon --once` from cron) sends what happened in between
+        latest = self._latest_event_id()
+        self._save_cursor(latest)
+        return latest
 
     def _latest_event_id(self) -> int:
         with self.pool.state.engine.connect() as conn:

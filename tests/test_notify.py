@@ -18,6 +18,7 @@ import pytest
 from gpupool.daemon import Driver
 from gpupool.notify import Message, Notifier
 from gpupool.pool import Pool
+from gpupool.scheduler import Scheduler
 from gpupool.settings import PoolSettings
 from gpupool.spec import ExperimentSpec
 from gpupool.states import AttemptState
@@ -178,4 +179,23 @@ def test_an_unreachable_notification_service_never_stops_the_scheduler(tmp_path,
     assert report is not None and pool.state.experiment(experiment.id).state.value == "succeeded"
     assert "was not delivered" in caplog.text
     assert "very-secret-value" not in caplog.text
+    pool.close()
+
+
+def test_schedulers_started_one_step_at_a_time_send_what_happened_in_between(tmp_path):
+    """`gpupool daemon --once` from cron: each run is a new notifier; none may lose the events
+    written while no scheduler ran (here: an experiment that ended between two runs)."""
+    clock = Clock()
+    sent: list[Message] = []
+    pool = pool_with(tmp_path, [], clock=clock, local=FakeProvider("local"))
+    cron = Driver(pool, notifier=Notifier(pool, lambda m: sent.append(m) or True))
+    cron.release()  # the first run found nothing to do
+    experiment = pool.submit(fake_spec())
+    Scheduler(pool).reconcile_once(clock.now)  # `run --detach` places it, without notifying
+    clock.now += 120
+    pool.state.add_event(clock.now, experiment.id, None, "failed", "an event written meanwhile")
+    later = Driver(pool, notifier=Notifier(pool, lambda m: sent.append(m) or True))
+    later.step()
+    later.release()
+    assert "gpupool: notified failed" in [m.title for m in sent]
     pool.close()
