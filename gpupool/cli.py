@@ -85,6 +85,7 @@ def run(ctx: click.Context, experiment_file: Path, detach: bool, wait_anyway: bo
     driver = Driver(pool, role="run")
     driver.step()
     if detach:
+        driver.release()  # a daemon may take over at once; status must not see a dead holder
         console.print(f"detached; `gpupool status {experiment.id}` shows progress, "
                       "and `gpupool daemon` must be running to carry it on")
         return
@@ -296,7 +297,9 @@ def daemon(ctx: click.Context, once: bool) -> None:
             click.echo(line)
         return
     interval = pool.settings.poll_interval
-    _console(stderr=True).print(f"gpupool daemon: polling every {interval:g}s (Ctrl-C stops)")
+    services = len(pool.settings.notify)
+    notifying = f"; notifying {services} service(s) from the pool file" if services else ""
+    _console(stderr=True).print(f"gpupool daemon: polling every {interval:g}s{notifying} (Ctrl-C stops)")
     driver.run_forever()
 
 

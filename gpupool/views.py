@@ -107,7 +107,7 @@ def scheduler_row(pool: Pool, now: float) -> dict[str, Any]:
     record = scheduler_record(pool, now)
     if record is None:
         return {"running": False, "role": None, "host": None, "pid": None, "since": None,
-                "last_seen": None, "why_not": "none has run since the last one stopped"}
+                "last_seen": None, "why_not": None}
     return {"running": record.running, "role": record.role, "host": record.host,
             "pid": record.pid, "since": record.since, "last_seen": record.last_seen,
             "why_not": record.why_not or None}
@@ -120,7 +120,8 @@ def scheduler_line(row: dict[str, Any], unfinished: int, now: float) -> str:
             if row["since"] else ""
         return f"scheduler: {row['role']} on {row['host']} (pid {row['pid']}) running{since}"
     seen = f", last step at {_clock(row['last_seen'])}" if row["last_seen"] else ""
-    line = f"scheduler: none running ({row['why_not']}{seen})"
+    line = f"scheduler: none running ({row['why_not']}{seen})" if row["why_not"] else \
+        "scheduler: none running"
     if unfinished:
         line += (f"; {unfinished} unfinished experiment(s) will not move on until "
                  "`gpupool daemon` or `gpupool watch ID` runs")

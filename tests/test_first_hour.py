@@ -311,3 +311,11 @@ def test_the_example_pool_file_loads_and_its_durations_reach_every_reader(tmp_pa
     spec = load_experiment(write_experiment(tmp_path, steps=3, providers=["colab", "kaggle"]))
     models = provider_models(spec, settings.providers, {})
     assert models["colab"].start_timeout == 1800
+
+
+def test_a_detached_run_leaves_no_scheduler_lease_behind(tmp_path):
+    pool = no_credentials_pool(tmp_path)
+    experiment = write_experiment(tmp_path, steps=10, providers=["colab"])
+    assert gpupool(["--config", str(pool), "run", "--detach", "--wait", str(experiment)]).returncode == 0
+    text = status_text(pool)
+    assert "scheduler: none running;" in text  # released, not left to a process that is gone
