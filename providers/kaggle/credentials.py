@@ -20,8 +20,8 @@ from gpupool.errors import CredentialsError
 
 log = logging.getLogger(__name__)
 
-HINT = ("put your API key in ~/.kaggle/kaggle.json (kaggle.com > Settings > API > Create New "
-        "Token), or set KAGGLE_API_TOKEN, or KAGGLE_USERNAME and KAGGLE_KEY")
+HINT = ("run `gpupool auth kaggle` (it checks your API key and saves it), or put it in "
+        "~/.kaggle/kaggle.json, or set KAGGLE_API_TOKEN, or KAGGLE_USERNAME and KAGGLE_KEY")
 
 
 @dataclass(frozen=True)
