@@ -402,8 +402,11 @@ def auth(ctx: click.Context, provider_name: str, no_browser: bool, paste: bool,
     (mode 0600) where the Kaggle client looks for it. Keys are never echoed.
     """
     pool = _open_pool(ctx)
-    if provider_name == "kaggle":
-        click.echo(_auth_kaggle(pool, username, key_file))
+    if provider_name == "kaggle":  # its provider package has no authorize() hook yet
+        from providers.kaggle.credentials import sign_in
+
+        click.echo(sign_in(pool.provider("kaggle"), username=username, key_file=key_file,
+                           prompt=click.prompt, echo=click.echo))
         return
     provider = pool.provider(provider_name)
     authorize = getattr(provider, "authorize", None)
@@ -420,39 +423,6 @@ def _prompt_or_eof(question: str) -> str:
         return str(click.prompt(question))
     except click.exceptions.Abort:
         raise EOFError(question) from None
-
-
-def _auth_kaggle(pool: Any, username: str | None, key_file: Path | None) -> str:
-    """Check the key against Kaggle with a private trial file, then move it into place."""
-    from providers.kaggle.credentials import (
-        credentials_path,
-        overriding_environment,
-        read_key_file,
-        save_checked,
-    )
-
-    provider = pool.provider("kaggle")
-    if key_file is not None:
-        username, key = read_key_file(key_file)
-    else:
-        click.echo("Your API key: kaggle.com > Settings > API > Create New Token (the username "
-                   "and key are in the kaggle.json it downloads).")
-        username = username or click.prompt("Kaggle username")
-        key = click.prompt("Kaggle API key (not shown)", hide_input=True)
-
-    def check(path: Path) -> tuple[bool, str]:
-        trial = type(provider)(provider.config.model_copy(update={"credentials": path}),
-                               provider.data_dir, provider.clock)
-        return trial.check_credentials()
-
-    target = credentials_path(provider.config.credentials)
-    hint = save_checked(username or "", key, target, check)
-    lines = [f"Kaggle accepted the key: {hint}", f"saved to {target} (mode 0600)"]
-    shadowing = overriding_environment()
-    if shadowing and provider.config.credentials is None:
-        lines.append(f"note: {', '.join(shadowing)} set in this environment take precedence over "
-                     "the saved file; unset them to use it")
-    return "\n".join(lines)
 
 
 @cli.command()

@@ -15,6 +15,7 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from gpupool.errors import CredentialsError
 
@@ -107,6 +108,35 @@ def _from_json(path: Path) -> Credentials | None:
 # -- `gpupool auth kaggle` -----------------------------------------------------------------------
 
 Check = Callable[[Path], tuple[bool, str]]
+
+
+def sign_in(provider: Any, *, username: str | None = None, key_file: Path | None = None,
+            prompt: Callable[..., Any] = input, echo: Callable[[str], None] = print) -> str:
+    """``gpupool auth kaggle``: ask for (or read) the key, check it against Kaggle with a private
+    trial file, then move that file into place (0600). Returns what to tell the person.
+
+    ``prompt(text, hide_input=True)`` asks for the key without echoing it (click's prompt)."""
+    if key_file is not None:
+        username, key = read_key_file(key_file)
+    else:
+        echo("Your API key: kaggle.com > Settings > API > Create New Token (the username and key "
+             "are in the kaggle.json it downloads).")
+        username = username or str(prompt("Kaggle username"))
+        key = str(prompt("Kaggle API key (not shown)", hide_input=True))
+
+    def check(path: Path) -> tuple[bool, str]:
+        trial = type(provider)(provider.config.model_copy(update={"credentials": path}),
+                               provider.data_dir, provider.clock)
+        return trial.check_credentials()
+
+    target = credentials_path(provider.config.credentials)
+    hint = save_checked(username or "", key, target, check)
+    lines = [f"Kaggle accepted the key: {hint}", f"saved to {target} (mode 0600)"]
+    shadowing = overriding_environment()
+    if shadowing and provider.config.credentials is None:
+        lines.append(f"note: {', '.join(shadowing)} set in this environment take precedence over "
+                     "the saved file; unset them to use it")
+    return "\n".join(lines)
 
 
 def credentials_path(explicit: Path | None = None) -> Path:
