@@ -49,10 +49,11 @@ def check_provider(pool: Pool, spec: ExperimentSpec, name: str) -> ProviderCheck
         ok, hint = provider.check_credentials()
     except GpupoolError as err:
         ok, hint = False, str(err)
+    reason = _first_line(hint).removeprefix(f"{name}: ")  # the line already names the provider
     if not ok:
-        return ProviderCheck(name, False, _first_line(hint), _fix(name, where))
+        return ProviderCheck(name, False, reason, _fix(name, where))
     on_cpu = spec.resources.wants_gpu and bool(getattr(provider, "accepts_cpu", lambda: False)())
-    return ProviderCheck(name, True, _first_line(hint), on_cpu=on_cpu)
+    return ProviderCheck(name, True, reason, on_cpu=on_cpu)
 
 
 def _fix(name: str, where: str) -> str:

@@ -170,6 +170,7 @@ def test_run_with_no_usable_provider_exits_2_with_the_fixes(tmp_path):
         assert "skipping colab" in result.stderr and "fix: gpupool auth colab" in result.stderr
         assert "skipping kaggle" in result.stderr and "fix: gpupool auth kaggle" in result.stderr
         assert "--wait" in result.stderr and "Traceback" not in result.stderr
+        assert "skipping colab: colab:" not in result.stderr  # named once
     listed = gpupool(["--config", str(pool), "status", "--json"])
     assert json.loads(listed.stdout) == []  # refused before anything was recorded
 
