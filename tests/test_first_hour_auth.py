@@ -249,3 +249,70 @@ def test_revoked_saved_credentials_lead_to_a_new_sign_in(drive_emulator, tmp_pat
     assert result["user"] == drive_emulator.state.user_email
     saved = json.loads(config.credentials_file.read_text())
     assert saved["refresh_token"] != drive_emulator.refresh_token  # a new grant, not the revoked one
+
+
+# -- with a browser on this machine -----------------------------------------------------------
+
+class Browser:
+    """The person's browser: given the sign-in address, it shows Google's consent page (the
+    emulator's), and follows the redirect to gpupool's loopback server, as a real one does."""
+
+    def __init__(self, drive, opens: bool = True):
+        self.drive, self.opens = drive, opens
+        self.visits: list[str] = []
+
+    def open(self, url: str, new: int = 0, autoraise: bool = True) -> bool:
+        self.visits.append(url)
+        if not self.opens:
+            return False
+        import threading
+
+        def visit() -> None:
+            location = Person(self.drive)._follow_to_redirect(url)
+            urllib.request.urlopen(location, timeout=30).read()
+
+        threading.Thread(target=visit, daemon=True).start()
+        return True
+
+
+def with_display(monkeypatch, browser: Browser) -> None:
+    monkeypatch.setenv("DISPLAY", ":0")
+    monkeypatch.setattr(webbrowser, "get", lambda *a: browser)
+    monkeypatch.setattr(webbrowser, "open", browser.open)
+
+
+def test_with_a_browser_the_redirect_is_caught_on_a_loopback_port(drive_emulator, tmp_path, monkeypatch):
+    installed_client(tmp_path, drive_emulator)
+    browser = Browser(drive_emulator)
+    with_display(monkeypatch, browser)
+    person = Person(drive_emulator)
+    result = sign_in(colab_config(tmp_path), prompt=person.prompt, echo=person.echo,
+                     auth_factory=loopback(drive_emulator))
+    assert result["user"] == drive_emulator.state.user_email
+    assert len(browser.visits) == 1 and "redirect_uri=http%3A%2F%2F127.0.0.1%3A" in browser.visits[0]
+    assert "Opened your web browser" in "\n".join(person.shown) and person.asked == []
+
+
+def test_a_browser_that_would_not_open_is_not_claimed_to_have_opened(drive_emulator, tmp_path, monkeypatch):
+    installed_client(tmp_path, drive_emulator)
+    browser = Browser(drive_emulator, opens=False)
+    with_display(monkeypatch, browser)
+    person = Person(drive_emulator)
+    sign_in(colab_config(tmp_path), prompt=person.prompt, echo=person.echo,
+            auth_factory=loopback(drive_emulator))
+    shown = "\n".join(person.shown)
+    assert "Could not open a web browser" in shown and "Opened your" not in shown
+    assert person.asked == ["Address (or just the code)"]  # it fell back to pasting
+
+
+def test_a_person_who_never_answers_in_the_browser_gets_a_way_out(drive_emulator, tmp_path, monkeypatch):
+    import providers.colab.auth as colab_auth
+
+    installed_client(tmp_path, drive_emulator)
+    with_display(monkeypatch, Browser(drive_emulator))
+    monkeypatch.setattr(webbrowser, "open", lambda *a, **k: True)  # opened; nobody clicks Allow
+    monkeypatch.setattr(colab_auth, "BROWSER_WAIT_SECONDS", 0.2)
+    person = Person(drive_emulator)
+    with pytest.raises(CredentialsError, match="no answer from the browser.*--no-browser"):
+        sign_in(colab_config(tmp_path), prompt=person.prompt, echo=person.echo,
+                auth_factory=loopback(drive_emulator))

@@ -5,11 +5,12 @@ walks them through it:
 
 1. Without an OAuth client yet, it prints the steps that create one in the Google Cloud console
    and asks for the downloaded JSON, which it copies into place (0600).
-2. With a browser on this machine, PyDrive2's loopback flow opens it and catches the redirect.
-   Without one (no display, ``--no-browser`` or ``--paste``) it prints the sign-in URL and takes
-   the address the browser was sent to, pasted back from any other machine (as rclone's
-   ``authorize`` does): Google no longer offers the out-of-band flow. It never says a browser
-   was opened when none was.
+2. With a browser on this machine, it opens it and catches Google's redirect on a loopback
+   port (oauth2client's one-request server), for up to 5 minutes. Without one (no display,
+   ``--no-browser`` or ``--paste``), or when the browser would not open, it prints the sign-in
+   URL and takes the address the browser was sent to, pasted back from any other machine (as
+   rclone's ``authorize`` does): Google no longer offers the out-of-band flow. It never says
+   a browser was opened when none was.
 3. The code is exchanged over an HTTP client with a timeout; Google out of reach is a clear
    error, never a traceback. Afterwards everything runs non-interactively from the saved file.
 """
@@ -23,7 +24,7 @@ import webbrowser
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 from gpupool.errors import CredentialsError, ProviderError
 
@@ -41,6 +42,7 @@ from .drive import (
 )
 
 REDIRECT = "http://localhost:8080/"
+BROWSER_WAIT_SECONDS = 300.0
 AGAIN = "run `gpupool auth colab` again"
 
 CLIENT_GUIDE = """\
@@ -87,7 +89,7 @@ def sign_in(config: ColabConfig, *, launch_browser: bool = True, paste: bool = F
                 echo("No web browser can be opened on this machine (no display).")
             _paste_flow(auth, prompt, echo)
         else:
-            _browser_flow(auth)
+            _browser_flow(auth, prompt, echo)
     except _credential_errors() as err:
         raise CredentialsError(PROVIDER, f"sign-in failed: {err}; {AGAIN}") from None
     finally:
@@ -147,12 +149,45 @@ def install_client_file(source: Path, target: Path) -> None:
 
 # -- the two ways to get a code --------------------------------------------------------------
 
-def _browser_flow(auth: Any) -> None:
-    """PyDrive2's loopback flow: it opens the browser and receives the redirect itself."""
+def _browser_flow(auth: Any, prompt: Callable[[str], str], echo: Callable[[str], None]) -> None:
+    """Open the browser at the sign-in page and catch Google's redirect on a loopback port
+    (oauth2client's one-request server). Says it opened the browser only when it did; when
+    it could not, falls back to the paste flow."""
+    from oauth2client.tools import ClientRedirectHandler, ClientRedirectServer
+
+    wait_seconds = BROWSER_WAIT_SECONDS
+    server = ClientRedirectServer(("127.0.0.1", 0), ClientRedirectHandler)
     try:
-        auth.LocalWebserverAuth(launch_browser=True)
-    except _network_errors() as err:
-        raise _unreachable(err) from None
+        auth.GetFlow()
+        auth.flow.redirect_uri = f"http://127.0.0.1:{server.server_address[1]}/"
+        url = auth.GetAuthUrl()
+        if not webbrowser.open(url, new=2):
+            echo("Could not open a web browser on this machine.")
+            _paste_flow(auth, prompt, echo)
+            return
+        echo(f"Opened your web browser to sign in to Google; waiting up to {wait_seconds:.0f} s "
+             f"for you to allow access. If no page appeared, open this address:\n{url}")
+        code = _wait_for_redirect(server, wait_seconds)
+    finally:
+        server.server_close()
+    exchange_code(auth, code)
+
+
+def _wait_for_redirect(server: Any, wait_seconds: float) -> str:
+    """The code from the browser's visit to the loopback server (other requests, such as a
+    favicon, are answered and ignored)."""
+    import time
+
+    server.timeout = 1.0
+    give_up = time.monotonic() + wait_seconds
+    while time.monotonic() < give_up:
+        server.handle_request()  # returns after one request, or after server.timeout
+        answer = dict(server.query_params)
+        if "error" in answer or "code" in answer:
+            return code_from("?" + urlencode(answer))
+    raise CredentialsError(PROVIDER, f"no answer from the browser within {wait_seconds:.0f} s; "
+                                     "run `gpupool auth colab --no-browser` to paste the "
+                                     "address instead")
 
 
 def _paste_flow(auth: Any, prompt: Callable[[str], str], echo: Callable[[str], None]) -> None:
