@@ -16,9 +16,9 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from gpupool import db
+from gpupool.notify import Notifier
 from gpupool.pool import Pool
 from gpupool.scheduler import Report, Scheduler
 
@@ -52,15 +52,16 @@ def scheduler_record(pool: Pool, now: float) -> SchedulerRecord | None:
     if row is None:
         return None
     host, pid, _token, role, since = (str(row.owner).split(":") + ["", "", "", ""])[:5]
-    ttl = max(30.0, 3 * pool.settings.poll_interval)
     why_not = ""
     if holder_is_dead(row.owner):
         why_not = f"process {pid} on {host} is gone"
     elif row.expires_at <= now:
         why_not = "it stopped renewing its lease"
+    started = float(since) if since.isdigit() and int(since) > 0 else None
+    ttl = max(30.0, 3 * pool.settings.poll_interval)  # as the holder's Driver sets it
     return SchedulerRecord(running=not why_not, host=host, pid=int(pid) if pid.isdigit() else None,
-                           role=role or "scheduler", since=float(since) if since.isdigit() and
-                           int(since) > 0 else None, last_seen=row.expires_at - ttl, why_not=why_not)
+                           role=role or "scheduler", since=started, last_seen=row.expires_at - ttl,
+                           why_not=why_not)
 
 
 def holder_is_dead(owner: str) -> bool:
@@ -82,9 +83,8 @@ class Driver:
     """Runs reconcile steps while holding the scheduler lease."""
 
     def __init__(self, pool: Pool, *, owner: str | None = None, role: str = "scheduler",
-                 on_report: Callable[[Report], None] | None = None, notifier: Any = None):
-        from gpupool.notify import Notifier
-
+                 on_report: Callable[[Report], None] | None = None,
+                 notifier: Notifier | None = None):
         self.pool = pool
         self.scheduler = Scheduler(pool)
         self.owner = owner or owner_id(role, pool.clock())
