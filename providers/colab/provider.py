@@ -275,7 +275,8 @@ class ColabProvider(Provider):
         except (ProviderError, FileNotFoundError) as err:
             raise CancelFailed(self.name, f"could not ask attempt {attempt.id}'s notebook to "
                                           f"stop ({err})",
-                               action=STOP_ACTION.format(url=attempt.url or "the notebook"))
+                               action=STOP_ACTION.format(url=attempt.url or "the notebook")
+                               ) from None
 
     def logs(self, attempt: Attempt) -> str:
         folder = self._folder(attempt)

@@ -98,7 +98,11 @@ class _RequestHandler(BaseHTTPRequestHandler):
         if fault is not None and fault.delay:
             time.sleep(fault.delay)
         if fault is not None and fault.hold is not None:
-            fault.hold.wait(30)
+            emulator.count_held(+1)
+            try:
+                fault.hold.wait(30)
+            finally:
+                emulator.count_held(-1)
         if method == "GET" and self.command == "POST":  # googleapiclient's form of a long GET
             query.update(_flat(parse_qs(body.decode(), keep_blank_values=True)))
             body = b""
@@ -195,6 +199,8 @@ class DriveEmulator:
         self.state = DriveState(clock=clock, seed=seed, **account)
         self.faults = FaultPlan()
         self.errors: list[str] = []
+        self.held = 0  # requests stalled by a ``stall_until`` fault right now
+        self._held_lock = threading.Lock()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -250,6 +256,10 @@ class DriveEmulator:
     def inject(self, endpoint: str, fault: Fault, times: int = 1) -> None:
         """Queue ``fault`` for the next ``times`` requests to ``endpoint`` (see faults.py)."""
         self.faults.add(endpoint, fault, times)
+
+    def count_held(self, change: int) -> None:
+        with self._held_lock:
+            self.held += change
 
     def revoke_refresh_token(self, token: str | None = None) -> None:
         self.state.revoke_refresh_token(token)
