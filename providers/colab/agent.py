@@ -287,7 +287,8 @@ def restore(drive, folder, name, work):
 
 def supervise(config, work, make_threads):
     """Run gpupool.bootstrap under the session's deadline while checkpoints stream to Drive
-    (uploader thread) and the status is reported (heartbeat thread); returns both threads."""
+    (uploader thread) and the status is reported (heartbeat thread); returns both threads,
+    the heartbeat still running (the caller stops it after the last upload)."""
     path = work / "session.json"
     path.write_text(json.dumps(config))
     session_dir = Path(config["session_dir"])
@@ -305,10 +306,9 @@ def supervise(config, work, make_threads):
     uploader.start()
     heartbeat.start()
     process.wait()
-    for thread in (heartbeat, uploader):
-        thread.stopping.set()
-        thread.join()
-    return uploader, heartbeat, session_dir
+    uploader.stopping.set()
+    uploader.join()
+    return uploader, heartbeat, session_dir  # the heartbeat beats on while the last upload runs
 
 
 def connect(p):
@@ -360,7 +360,9 @@ def train(drive, reporter, p, work, config):
     check_stop(reporter)
     uploader, heartbeat, session_dir = supervise(config, work, make_threads)
     if uploader.fatal is None:
-        uploader.round()  # the checkpoint saved on the way out
+        uploader.round()  # the checkpoint saved on the way out, while the heartbeat goes on
+    heartbeat.stopping.set()
+    heartbeat.join()
     exit_file = session_dir / "exit.json"
     ended = json.loads(exit_file.read_text()) if exit_file.exists() else {}
     if heartbeat.stopped_because is None and uploader.fatal is not None:

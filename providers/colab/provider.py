@@ -236,7 +236,10 @@ class ColabProvider(Provider):
             return PollResult(AttemptState.LOST, message=(
                 f"no heartbeat from the notebook for {self.config.heartbeat_timeout:.0f} s "
                 "(runtime disconnected or recycled)"), **common)
-        return PollResult(self.status_map.get(str(state), AttemptState.RUNNING), **common)
+        trouble = status.get("upload_error")  # shown by `gpupool status` while it lasts
+        return PollResult(self.status_map.get(str(state), AttemptState.RUNNING),
+                          message=f"checkpoint upload failing: {trouble}" if trouble else None,
+                          **common)
 
     def _drive_error(self, attempt: Attempt, status: dict, now: float, common: dict) -> PollResult:
         """The notebook cannot save checkpoints: Drive is full (Colab rests until space is

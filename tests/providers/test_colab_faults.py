@@ -351,3 +351,21 @@ def test_gdrive_store_with_lost_insert_answers_has_one_object_per_name(drive_emu
         assert len(live(drive_emulator, title)) == 1, title
     assert store.prune(0) == [manifest.name]
     assert drive_emulator.state.bytes_used() == 0  # deleted for good, not trashed
+
+
+def test_a_failing_upload_is_shown_while_the_session_keeps_beating(drive_emulator, tmp_path):
+    colab, pool, experiment, attempt = submitted(drive_emulator, tmp_path)
+    agent = Agent(drive_emulator, colab, attempt, tmp_path, retries=1)
+    agent.heartbeat.beat()
+    session_checkpoint(agent.session, 20)
+    drive_emulator.inject("files.list", faults.service_unavailable(), times=8)
+    agent.uploader.round()  # Drive answers 503 past the retries: try again next round
+    drive_emulator.faults.clear()
+    assert agent.uploader.error is not None and agent.uploader.fatal is None
+    agent.heartbeat.beat()
+    result = colab.poll(attempt, time.time())
+    assert result.state == AttemptState.RUNNING and agent.stops == []
+    assert "checkpoint upload failing" in result.message and "503" in result.message
+    agent.uploader.round()
+    agent.heartbeat.beat()
+    assert colab.poll(attempt, time.time()).message is None
