@@ -34,7 +34,18 @@ from typing import IO, Any
 from pydrive2.fs import GDriveFileSystem
 
 from .config import DEFAULT_CLIENT_SECRETS, DEFAULT_CREDENTIALS
-from .drive import FOLDER_MIME, RETRYABLE_REASONS, Drive, load_client_config, open_auth
+from gpupool.errors import CredentialsError
+
+from .drive import (
+    AUTH_HINT,
+    FOLDER_MIME,
+    PROVIDER,
+    RETRYABLE_REASONS,
+    Drive,
+    _credential_errors,
+    load_client_config,
+    open_auth,
+)
 
 PROTOCOL = "gdrive"
 REQUEST_TIMEOUT = 60.0
@@ -78,21 +89,28 @@ class DriveFileSystem(GDriveFileSystem):
     def _drive(self) -> Drive:
         """gpupool's Drive client on the same credentials (signed in as PyDrive2 would)."""
         if self._api is None:
-            auth = self.client.auth
-            if auth.access_token_expired:
-                auth.LocalWebserverAuth()  # non-interactive: refreshes the saved credentials
-            if auth.service is None:
-                auth.Authorize()
-            self._api = Drive(auth, retries=self.retries, base_delay=self.retry_delay,
+            self._retry(self._sign_in)
+            self._api = Drive(self.client.auth, retries=self.retries, base_delay=self.retry_delay,
                               max_delay=20.0, chunk_bytes=self.upload_chunk_bytes)
         return self._api
 
+    def _sign_in(self) -> None:
+        auth = self.client.auth
+        if auth.access_token_expired:
+            auth.LocalWebserverAuth()  # non-interactive: refreshes the saved credentials
+        if auth.service is None:
+            auth.Authorize()
+
     def _retry(self, call: Callable[[], Any], *, gone_is_done: bool = False) -> Any:
         """``call()``, sent again after a temporary failure, at most ``retries`` times; the
-        last error is raised as it is (timeouts and resets are ``OSError``s)."""
+        last error is raised as it is (timeouts and resets are ``OSError``s), but refused
+        credentials become a ``CredentialsError`` that says how to sign in again."""
         for attempt in range(self.retries + 1):
             try:
                 return call()
+            except _credential_errors() as err:
+                raise CredentialsError(PROVIDER, f"Google refused the saved credentials "
+                                                 f"({err}); {AUTH_HINT}") from None
             except Exception as err:
                 if gone_is_done and attempt > 0 and _status(err) == 404:
                     return None  # an earlier try did it; its answer was lost
