@@ -95,7 +95,7 @@ def secure_file(path: Path) -> None:
         os.chmod(path, 0o600)
 
 
-def _credential_errors() -> tuple[type[BaseException], ...]:
+def credential_errors() -> tuple[type[BaseException], ...]:
     from oauth2client.client import AccessTokenRefreshError
     from pydrive2.auth import AuthenticationError, InvalidCredentialsError, RefreshError
 
@@ -121,7 +121,7 @@ def open_auth(client: dict, credentials_file: Path, factory: AuthFactory | None 
             auth.Refresh()
             auth.SaveCredentialsFile(str(credentials_file))
         auth.Authorize()
-    except _credential_errors() as err:
+    except credential_errors() as err:
         raise CredentialsError(PROVIDER, f"Google refused the saved credentials ({err}); "
                                          f"{AUTH_HINT}") from None
     secure_file(credentials_file)
@@ -186,7 +186,7 @@ class Drive:
     def _final(self, err: Exception, why: str | None) -> Exception:
         from googleapiclient.errors import HttpError
 
-        if isinstance(err, _credential_errors()):
+        if isinstance(err, credential_errors()):
             return CredentialsError(PROVIDER, f"Google refused the saved credentials ({err}); "
                                               f"{AUTH_HINT}")
         if isinstance(err, HttpError):

@@ -33,16 +33,16 @@ from typing import IO, Any
 
 from pydrive2.fs import GDriveFileSystem
 
-from .config import DEFAULT_CLIENT_SECRETS, DEFAULT_CREDENTIALS
 from gpupool.errors import CredentialsError
 
+from .config import DEFAULT_CLIENT_SECRETS, DEFAULT_CREDENTIALS
 from .drive import (
     AUTH_HINT,
     FOLDER_MIME,
     PROVIDER,
     RETRYABLE_REASONS,
     Drive,
-    _credential_errors,
+    credential_errors,
     load_client_config,
     open_auth,
 )
@@ -108,7 +108,7 @@ class DriveFileSystem(GDriveFileSystem):
         for attempt in range(self.retries + 1):
             try:
                 return call()
-            except _credential_errors() as err:
+            except credential_errors() as err:
                 raise CredentialsError(PROVIDER, f"Google refused the saved credentials "
                                                  f"({err}); {AUTH_HINT}") from None
             except Exception as err:
