@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import hashlib
 import http.client
 import io
 import json
@@ -96,6 +97,7 @@ def secure_file(path: Path) -> None:
 
 
 def credential_errors() -> tuple[type[BaseException], ...]:
+    """What oauth2client and PyDrive2 raise when Google refuses the saved credentials."""
     from oauth2client.client import AccessTokenRefreshError
     from pydrive2.auth import AuthenticationError, InvalidCredentialsError, RefreshError
 
@@ -274,6 +276,7 @@ class Drive:
         elif isinstance(source, bytes):
             stream = io.BytesIO(source)
         else:
+            source.seek(0)  # googleapiclient sends the whole stream: a retry starts over
             stream = contextlib.nullcontext(source)
         with stream as handle:
             media = MediaIoBaseUpload(handle, mimetype=mime, chunksize=self.chunk_bytes,
@@ -281,6 +284,26 @@ class Drive:
             body = {"title": title, "mimeType": mime, "parents": [{"id": parent}]}
             request = self.service.files().insert(body=body, media_body=media)
             return self._resume(request)
+
+    def put(self, parent: str, title: str, source: Path | bytes | IO[bytes],
+            mime: str = "application/octet-stream") -> dict:
+        """Upload ``source`` as ``title`` in ``parent``, leaving one live file of that name:
+        one holding these bytes already (an earlier upload whose answer was lost, a submit
+        repeated after a crash) is kept and nothing is sent; others of that name are deleted
+        once the new one is there."""
+        md5, size = _digest(source)
+
+        def same(item: dict) -> bool:
+            return item.get("md5Checksum") == md5 and int(item.get("fileSize") or -1) == size
+
+        existing = [i for i in self.list(_title_query(parent, title)) if i.get("title") == title]
+        item = next((i for i in existing if same(i)), None) or self.create_once(
+            parent, title, lambda: self.upload(parent, title, source, mime), same,
+            known_absent=True)
+        for other in existing:
+            if other["id"] != item["id"]:
+                self.delete(other["id"])
+        return item
 
     def update(self, file_id: str, data: bytes, mime: str = "application/json") -> dict:
         """Replace a small mutable file's content (status files only, never checkpoints)."""
@@ -321,6 +344,21 @@ class Drive:
 
     def about(self) -> dict:
         return self.execute(self.service.about().get())
+
+
+def _digest(source: Path | bytes | IO[bytes]) -> tuple[str, int]:
+    """md5 (what Drive reports as ``md5Checksum``) and size of what an upload would send."""
+    digest, size = hashlib.md5(), 0
+    stream: Any = (open(source, "rb") if isinstance(source, Path) else
+                   io.BytesIO(source) if isinstance(source, bytes) else source)
+    if not isinstance(source, (Path, bytes)):
+        stream.seek(0)
+    while chunk := stream.read(1 << 20):
+        digest.update(chunk)
+        size += len(chunk)
+    if isinstance(source, Path):
+        stream.close()
+    return digest.hexdigest(), size
 
 
 def _title_query(parent: str, title: str) -> str:

@@ -22,7 +22,6 @@ What this class changes in PyDrive2's behaviour, and why:
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import threading
 import time
@@ -153,26 +152,7 @@ class DriveFileSystem(GDriveFileSystem):
                             callback: Any = None) -> dict:
         """Upload ``stream`` as ``title`` in ``parent_id``: one resumable session, and one
         live file of that name afterwards (one with these bytes already there is kept)."""
-        drive = self._drive()
-        start = 0  # googleapiclient uploads the whole stream, wherever it stands
-        stream.seek(start)
-        md5, size = _digest(stream)
-
-        def same(item: dict) -> bool:
-            return item.get("md5Checksum") == md5 and int(item.get("fileSize") or -1) == size
-
-        def send() -> dict:
-            stream.seek(start)
-            return drive.upload(parent_id, title, stream)
-
-        existing = [i for i in self._gdrive_list(_title_query(parent_id, title))
-                    if i["title"] == title]
-        kept = next((i for i in existing if same(i)), None)
-        item = kept or drive.create_once(parent_id, title, send, same, known_absent=True)
-        for other in existing:
-            if other["id"] != item["id"]:
-                drive.delete(other["id"])
-        return item
+        return self._drive().put(parent_id, title, stream)
 
 
 def _unwrapped(name: str) -> Callable[..., Any]:
@@ -210,20 +190,6 @@ def _temporary(err: Exception) -> bool:
     import httplib2
 
     return isinstance(err, (OSError, http.client.HTTPException, httplib2.HttpLib2Error))
-
-
-def _digest(stream: IO[bytes]) -> tuple[str, int]:
-    """md5 (what Drive reports) and size of the rest of ``stream``."""
-    digest, size = hashlib.md5(), 0
-    while chunk := stream.read(1 << 20):
-        digest.update(chunk)
-        size += len(chunk)
-    return digest.hexdigest(), size
-
-
-def _title_query(parent: str, title: str) -> str:
-    escaped = title.replace("\\", "\\\\").replace("'", "\\'")
-    return f"'{parent}' in parents and title='{escaped}' and trashed=false"
 
 
 def register() -> None:

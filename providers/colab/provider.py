@@ -150,14 +150,14 @@ class ColabProvider(Provider):
         with tempfile.TemporaryDirectory(prefix="gpupool-colab-") as tmp:
             runtime = Path(tmp) / "runtime.tar.gz"
             pack_runtime(runtime)
-            drive.upload(folder, "runtime.tar.gz", runtime, "application/gzip")
-            drive.upload(folder, "bundle.tar.gz", Path(launch.bundle), "application/gzip")
+            drive.put(folder, "runtime.tar.gz", runtime, "application/gzip")
+            drive.put(folder, "bundle.tar.gz", Path(launch.bundle), "application/gzip")
             if launch.restore is not None:
                 self._upload_restore(launch, folder, Path(tmp) / "restore")
         params = self._parameters(launch, folder)
         body = notebook.dumps(notebook.render(params, experiment=launch.spec.name))
         title = f"gpupool-{launch.spec.name}-{launch.attempt_id}.ipynb"
-        created = drive.upload(folder, title, body, gdrive.COLAB_MIME)
+        created = drive.put(folder, title, body, gdrive.COLAB_MIME)
         return {"folder_id": folder, "notebook_id": created["id"], "submitted": launch.now,
                 "url": COLAB_URL.format(created["id"])}
 
@@ -176,8 +176,8 @@ class ColabProvider(Provider):
         for entry in manifest.files:
             parts = entry.path.split("/")
             parent = drive.folder_path(*parts[:-1], parent=target)
-            drive.upload(parent, parts[-1], local / entry.path)
-        drive.upload(target, MANIFEST, manifest.to_json().encode(), "application/json")
+            drive.put(parent, parts[-1], local / entry.path)
+        drive.put(target, MANIFEST, manifest.to_json().encode(), "application/json")
 
     def _parameters(self, launch: Launch, folder: str) -> dict[str, Any]:
         env = runtime_env(launch, provider=self.name, session_dir="", restore_dir=None,
@@ -273,8 +273,7 @@ class ColabProvider(Provider):
             if folder is None:
                 return  # nothing was ever put on Drive: nothing can run
             drive = self.drive()
-            drive.create_once(folder, STOP_FILE, lambda: drive.upload(
-                folder, STOP_FILE, b'{"cancel": true}', "application/json"))
+            drive.put(folder, STOP_FILE, b'{"cancel": true}', "application/json")
         except (ProviderError, FileNotFoundError) as err:
             raise CancelFailed(self.name, f"could not ask attempt {attempt.id}'s notebook to "
                                           f"stop ({err})",

@@ -141,6 +141,22 @@ def test_checkpoint_pushed_again_after_a_failure_is_not_duplicated(drive_emulato
     assert manifest.step == 100
 
 
+def test_a_submit_repeated_after_a_crash_leaves_one_of_each_file(drive_emulator, tmp_path):
+    colab, pool, experiment, attempt = submitted(drive_emulator, tmp_path)
+    (colab.records.root / f"{attempt.id}.json").unlink()  # crashed before recording it
+    from gpupool.provider import Launch
+
+    launch = Launch(attempt.id, experiment.id, "default", mlp_spec(["colab"]),
+                    Path(experiment.bundle), pool.store_for(experiment.id), None, 60, time.time())
+    again = colab.submit(launch)
+    notebooks = [f for f in drive_emulator.state.listing() if f.title.endswith(".ipynb")]
+    assert [f.id for f in notebooks] == [again.url.rsplit("/", 1)[1]]  # one live link
+    folder = live(drive_emulator, f"attempt-{attempt.id}")
+    assert len(folder) == 1
+    titles = [f.title for f in drive_emulator.state.children(folder[0].id)]
+    assert sorted(titles) == sorted(set(titles)) and len(titles) == 3, titles
+
+
 # -- kind 2: an attempt gpupool gives up on is told to stop, or gpupool says it cannot --------
 
 def test_heartbeat_sees_the_stop_request_while_an_upload_stalls(drive_emulator, tmp_path):
