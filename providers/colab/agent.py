@@ -184,7 +184,7 @@ class Uploader(threading.Thread):
 
 class Heartbeat(threading.Thread):
     """Background thread: every ``every`` seconds, the small ``status.json`` (progress, and why
-    uploads fail) and a look for gpupool's stop request. ``on_stop(reason)`` stops training
+    uploads fail) and a look for gpupool's stop request. ``on_stop()`` stops training
     when gpupool asks, or when the uploads cannot work (Drive full, credentials refused)."""
 
     def __init__(self, reporter, session_dir, uploader, every, on_stop):
@@ -205,8 +205,9 @@ class Heartbeat(threading.Thread):
             print(f"[gpupool] heartbeat failed, will retry: {err}", flush=True)
 
     def beat(self):
-        if self.stopped_because is not None:
-            return self.reporter.status(*self.stopped_because, **progress(self.session_dir))
+        if self.stopped_because is not None:  # keep saying why, while the last upload runs
+            state, fields = self.stopped_because
+            return self.reporter.status(state, **progress(self.session_dir), **fields)
         fatal = self.uploader.fatal
         if fatal is not None:
             return self.stop("drive-error", reason=fatal.kind,

@@ -299,6 +299,8 @@ def test_drive_full_is_reported_within_one_heartbeat_and_stops_training(drive_em
     assert agent.uploader.fatal is not None
     agent.heartbeat.beat()  # the next heartbeat
     assert agent.stops == ["stop"]
+    agent.heartbeat.beat()  # later beats keep the reason (and stop training only once)
+    assert agent.stops == ["stop"]
     result = colab.poll(attempt, time.time())
     assert result.state == AttemptState.UNAVAILABLE
     assert "Drive storage is full" in result.message
