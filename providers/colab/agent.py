@@ -224,6 +224,8 @@ class Heartbeat(threading.Thread):
         """Stop training once, and say why in the status from now on."""
         self.stopped_because = (state, fields)
         print(f"[gpupool] stopping: {fields.get('message')}", flush=True)
+        if state == "stopped":  # gpupool gave this attempt up: nobody collects what comes now
+            self.uploader.stopping.set()
         self.on_stop()
         try:
             self.reporter.status(state, **progress(self.session_dir), **fields)
@@ -360,7 +362,8 @@ def train(drive, reporter, p, work, config):
 
     check_stop(reporter)
     uploader, heartbeat, session_dir = supervise(config, work, make_threads)
-    if uploader.fatal is None:
+    given_up = (heartbeat.stopped_because or ("",))[0] == "stopped"
+    if uploader.fatal is None and not given_up:
         uploader.round()  # the checkpoint saved on the way out, while the heartbeat goes on
     heartbeat.stopping.set()
     heartbeat.join()

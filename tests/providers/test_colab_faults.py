@@ -173,6 +173,7 @@ def test_heartbeat_sees_the_stop_request_while_an_upload_stalls(drive_emulator, 
         colab.cancel(attempt)  # the scheduler gave the attempt up (lost) and asks it to stop
         agent.heartbeat.beat()
         assert agent.stops == ["stop"]
+        assert agent.uploader.stopping.is_set()  # nothing more is pushed for a given-up attempt
         assert colab.read_status(attempt)["state"] == "stopped"
         assert drive_emulator.held == 1  # the heartbeat did not wait for the stalled upload
     finally:
