@@ -167,9 +167,7 @@ def _bound_requests(auth: Any, timeout: float) -> None:
     if auth.http_timeout is None:
         auth.http_timeout = timeout
         auth.thread_local = threading.local()
-        if auth.service is not None:
-            auth.http = None
-            auth.Authorize()
+        auth.http = auth.service = None  # rebuilt by the next call (PyDrive2's LoadAuth)
 
 
 def _status(err: Exception) -> int | None:

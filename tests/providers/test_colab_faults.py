@@ -323,7 +323,9 @@ def test_refused_credentials_are_reported_within_one_heartbeat(drive_emulator, t
     assert "401" in result.message and "disconnected" not in result.message
 
 
-def test_gdrive_store_import_is_not_blocked_by_a_stalled_upload(drive_emulator, tmp_path):
+@pytest.mark.parametrize("signed_in", [False, True], ids=["fresh-auth", "auth-in-use"])
+def test_gdrive_store_import_is_not_blocked_by_a_stalled_upload(drive_emulator, tmp_path,
+                                                                signed_in):
     from gpupool.store import CheckpointStore
     from providers.colab.fs import register
     from tests.emulators.drive import LoopbackGoogleAuth, emulator_settings, write_credentials_file
@@ -331,6 +333,9 @@ def test_gdrive_store_import_is_not_blocked_by_a_stalled_upload(drive_emulator, 
     register()
     creds = write_credentials_file(tmp_path / "creds.json", drive_emulator)
     auth = LoopbackGoogleAuth(drive_emulator, settings=emulator_settings(drive_emulator, creds))
+    if signed_in:  # its Http objects exist already, built without a timeout
+        auth.LocalWebserverAuth()
+        auth.Authorize()
     store = CheckpointStore("gdrive://gpupool/ck", google_auth=auth, request_timeout=1,
                             retry_delay=0, skip_instance_cache=True)
     manifest = session_checkpoint(tmp_path / "local", 3)
