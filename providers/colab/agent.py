@@ -187,16 +187,20 @@ class Heartbeat(threading.Thread):
     uploads fail) and a look for gpupool's stop request. ``on_stop()`` stops training
     when gpupool asks, or when the uploads cannot work (Drive full, credentials refused)."""
 
-    def __init__(self, reporter, session_dir, uploader, every, on_stop):
+    def __init__(self, reporter, session_dir, uploader, every, on_stop, state="running"):
         super().__init__(name="gpupool-heartbeat", daemon=True)
         self.reporter, self.session_dir, self.uploader = reporter, Path(session_dir), uploader
-        self.every, self.on_stop = every, on_stop
+        self.every, self.on_stop, self.state = every, on_stop, state
         self.stopping = threading.Event()
         self.stopped_because = None
 
     def run(self):
         while not self.stopping.wait(self.every):
             self.safe_beat()
+
+    def halt(self):
+        self.stopping.set()
+        self.join()
 
     def safe_beat(self):
         try:
@@ -208,13 +212,14 @@ class Heartbeat(threading.Thread):
         if self.stopped_because is not None:  # keep saying why, while the last upload runs
             state, fields = self.stopped_because
             return self.reporter.status(state, **progress(self.session_dir), **fields)
-        fatal = self.uploader.fatal
+        fatal = self.uploader.fatal if self.uploader else None
         if fatal is not None:
             return self.stop("drive-error", reason=fatal.kind,
                              message=f"checkpoints cannot be saved to Drive: {fatal}")
-        extra = {"upload_error": str(self.uploader.error)} if self.uploader.error else {}
+        failing = self.uploader.error if self.uploader else None
+        extra = {"upload_error": str(failing)} if failing else {}
         try:
-            self.reporter.status("running", **progress(self.session_dir), **extra)
+            self.reporter.status(self.state, **progress(self.session_dir), **extra)
             if self.reporter.stop_requested():
                 self.stop("stopped", message="gpupool asked this session to stop")
         except StopRequested as err:
@@ -224,7 +229,7 @@ class Heartbeat(threading.Thread):
         """Stop training once, and say why in the status from now on."""
         self.stopped_because = (state, fields)
         print(f"[gpupool] stopping: {fields.get('message')}", flush=True)
-        if state == "stopped":  # gpupool gave this attempt up: nobody collects what comes now
+        if state == "stopped" and self.uploader:  # given up: nobody collects what comes now
             self.uploader.stopping.set()
         self.on_stop()
         try:
@@ -336,12 +341,19 @@ def check_gpu(p, reporter):
 
 
 def install(drive, reporter, p, work):
-    """Runtime, code and restore checkpoint from Drive; "failed" is reported if that breaks."""
+    """Runtime, code and restore checkpoint from Drive, while "starting" heartbeats go on (a
+    large restore takes a while); "failed" is reported if that breaks."""
+    beats = Heartbeat(reporter, work / "session", None, float(p["HEARTBEAT_SECONDS"]),
+                      lambda: None, state="starting")
+    beats.start()
     try:
-        return prepare(drive, p, work)
+        config = prepare(drive, p, work)
     except Exception as err:
+        beats.halt()
         reporter.status("failed", message=f"could not prepare the session: {err}")
         raise
+    beats.halt()
+    return config
 
 
 def check_stop(reporter):

@@ -14,7 +14,7 @@ from gpupool.errors import CancelFailed
 from gpupool.manifest import publish_local
 from gpupool.scheduler import Scheduler
 from gpupool.states import AttemptState
-from providers.colab.agent import Heartbeat, Reporter, Uploader, check_stop
+from providers.colab.agent import Heartbeat, Reporter, Uploader, check_stop, install
 from providers.colab.agent_drive import DriveREST
 from tests.emulators.drive import FOLDER_MIME, drive_emulator_fixture, faults  # noqa: F401
 from tests.providers.colab_support import make_pool, make_provider, mlp_spec
@@ -393,3 +393,34 @@ def test_a_failing_upload_is_shown_while_the_session_keeps_beating(drive_emulato
     agent.uploader.round()
     agent.heartbeat.beat()
     assert colab.poll(attempt, time.time()).message is None
+
+
+def test_heartbeats_go_on_while_the_session_downloads_its_inputs(drive_emulator, tmp_path,
+                                                                  monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys, "path", list(sys.path))  # prepare() adds the runtime it unpacked
+    colab, pool, experiment, attempt = submitted(drive_emulator, tmp_path)
+    agent = Agent(drive_emulator, colab, attempt, tmp_path)
+    agent.reporter.status("starting")
+    first = colab.read_status(attempt)["time"]
+    params = {"ATTEMPT_FOLDER_ID": agent.folder, "SESSION_ENV": {}, "SESSION_SECONDS": 60,
+              "DEADLINE_MARGIN": 0, "RUN": "true", "HEARTBEAT_SECONDS": 0.05}
+    release = threading.Event()
+    drive_emulator.inject("files.download", faults.stall_until(release))  # a slow download
+    work = tmp_path / "work"
+    installing = threading.Thread(target=install, args=(agent.drive, agent.reporter, params, work))
+    installing.start()
+    try:
+        while drive_emulator.held == 0:
+            time.sleep(0.01)
+        deadline = time.monotonic() + 20  # bounds a failure only; a pass comes in 0.05 s
+        while colab.read_status(attempt)["time"] == first and time.monotonic() < deadline:
+            time.sleep(0.05)
+        status = colab.read_status(attempt)
+        assert status["time"] > first and status["state"] == "starting"
+        assert drive_emulator.held == 1  # while the download still hangs
+    finally:
+        release.set()
+        installing.join()
+    assert (work / "runtime" / "gpupool").is_dir()
