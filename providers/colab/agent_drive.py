@@ -32,10 +32,14 @@ class DriveFailure(RuntimeError):
         self.kind = _failure_kind(status, body)
 
 
+REFUSALS = (b"insufficientPermissions", b"insufficientFilePermissions", b"authError",
+            b"appNotAuthorizedToFile", b"forbidden")
+
+
 def _failure_kind(status, body):
     if status == 403 and b"storageQuotaExceeded" in body:
         return "storage-full"
-    if status == 401 or (status == 403 and not _rate_limited(body)):
+    if status == 401 or (status == 403 and any(reason in body for reason in REFUSALS)):
         return "credentials"
     if status == 404:
         return "gone"

@@ -3,6 +3,7 @@ answer is lost, stop requests, a full Drive, stalled transfers."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import webbrowser
@@ -424,3 +425,14 @@ def test_heartbeats_go_on_while_the_session_downloads_its_inputs(drive_emulator,
         release.set()
         installing.join()
     assert (work / "runtime" / "gpupool").is_dir()
+
+
+@pytest.mark.parametrize("status, reason, kind", [
+    (403, "storageQuotaExceeded", "storage-full"), (401, "authError", "credentials"),
+    (403, "insufficientPermissions", "credentials"), (403, "dailyLimitExceeded", None),
+    (403, "userRateLimitExceeded", None), (404, "notFound", "gone"), (500, "backendError", None)])
+def test_the_agent_tells_lasting_drive_failures_from_passing_ones(status, reason, kind):
+    from providers.colab.agent_drive import DriveFailure
+
+    body = json.dumps({"error": {"errors": [{"reason": reason}], "code": status}}).encode()
+    assert DriveFailure("x", status, body).kind == kind
