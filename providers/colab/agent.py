@@ -6,7 +6,8 @@ browser), never from gpupool's saved credentials, which stay on the user's machi
 
 Layout of an attempt's Drive folder::
 
-    runtime.tar.gz  bundle.tar.gz  restore/<ckpt>/...   uploaded by the scheduler
+    runtime.tar.gz  bundle.tar.gz  restore/<ckpt>/...   uploaded by the scheduler (restore/ is
+                                                       deleted once the session pushed its own)
     <name>.ipynb                                       this notebook
     status.json     one file, rewritten in place (files.update) at every heartbeat:
                     {"state": starting|running|no-gpu|failed|drive-error|stopped|finished,
@@ -128,6 +129,7 @@ class Uploader(threading.Thread):
         self.checkpoints_id = None
         self.error = None
         self.fatal = None
+        self.restore_freed = False
 
     def run(self):
         while not self.fatal and not self.stopping.wait(self.every):
@@ -157,6 +159,7 @@ class Uploader(threading.Thread):
                 continue  # pruned by the runtime meanwhile: a newer one exists
             self.done.append(path.name)
             self.prune()
+            self.free_restore()
 
     def push(self, path):
         if self.checkpoints_id is None:
@@ -170,6 +173,16 @@ class Uploader(threading.Thread):
             self.drive.upload(parent, entry["path"].rsplit("/", 1)[-1], path / entry["path"])
         self.drive.upload(target, "manifest.json", path / "manifest.json", "application/json")
         print(f"[gpupool] checkpoint {path.name} uploaded to Drive", flush=True)
+
+    def free_restore(self):
+        """Delete gpupool's copy of the checkpoint this session started from, once one of its
+        own is on Drive: a run of the notebook again starts from that one (see
+        ``restore_source``), and the copy counted against the quota."""
+        if not self.restore_freed:
+            item = self.drive.find(self.folder, "restore")
+            if item is not None:
+                self.drive.delete(item["id"])
+            self.restore_freed = True
 
     def prune(self):
         """Delete (for good: trash still counts against the quota) every checkpoint folder on
@@ -269,8 +282,9 @@ def prepare(drive, p, work):
     env = dict(p["SESSION_ENV"])
     session_dir = work / "session"
     env["GPUPOOL_SESSION_DIR"] = str(session_dir)
-    if p.get("RESTORE_NAME"):
-        env["GPUPOOL_RESTORE_DIR"] = str(restore(drive, folder, p["RESTORE_NAME"], work))
+    restored = restore(drive, folder, p.get("RESTORE_NAME"), work)
+    if restored is not None:
+        env["GPUPOOL_RESTORE_DIR"] = str(restored)
     now = time.time()
     hard_end = now + float(p["SESSION_SECONDS"])
     env["GPUPOOL_DEADLINE"] = f"{hard_end - float(p['DEADLINE_MARGIN']):.3f}"
@@ -279,13 +293,31 @@ def prepare(drive, p, work):
             "runtime_path": str(work / "runtime"), "env": env}
 
 
-def restore(drive, folder, name, work):
-    restore_root = drive.find(folder, "restore")
+def restore_source(drive, folder, name):
+    """The Drive folder and name of the checkpoint to start from: this attempt's own newest
+    complete one (the notebook run again after a disconnect), else the one gpupool put in
+    ``restore/`` (deleted once this session has pushed its own), else None."""
+    own = drive.find(folder, "checkpoints")
+    complete = [i for i in (drive.children(own["id"]) if own else [])
+                if i["title"].startswith("ckpt-") and drive.find(i["id"], "manifest.json")]
+    if complete:
+        newest = max(complete, key=lambda i: i["title"])
+        return newest["id"], newest["title"]
+    restore_root = drive.find(folder, "restore") if name else None
     item = drive.find(restore_root["id"], name) if restore_root else None
-    if item is None:
+    if name and item is None:
         raise DriveFailure(f"checkpoint {name} to restore is missing from Drive")
+    return (item["id"], name) if item else None
+
+
+def restore(drive, folder, name, work):
+    """Download and verify the checkpoint to start from; its local folder, or None."""
+    source = restore_source(drive, folder, name)
+    if source is None:
+        return None
+    item_id, name = source
     target = work / "restore" / name
-    drive.download_tree(item["id"], target)
+    drive.download_tree(item_id, target)
     from gpupool.manifest import read_local, verify_local
 
     verify_local(target, read_local(target))

@@ -436,3 +436,25 @@ def test_the_agent_tells_lasting_drive_failures_from_passing_ones(status, reason
 
     body = json.dumps({"error": {"errors": [{"reason": reason}], "code": status}}).encode()
     assert DriveFailure("x", status, body).kind == kind
+
+
+def test_the_restore_copy_is_freed_once_the_session_pushed_its_own(drive_emulator, tmp_path):
+    from providers.colab.agent import restore
+
+    colab = make_provider(drive_emulator, tmp_path)
+    pool = make_pool(tmp_path, colab=colab)
+    experiment = pool.submit(mlp_spec(["colab"]))
+    earlier = session_checkpoint(tmp_path / "earlier", 40)
+    pool.store_for(experiment.id).import_local(
+        tmp_path / "earlier" / "checkpoints" / earlier.name, earlier)
+    Scheduler(pool).reconcile_once(time.time())
+    attempt = pool.state.attempts(experiment.id)[0]
+    agent = Agent(drive_emulator, colab, attempt, tmp_path)
+    work = tmp_path / "work"
+    assert restore(agent.drive, agent.folder, earlier.name, work).name == earlier.name
+    assert live(drive_emulator, "restore")
+    own = session_checkpoint(agent.session, 60)
+    agent.uploader.round()
+    assert not live(drive_emulator, "restore")  # its quota is free again
+    # the person runs the notebook again after a disconnect: it resumes from its own newest
+    assert restore(agent.drive, agent.folder, earlier.name, work).name == own.name
