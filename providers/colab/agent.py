@@ -417,8 +417,9 @@ def train(drive, reporter, p, work, config):
         heartbeat.safe_beat()  # the upload failed for good on the way out: say why
     state, fields = heartbeat.stopped_because or ("finished", {})
     try:
+        who = {"stopped_by": ended["stopped_by"]} if "stopped_by" in ended else {}
         reporter.status(state, **progress(session_dir), **fields, returncode=ended.get("returncode"),
-                        outcome=ended.get("outcome"), stopped_by=ended.get("stopped_by"))
+                        outcome=ended.get("outcome"), **who)
     except StopRequested:
         pass
     print(f"[gpupool] session finished: {ended}", flush=True)

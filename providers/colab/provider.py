@@ -355,9 +355,10 @@ class ColabProvider(Provider):
 
 
 def _classify_exit(status: dict) -> tuple[AttemptState, str]:
-    """``classify_exit`` with who stopped the command, where the core knows the argument."""
+    """``classify_exit`` with who stopped the command, when the session's ``exit.json``
+    recorded it and the core takes the argument (it does from issue 12 on)."""
     args = (status.get("returncode"), status.get("outcome"))
-    if "stopped_by" in inspect.signature(classify_exit).parameters:
+    if "stopped_by" in status and "stopped_by" in inspect.signature(classify_exit).parameters:
         return classify_exit(*args, stopped_by=status.get("stopped_by"))  # type: ignore[call-arg]
     return classify_exit(*args)
 

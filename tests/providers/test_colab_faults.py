@@ -458,3 +458,18 @@ def test_the_restore_copy_is_freed_once_the_session_pushed_its_own(drive_emulato
     assert not live(drive_emulator, "restore")  # its quota is free again
     # the person runs the notebook again after a disconnect: it resumes from its own newest
     assert restore(agent.drive, agent.folder, earlier.name, work).name == own.name
+
+
+def test_who_stopped_the_command_reaches_classify_exit_only_when_recorded(monkeypatch):
+    import providers.colab.provider as colab_provider
+
+    seen = []
+
+    def classify_exit(returncode, outcome, stopped_by="not-recorded"):
+        seen.append(stopped_by)
+        return AttemptState.LOST, "x"
+
+    monkeypatch.setattr(colab_provider, "classify_exit", classify_exit)
+    colab_provider._classify_exit({"returncode": -15, "outcome": None, "stopped_by": "signal"})
+    colab_provider._classify_exit({"returncode": -15, "outcome": None})  # an older notebook
+    assert seen == ["signal", "not-recorded"]
