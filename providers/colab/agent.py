@@ -6,179 +6,39 @@ browser), never from gpupool's saved credentials, which stay on the user's machi
 
 Layout of an attempt's Drive folder::
 
-    runtime.tar.gz  bundle.tar.gz  restore/<ckpt>/...   uploaded by the scheduler
+    runtime.tar.gz  bundle.tar.gz  restore/<ckpt>/...   uploaded by the scheduler (restore/ is
+                                                       deleted once the session pushed its own)
     <name>.ipynb                                       this notebook
     status.json     one file, rewritten in place (files.update) at every heartbeat:
-                    {"state": starting|running|no-gpu|failed|finished, "time", "step", ...}
-    checkpoints/<ckpt>/...  files first, manifest.json last (a checkpoint without one is torn)
-    log.txt         the session's output, uploaded on every heartbeat
+                    {"state": starting|running|no-gpu|failed|drive-error|stopped|finished,
+                     "time", "step", ...}
+    checkpoints/<ckpt>/...  files first, manifest.json last (a checkpoint without one is torn);
+                    only the newest ``KEEP_LAST`` are kept (older ones deleted for good)
+    log.txt         the session's output, uploaded with each sync
     cancel.json     written by the scheduler to ask the session to stop
 
 ``run_attempt(params)`` does it all: GPU check, download, restore, supervise
-``gpupool.bootstrap`` under the session deadline, while a background thread uploads new
-checkpoints and heartbeats.
+``gpupool.bootstrap`` under the session deadline. Two background threads: the uploader sends
+new checkpoints and the log; the heartbeat writes the status and looks for the stop request,
+so it never waits behind a transfer. A stop request, or uploads that cannot work (Drive full,
+credentials refused), stop the training (it saves on SIGTERM) and are reported at once.
 """
 
-import http.client
 import json
 import os
-import random
 import subprocess
 import sys
 import tarfile
 import threading
 import time
-import urllib.parse
 from pathlib import Path
 
-FOLDER_MIME = "application/vnd.google-apps.folder"
-RETRY_STATUSES = {429, 500, 502, 503, 504}
-
-
-class DriveFailure(RuntimeError):
+try:  # a module in the package; in the notebook, the cell before this one defines these
+    from .agent_drive import DriveFailure, DriveREST
+except ImportError:
     pass
 
-
-class DriveREST:
-    """A minimal Drive v2 client over ``http.client`` with retries and resumable uploads."""
-
-    def __init__(self, base_url, token, chunk=8 * 1024 * 1024, retries=6, sleep=time.sleep):
-        self.base = base_url.rstrip("/")
-        self.token = token  # a callable returning a valid access token
-        self.chunk = chunk
-        self.retries = retries
-        self.sleep = sleep
-
-    def _send(self, method, url, body=b"", headers=None):
-        parts = urllib.parse.urlsplit(url)
-        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        conn = kind(parts.netloc, timeout=120)
-        try:
-            path = parts.path + ("?" + parts.query if parts.query else "")
-            head = {"Authorization": "Bearer " + self.token(), **(headers or {})}
-            conn.request(method, path, body=body, headers=head)
-            resp = conn.getresponse()
-            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-        finally:
-            conn.close()
-
-    def request(self, method, url, body=b"", headers=None, ok=(200, 201, 204, 308)):
-        for attempt in range(self.retries + 1):
-            try:
-                status, head, data = self._send(method, url, body, headers)
-            except (OSError, http.client.HTTPException) as err:
-                status, head, data = None, {}, str(err).encode()
-            if status in ok:
-                return status, head, data
-            if not _retryable(status, data) or attempt == self.retries:
-                raise DriveFailure(f"{method} {url.split('?')[0]}: {status} {data[:300]!r}")
-            self.sleep(min(30.0, 0.5 * 2 ** attempt) * random.uniform(0.5, 1.0))
-        raise AssertionError("unreachable")
-
-    def json(self, method, path, payload=None, **query):
-        url = f"{self.base}/drive/v2/{path}"
-        if query:
-            url += "?" + urllib.parse.urlencode(query)
-        body = json.dumps(payload).encode() if payload is not None else b""
-        _, _, data = self.request(method, url, body, {"Content-Type": "application/json"})
-        return json.loads(data) if data else {}
-
-    def children(self, parent, title=None):
-        q = f"'{parent}' in parents and trashed=false"
-        if title is not None:
-            q += " and title='" + title.replace("\\", "\\\\").replace("'", "\\'") + "'"
-        items, token = [], None
-        while True:
-            query = {"q": q, "maxResults": 1000, **({"pageToken": token} if token else {})}
-            page = self.json("GET", "files", **query)
-            items += [i for i in page.get("items", []) if title is None or i["title"] == title]
-            token = page.get("nextPageToken")
-            if not token:
-                return items
-
-    def find(self, parent, title):
-        found = sorted(self.children(parent, title), key=lambda i: i.get("modifiedDate", ""))
-        return found[-1] if found else None
-
-    def folder(self, parent, title):
-        existing = self.find(parent, title)
-        if existing:
-            return existing["id"]
-        body = {"title": title, "mimeType": FOLDER_MIME, "parents": [{"id": parent}]}
-        return self.json("POST", "files", body)["id"]
-
-    def download(self, file_id, target):
-        target = Path(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _, _, data = self.request("GET", f"{self.base}/drive/v2/files/{file_id}?alt=media")
-        target.write_bytes(data)
-        return target
-
-    def download_tree(self, folder_id, target):
-        for item in self.children(folder_id):
-            path = Path(target) / item["title"]
-            if item["mimeType"] == FOLDER_MIME:
-                self.download_tree(item["id"], path)
-            else:
-                self.download(item["id"], path)
-
-    def upload(self, parent, title, path, mime="application/octet-stream"):
-        """A new file through a resumable session: chunks, resumed after a dropped connection."""
-        size = os.path.getsize(path)
-        meta = {"title": title, "mimeType": mime, "parents": [{"id": parent}]}
-        return self._resumable("POST", f"{self.base}/upload/drive/v2/files?uploadType=resumable",
-                               meta, path, size, mime)
-
-    def update(self, file_id, path, mime="application/json"):
-        size = os.path.getsize(path)
-        return self._resumable("PUT", f"{self.base}/upload/drive/v2/files/{file_id}"
-                                      "?uploadType=resumable", {}, path, size, mime)
-
-    def _resumable(self, method, url, meta, path, size, mime):
-        head = {"Content-Type": "application/json; charset=UTF-8", "X-Upload-Content-Type": mime,
-                "X-Upload-Content-Length": str(size)}
-        _, resp_head, _ = self.request(method, url, json.dumps(meta).encode(), head, ok=(200,))
-        session = resp_head["location"]
-        offset = 0
-        with open(path, "rb") as handle:
-            while True:
-                handle.seek(offset)
-                data = handle.read(self.chunk)
-                end = offset + len(data) - 1
-                content_range = f"bytes {offset}-{end}/{size}" if data else f"bytes */{size}"
-                try:
-                    status, head2, body = self._send("PUT", session, data,
-                                                     {"Content-Range": content_range})
-                except (OSError, http.client.HTTPException):
-                    offset = self._progress(session, size)  # resume where Drive stopped
-                    continue
-                if status in (200, 201):
-                    return json.loads(body)
-                if status == 308:
-                    offset = _range_end(head2.get("range"))
-                    continue
-                if not _retryable(status, body):
-                    raise DriveFailure(f"upload of {path}: {status} {body[:300]!r}")
-                self.sleep(1.0)
-                offset = self._progress(session, size)
-
-    def _progress(self, session, size):
-        status, head, body = self.request("PUT", session, b"", {"Content-Range": f"bytes */{size}"},
-                                          ok=(200, 201, 308))
-        return _range_end(head.get("range")) if status == 308 else size
-
-
-def _retryable(status, body):
-    if status is None or status in RETRY_STATUSES:
-        return True
-    return status == 403 and (b"rateLimitExceeded" in body or b"userRateLimitExceeded" in body)
-
-
-def _range_end(header):
-    """The next byte to send after ``Range: bytes=0-n`` (0 when nothing arrived)."""
-    if not header:
-        return 0
-    return int(header.rsplit("-", 1)[1]) + 1
+STOP_FILE = "cancel.json"
 
 
 # -- the session ----------------------------------------------------------------------------
@@ -208,6 +68,10 @@ def gpu_present(probe):
         return False
 
 
+class StopRequested(Exception):
+    """gpupool asked this session to stop (``cancel.json``), or removed the attempt's files."""
+
+
 class Reporter:
     """Writes ``status.json`` (one file, updated in place) and the log to the attempt folder."""
 
@@ -218,14 +82,25 @@ class Reporter:
         self.started = time.time()
 
     def status(self, state, **fields):
+        """Write the status; raises ``StopRequested`` when gpupool has removed it (the attempt
+        ended on gpupool's side and was cleaned up)."""
         doc = {"state": state, "time": time.time(), "started": self.started, **fields}
         path = self.work / "status.json"
         path.write_text(json.dumps(doc))
-        if self.status_id is None:
-            self.status_id = self.drive.upload(self.folder, "status.json", path,
-                                               "application/json")["id"]
-        else:
-            self.drive.update(self.status_id, path)
+        try:
+            if self.status_id is None:
+                self.status_id = self.drive.upload(self.folder, "status.json", path,
+                                                   "application/json")["id"]
+            else:
+                self.drive.update(self.status_id, path)
+        except DriveFailure as err:
+            if err.kind == "gone":
+                raise StopRequested("the attempt's files were removed from Drive") from None
+            raise
+
+    def stop_requested(self):
+        """True once gpupool has written ``cancel.json`` into the attempt folder."""
+        return self.drive.find(self.folder, STOP_FILE) is not None
 
     def log(self, path):
         if not Path(path).exists():
@@ -237,42 +112,54 @@ class Reporter:
 
 
 class Uploader(threading.Thread):
-    """Background thread: new ``ckpt-*`` folders go to Drive (manifest last), plus heartbeats."""
+    """Background thread: new ``ckpt-*`` folders go to Drive (manifest last), then older ones
+    beyond ``keep_last`` are deleted there; the log follows. It never reports status: the
+    heartbeat does, so a slow or failing transfer never delays it.
 
-    def __init__(self, drive, folder, session_dir, reporter, every, on_cancel):
+    ``error`` is the last failure (retried at the next round); ``fatal`` one that retrying
+    cannot fix (Drive full, credentials refused): the uploader stops and the heartbeat
+    reports it."""
+
+    def __init__(self, drive, folder, session_dir, reporter, every, keep_last=None):
         super().__init__(name="gpupool-uploader", daemon=True)
         self.drive, self.folder, self.session_dir = drive, folder, Path(session_dir)
-        self.reporter, self.every, self.on_cancel = reporter, every, on_cancel
-        self.done = set()
+        self.reporter, self.every, self.keep_last = reporter, every, keep_last
+        self.done = []  # names of checkpoints complete on Drive, oldest first
         self.stopping = threading.Event()
         self.checkpoints_id = None
         self.error = None
+        self.fatal = None
+        self.restore_freed = False
 
     def run(self):
-        while not self.stopping.wait(self.every):
-            try:
-                self.beat()
-            except Exception as err:  # noqa: BLE001 - keep training; report on the next beat
-                self.error = err
-                print(f"[gpupool] Drive sync failed, will retry: {err}", flush=True)
+        while not self.fatal and not self.stopping.wait(self.every):
+            self.round()
 
-    def beat(self, state="running", **extra):
-        self.sync()
-        self.reporter.log(self.session_dir / "log.txt")
-        self.reporter.status(state, **progress(self.session_dir), **extra)
-        if state == "running" and self.drive.find(self.folder, "cancel.json"):
-            self.on_cancel()
+    def round(self):
+        """One sync and log upload; failures are kept for the heartbeat, never raised."""
+        try:
+            self.sync()
+            self.reporter.log(self.session_dir / "log.txt")
+            self.error = None
+        except Exception as err:  # noqa: BLE001 - keep training; the heartbeat reports it
+            self.error = err
+            if getattr(err, "kind", None) in ("storage-full", "credentials"):
+                self.fatal = err
+            print(f"[gpupool] Drive sync failed: {err}", flush=True)
 
     def sync(self):
         root = self.session_dir / "checkpoints"
         ready = sorted(p for p in root.glob("ckpt-*") if (p / "manifest.json").is_file())
         for path in ready:
-            if path.name not in self.done:
-                try:
-                    self.push(path)
-                except FileNotFoundError:
-                    continue  # pruned by the runtime meanwhile: a newer one exists
-                self.done.add(path.name)
+            if path.name in self.done or (self.done and path.name < self.done[-1]):
+                continue  # already on Drive, or older than one there (it would be pruned)
+            try:
+                self.push(path)
+            except FileNotFoundError:
+                continue  # pruned by the runtime meanwhile: a newer one exists
+            self.done.append(path.name)
+            self.prune()
+            self.free_restore()
 
     def push(self, path):
         if self.checkpoints_id is None:
@@ -286,6 +173,82 @@ class Uploader(threading.Thread):
             self.drive.upload(parent, entry["path"].rsplit("/", 1)[-1], path / entry["path"])
         self.drive.upload(target, "manifest.json", path / "manifest.json", "application/json")
         print(f"[gpupool] checkpoint {path.name} uploaded to Drive", flush=True)
+
+    def free_restore(self):
+        """Delete gpupool's copy of the checkpoint this session started from, once one of its
+        own is on Drive: a run of the notebook again starts from that one (see
+        ``restore_source``), and the copy counted against the quota."""
+        if not self.restore_freed:
+            item = self.drive.find(self.folder, "restore")
+            if item is not None:
+                self.drive.delete(item["id"])
+            self.restore_freed = True
+
+    def prune(self):
+        """Delete (for good: trash still counts against the quota) every checkpoint folder on
+        Drive older than the newest ``keep_last`` complete ones; never the newest."""
+        if not self.keep_last or not self.done:
+            return
+        keep = set(self.done[-int(self.keep_last):])
+        for item in self.drive.children(self.checkpoints_id):
+            if item["title"] not in keep and item["title"] < self.done[-1]:
+                self.drive.delete(item["id"])
+
+
+class Heartbeat(threading.Thread):
+    """Background thread: every ``every`` seconds, the small ``status.json`` (progress, and why
+    uploads fail) and a look for gpupool's stop request. ``on_stop()`` stops training
+    when gpupool asks, or when the uploads cannot work (Drive full, credentials refused)."""
+
+    def __init__(self, reporter, session_dir, uploader, every, on_stop, state="running"):
+        super().__init__(name="gpupool-heartbeat", daemon=True)
+        self.reporter, self.session_dir, self.uploader = reporter, Path(session_dir), uploader
+        self.every, self.on_stop, self.state = every, on_stop, state
+        self.stopping = threading.Event()
+        self.stopped_because = None
+
+    def run(self):
+        while not self.stopping.wait(self.every):
+            self.safe_beat()
+
+    def halt(self):
+        self.stopping.set()
+        self.join()
+
+    def safe_beat(self):
+        try:
+            self.beat()
+        except Exception as err:  # noqa: BLE001 - try again at the next beat
+            print(f"[gpupool] heartbeat failed, will retry: {err}", flush=True)
+
+    def beat(self):
+        if self.stopped_because is not None:  # keep saying why, while the last upload runs
+            state, fields = self.stopped_because
+            return self.reporter.status(state, **progress(self.session_dir), **fields)
+        fatal = self.uploader.fatal if self.uploader else None
+        if fatal is not None:
+            return self.stop("drive-error", reason=fatal.kind,
+                             message=f"checkpoints cannot be saved to Drive: {fatal}")
+        failing = self.uploader.error if self.uploader else None
+        extra = {"upload_error": str(failing)} if failing else {}
+        try:
+            self.reporter.status(self.state, **progress(self.session_dir), **extra)
+            if self.reporter.stop_requested():
+                self.stop("stopped", message="gpupool asked this session to stop")
+        except StopRequested as err:
+            self.stop("stopped", message=str(err))
+
+    def stop(self, state, **fields):
+        """Stop training once, and say why in the status from now on."""
+        self.stopped_because = (state, fields)
+        print(f"[gpupool] stopping: {fields.get('message')}", flush=True)
+        if state == "stopped" and self.uploader:  # given up: nobody collects what comes now
+            self.uploader.stopping.set()
+        self.on_stop()
+        try:
+            self.reporter.status(state, **progress(self.session_dir), **fields)
+        except StopRequested:
+            pass
 
 
 def progress(session_dir):
@@ -319,8 +282,9 @@ def prepare(drive, p, work):
     env = dict(p["SESSION_ENV"])
     session_dir = work / "session"
     env["GPUPOOL_SESSION_DIR"] = str(session_dir)
-    if p.get("RESTORE_NAME"):
-        env["GPUPOOL_RESTORE_DIR"] = str(restore(drive, folder, p["RESTORE_NAME"], work))
+    restored = restore(drive, folder, p.get("RESTORE_NAME"), work)
+    if restored is not None:
+        env["GPUPOOL_RESTORE_DIR"] = str(restored)
     now = time.time()
     hard_end = now + float(p["SESSION_SECONDS"])
     env["GPUPOOL_DEADLINE"] = f"{hard_end - float(p['DEADLINE_MARGIN']):.3f}"
@@ -329,13 +293,31 @@ def prepare(drive, p, work):
             "runtime_path": str(work / "runtime"), "env": env}
 
 
-def restore(drive, folder, name, work):
-    restore_root = drive.find(folder, "restore")
+def restore_source(drive, folder, name):
+    """The Drive folder and name of the checkpoint to start from: this attempt's own newest
+    complete one (the notebook run again after a disconnect), else the one gpupool put in
+    ``restore/`` (deleted once this session has pushed its own), else None."""
+    own = drive.find(folder, "checkpoints")
+    complete = [i for i in (drive.children(own["id"]) if own else [])
+                if i["title"].startswith("ckpt-") and drive.find(i["id"], "manifest.json")]
+    if complete:
+        newest = max(complete, key=lambda i: i["title"])
+        return newest["id"], newest["title"]
+    restore_root = drive.find(folder, "restore") if name else None
     item = drive.find(restore_root["id"], name) if restore_root else None
-    if item is None:
+    if name and item is None:
         raise DriveFailure(f"checkpoint {name} to restore is missing from Drive")
+    return (item["id"], name) if item else None
+
+
+def restore(drive, folder, name, work):
+    """Download and verify the checkpoint to start from; its local folder, or None."""
+    source = restore_source(drive, folder, name)
+    if source is None:
+        return None
+    item_id, name = source
     target = work / "restore" / name
-    drive.download_tree(item["id"], target)
+    drive.download_tree(item_id, target)
     from gpupool.manifest import read_local, verify_local
 
     verify_local(target, read_local(target))
@@ -343,8 +325,10 @@ def restore(drive, folder, name, work):
     return target
 
 
-def supervise(config, work, uploader_factory):
-    """Run gpupool.bootstrap under the session's deadline while checkpoints stream to Drive."""
+def supervise(config, work, make_threads):
+    """Run gpupool.bootstrap under the session's deadline while checkpoints stream to Drive
+    (uploader thread) and the status is reported (heartbeat thread); returns both threads,
+    the heartbeat still running (the caller stops it after the last upload)."""
     path = work / "session.json"
     path.write_text(json.dumps(config))
     session_dir = Path(config["session_dir"])
@@ -356,13 +340,15 @@ def supervise(config, work, uploader_factory):
     with open(session_dir / "log.txt", "ab") as log:
         process = subprocess.Popen([sys.executable, "-m", "gpupool.bootstrap", str(path)],
                                    cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
-    uploader = uploader_factory(session_dir, lambda: process.terminate())
-    uploader.beat()
+    # SIGTERM: the supervisor has the training script save, then exit
+    uploader, heartbeat = make_threads(session_dir, lambda: process.terminate())
+    heartbeat.safe_beat()
     uploader.start()
+    heartbeat.start()
     process.wait()
     uploader.stopping.set()
     uploader.join()
-    return uploader, session_dir
+    return uploader, heartbeat, session_dir  # the heartbeat beats on while the last upload runs
 
 
 def connect(p):
@@ -387,23 +373,55 @@ def check_gpu(p, reporter):
 
 
 def install(drive, reporter, p, work):
-    """Runtime, code and restore checkpoint from Drive; "failed" is reported if that breaks."""
+    """Runtime, code and restore checkpoint from Drive, while "starting" heartbeats go on (a
+    large restore takes a while); "failed" is reported if that breaks."""
+    beats = Heartbeat(reporter, work / "session", None, float(p["HEARTBEAT_SECONDS"]),
+                      lambda: None, state="starting")
+    beats.start()
     try:
-        return prepare(drive, p, work)
+        config = prepare(drive, p, work)
     except Exception as err:
+        beats.halt()
         reporter.status("failed", message=f"could not prepare the session: {err}")
         raise
+    beats.halt()
+    return config
+
+
+def check_stop(reporter):
+    """Before training: a session gpupool already gave up on does not start."""
+    if reporter.stop_requested():
+        reporter.status("stopped", message="gpupool asked this session to stop before it trained")
+        raise SystemExit("gpupool has stopped this attempt (it ended or was cancelled); "
+                         "nothing to run here. You can close this notebook.")
 
 
 def train(drive, reporter, p, work, config):
-    def make_uploader(session_dir, on_cancel):
-        return Uploader(drive, p["ATTEMPT_FOLDER_ID"], session_dir, reporter,
-                        float(p["HEARTBEAT_SECONDS"]), on_cancel)
+    every = float(p["HEARTBEAT_SECONDS"])
 
-    uploader, session_dir = supervise(config, work, make_uploader)
+    def make_threads(session_dir, stop_training):
+        uploader = Uploader(drive, p["ATTEMPT_FOLDER_ID"], session_dir, reporter, every,
+                            keep_last=p.get("KEEP_LAST"))
+        return uploader, Heartbeat(reporter, session_dir, uploader, every, stop_training)
+
+    check_stop(reporter)
+    uploader, heartbeat, session_dir = supervise(config, work, make_threads)
+    given_up = (heartbeat.stopped_because or ("",))[0] == "stopped"
+    if uploader.fatal is None and not given_up:
+        uploader.round()  # the checkpoint saved on the way out, while the heartbeat goes on
+    heartbeat.stopping.set()
+    heartbeat.join()
     exit_file = session_dir / "exit.json"
     ended = json.loads(exit_file.read_text()) if exit_file.exists() else {}
-    uploader.beat("finished", returncode=ended.get("returncode"), outcome=ended.get("outcome"))
+    if heartbeat.stopped_because is None and uploader.fatal is not None:
+        heartbeat.safe_beat()  # the upload failed for good on the way out: say why
+    state, fields = heartbeat.stopped_because or ("finished", {})
+    try:
+        who = {"stopped_by": ended["stopped_by"]} if "stopped_by" in ended else {}
+        reporter.status(state, **progress(session_dir), **fields, returncode=ended.get("returncode"),
+                        outcome=ended.get("outcome"), **who)
+    except StopRequested:
+        pass
     print(f"[gpupool] session finished: {ended}", flush=True)
     return ended
 

@@ -33,8 +33,8 @@ from .drive import (
     PROVIDER,
     AuthFactory,
     Drive,
-    _credential_errors,
     auth_settings,
+    credential_errors,
     default_auth_factory,
     load_client_config,
     open_auth,
@@ -90,7 +90,7 @@ def sign_in(config: ColabConfig, *, launch_browser: bool = True, paste: bool = F
             _paste_flow(auth, prompt, echo)
         else:
             _browser_flow(auth, prompt, echo)
-    except _credential_errors() as err:
+    except credential_errors() as err:
         raise CredentialsError(PROVIDER, f"sign-in failed: {err}; {AGAIN}") from None
     finally:
         if interactive is not None:

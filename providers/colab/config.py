@@ -29,6 +29,7 @@ class ColabConfig(BaseModel):
     heartbeat_seconds: Seconds = Field(30, gt=0, description="how often the notebook reports")
     heartbeat_timeout: Seconds = Field(600, gt=0, description="silence after which it is lost")
     no_gpu_cooldown: Seconds = Field(6 * 3600, ge=0, description="rest after 'no GPU' reports")
+    drive_full_cooldown: Seconds = Field(3600, ge=0, description="rest after 'Drive full' reports")
     estimated_gpu_hours_per_day: float = Field(4.0, gt=0,
                                                description="Colab publishes none: a guess")
     startup_seconds: Seconds = Field(300, ge=0, description="a person has to open it")

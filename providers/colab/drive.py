@@ -14,6 +14,8 @@ only when a ``Drive`` is opened.
 from __future__ import annotations
 
 import builtins
+import contextlib
+import hashlib
 import http.client
 import io
 import json
@@ -23,7 +25,7 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from gpupool.errors import CredentialsError, ProviderError
 
@@ -94,7 +96,8 @@ def secure_file(path: Path) -> None:
         os.chmod(path, 0o600)
 
 
-def _credential_errors() -> tuple[type[BaseException], ...]:
+def credential_errors() -> tuple[type[BaseException], ...]:
+    """What oauth2client and PyDrive2 raise when Google refuses the saved credentials."""
     from oauth2client.client import AccessTokenRefreshError
     from pydrive2.auth import AuthenticationError, InvalidCredentialsError, RefreshError
 
@@ -120,7 +123,7 @@ def open_auth(client: dict, credentials_file: Path, factory: AuthFactory | None 
             auth.Refresh()
             auth.SaveCredentialsFile(str(credentials_file))
         auth.Authorize()
-    except _credential_errors() as err:
+    except credential_errors() as err:
         raise CredentialsError(PROVIDER, f"Google refused the saved credentials ({err}); "
                                          f"{AUTH_HINT}") from None
     secure_file(credentials_file)
@@ -185,7 +188,7 @@ class Drive:
     def _final(self, err: Exception, why: str | None) -> Exception:
         from googleapiclient.errors import HttpError
 
-        if isinstance(err, _credential_errors()):
+        if isinstance(err, credential_errors()):
             return CredentialsError(PROVIDER, f"Google refused the saved credentials ({err}); "
                                               f"{AUTH_HINT}")
         if isinstance(err, HttpError):
@@ -220,37 +223,87 @@ class Drive:
 
     def find(self, parent: str, title: str) -> dict | None:
         """The newest live file called ``title`` in ``parent`` (Drive allows duplicates)."""
-        escaped = title.replace("\\", "\\\\").replace("'", "\\'")
-        found = [i for i in self.list(f"'{parent}' in parents and title='{escaped}' "
-                                      "and trashed=false") if i.get("title") == title]
+        found = [i for i in self.list(_title_query(parent, title)) if i.get("title") == title]
         found.sort(key=lambda i: (i.get("modifiedDate", ""), i["id"]))
         return found[-1] if found else None
 
     def folder(self, parent: str, title: str) -> str:
-        """The id of folder ``title`` in ``parent``, created when missing."""
-        existing = self.find(parent, title)
-        if existing is not None:
-            return existing["id"]
+        """The id of folder ``title`` in ``parent``, created (once) when missing."""
         body = {"title": title, "mimeType": FOLDER_MIME, "parents": [{"id": parent}]}
-        return self.execute(self.service.files().insert(body=body))["id"]
+        item = self.create_once(parent, title, lambda: self.service.files().insert(body=body).execute(),
+                                same=lambda i: i.get("mimeType") == FOLDER_MIME)
+        return str(item["id"])
+
+    def create_once(self, parent: str, title: str, send: Callable[[], dict],
+                    same: Callable[[dict], bool] = lambda item: True, *,
+                    known_absent: bool = False) -> dict:
+        """Run the insert ``send()`` so that at most one live ``title`` results in ``parent``.
+
+        An insert is not idempotent: when its outcome is unknown (a 5xx, a timeout or a reset
+        may come after Drive did it), Drive is asked for a live ``title`` that ``same`` accepts
+        before it is sent again, and one found is the result (``known_absent``: the caller just
+        looked, so the first send needs no look). Raises ``ProviderError`` (or
+        ``CredentialsError``) once the retries are spent or the failure is not temporary."""
+        for attempt in range(self.retries + 1):
+            found = [] if known_absent and attempt == 0 else [
+                i for i in self.list(_title_query(parent, title))
+                if i.get("title") == title and same(i)]
+            if found:
+                return max(found, key=lambda i: (i.get("modifiedDate", ""), i["id"]))
+            try:
+                return send()
+            except Exception as err:  # noqa: BLE001 - classified right below
+                why = self._classify(err)
+                if why is None or attempt == self.retries:
+                    raise self._final(err, why) from None
+                self.sleep(self._delay(attempt))
+        raise AssertionError("unreachable")
 
     def folder_path(self, *titles: str, parent: str = "root") -> str:
         for title in titles:
             parent = self.folder(parent, title)
         return parent
 
-    def upload(self, parent: str, title: str, source: Path | bytes,
+    def upload(self, parent: str, title: str, source: Path | bytes | IO[bytes],
                mime: str = "application/octet-stream") -> dict:
-        """Create a file by resumable upload (chunked; a dropped chunk resumes, not restarts)."""
+        """Create a file by resumable upload (chunked; a dropped chunk resumes, not restarts).
+        A chunk whose answer is lost is sent again to the same upload session, which Drive
+        finishes once: it never makes a second file."""
         from googleapiclient.http import MediaIoBaseUpload
 
-        stream = open(source, "rb") if isinstance(source, Path) else io.BytesIO(source)
-        with stream:
-            media = MediaIoBaseUpload(stream, mimetype=mime, chunksize=self.chunk_bytes,
+        if isinstance(source, Path):
+            stream: Any = open(source, "rb")
+        elif isinstance(source, bytes):
+            stream = io.BytesIO(source)
+        else:
+            source.seek(0)  # googleapiclient sends the whole stream: a retry starts over
+            stream = contextlib.nullcontext(source)
+        with stream as handle:
+            media = MediaIoBaseUpload(handle, mimetype=mime, chunksize=self.chunk_bytes,
                                       resumable=True)
             body = {"title": title, "mimeType": mime, "parents": [{"id": parent}]}
             request = self.service.files().insert(body=body, media_body=media)
             return self._resume(request)
+
+    def put(self, parent: str, title: str, source: Path | bytes | IO[bytes],
+            mime: str = "application/octet-stream") -> dict:
+        """Upload ``source`` as ``title`` in ``parent``, leaving one live file of that name:
+        one holding these bytes already (an earlier upload whose answer was lost, a submit
+        repeated after a crash) is kept and nothing is sent; others of that name are deleted
+        once the new one is there."""
+        md5, size = _digest(source)
+
+        def same(item: dict) -> bool:
+            return item.get("md5Checksum") == md5 and int(item.get("fileSize") or -1) == size
+
+        existing = [i for i in self.list(_title_query(parent, title)) if i.get("title") == title]
+        item = next((i for i in existing if same(i)), None) or self.create_once(
+            parent, title, lambda: self.upload(parent, title, source, mime), same,
+            known_absent=True)
+        for other in existing:
+            if other["id"] != item["id"]:
+                self.delete(other["id"])
+        return item
 
     def update(self, file_id: str, data: bytes, mime: str = "application/json") -> dict:
         """Replace a small mutable file's content (status files only, never checkpoints)."""
@@ -281,14 +334,36 @@ class Drive:
     def read(self, file_id: str) -> bytes:
         return self.retry(lambda: self.service.files().get_media(fileId=file_id).execute())
 
-    def trash(self, file_id: str) -> None:
+    def delete(self, file_id: str) -> None:
+        """Delete for good (a folder with all it holds). Not trash: trashed files still count
+        against the account's storage quota until the trash is emptied. Gone already is fine."""
         try:
-            self.execute(self.service.files().trash(fileId=file_id))
+            self.execute(self.service.files().delete(fileId=file_id))
         except FileNotFoundError:
             pass
 
     def about(self) -> dict:
         return self.execute(self.service.about().get())
+
+
+def _digest(source: Path | bytes | IO[bytes]) -> tuple[str, int]:
+    """md5 (what Drive reports as ``md5Checksum``) and size of what an upload would send."""
+    digest, size = hashlib.md5(), 0
+    stream: Any = (open(source, "rb") if isinstance(source, Path) else
+                   io.BytesIO(source) if isinstance(source, bytes) else source)
+    if not isinstance(source, (Path, bytes)):
+        stream.seek(0)
+    while chunk := stream.read(1 << 20):
+        digest.update(chunk)
+        size += len(chunk)
+    if isinstance(source, Path):
+        stream.close()
+    return digest.hexdigest(), size
+
+
+def _title_query(parent: str, title: str) -> str:
+    escaped = title.replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{parent}' in parents and title='{escaped}' and trashed=false"
 
 
 def _reason(err: Any) -> str | None:

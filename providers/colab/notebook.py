@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-AGENT_SOURCE = Path(__file__).with_name("agent.py")
+AGENT_SOURCES = [Path(__file__).with_name("agent_drive.py"), Path(__file__).with_name("agent.py")]
 DRIVE_BASE_URL = "https://www.googleapis.com"
 PARAMETER_DEFAULTS = {
     "DRIVE_BASE_URL": DRIVE_BASE_URL,
@@ -48,7 +48,7 @@ def render(params: dict[str, Any], *, experiment: str) -> Any:
                                               folder=values.get("FOLDER_TITLE", "gpupool"))),
         parameters,
         new_code_cell("# gpupool's session agent (standard library only)\n"
-                      + AGENT_SOURCE.read_text(encoding="utf-8")),
+                      + "\n\n".join(p.read_text(encoding="utf-8") for p in AGENT_SOURCES)),
         new_code_cell("# 1. GPU check, and sign in to Drive as you\n" + collect
                       + "drive, reporter, work = connect(P)\ncheck_gpu(P, reporter)\n"),
         new_code_cell("# 2. Install gpupool's runtime and your code; restore the checkpoint\n"

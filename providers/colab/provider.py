@@ -8,6 +8,7 @@ Drive folder (see ``agent.py`` for the layout), which ``poll`` and ``collect`` r
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 import tempfile
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpupool.bundle import pack_runtime
-from gpupool.errors import CheckpointError, CredentialsError, ProviderError
+from gpupool.errors import CancelFailed, CheckpointError, CredentialsError, GpupoolError, ProviderError
 from gpupool.manifest import MANIFEST, Manifest, ManifestError, check_name, read_local, verify_local
 from gpupool.provider import (
     Availability,
@@ -40,6 +41,12 @@ if TYPE_CHECKING:
 
 COLAB_URL = "https://colab.research.google.com/drive/{}"
 WINDOW_SECONDS = 24 * 3600
+STOP_FILE = "cancel.json"
+# what an attempt folder keeps after collection: the log (``gpupool logs`` reads it) and the
+# stop request (a session that beats again after it was given up must still see it)
+KEPT_AFTER_COLLECT = frozenset({"log.txt", STOP_FILE})
+STOP_ACTION = ("open {url} in the browser tab where it runs and use Runtime > Disconnect and "
+               "delete runtime (or close the tab)")
 
 
 class ColabProvider(Provider):
@@ -51,6 +58,7 @@ class ColabProvider(Provider):
         "running": AttemptState.RUNNING,
         "no-gpu": AttemptState.UNAVAILABLE,
         "failed": AttemptState.FAILED,
+        "stopped": AttemptState.CANCELLED,
     }
     unsupported = {"unattended start": "Colab's free tier needs a person to open and run "
                                        "each attempt's notebook"}
@@ -128,21 +136,30 @@ class ColabProvider(Provider):
             return self._submission(record)
         drive = self.drive()
         folder = drive.folder(self.attempts_folder(), _folder_title(launch.attempt_id))
+        try:
+            record = self._prepare(launch, folder)
+        except GpupoolError:
+            _quietly(drive.delete, folder)  # a refused submit leaves nothing on Drive
+            raise
+        self.records.put(launch.attempt_id, record)
+        return self._submission(record)
+
+    def _prepare(self, launch: Launch, folder: str) -> dict:
+        """Upload the runtime, the code, the checkpoint to restore and the notebook."""
+        drive = self.drive()
         with tempfile.TemporaryDirectory(prefix="gpupool-colab-") as tmp:
             runtime = Path(tmp) / "runtime.tar.gz"
             pack_runtime(runtime)
-            drive.upload(folder, "runtime.tar.gz", runtime, "application/gzip")
-            drive.upload(folder, "bundle.tar.gz", Path(launch.bundle), "application/gzip")
+            drive.put(folder, "runtime.tar.gz", runtime, "application/gzip")
+            drive.put(folder, "bundle.tar.gz", Path(launch.bundle), "application/gzip")
             if launch.restore is not None:
                 self._upload_restore(launch, folder, Path(tmp) / "restore")
         params = self._parameters(launch, folder)
         body = notebook.dumps(notebook.render(params, experiment=launch.spec.name))
         title = f"gpupool-{launch.spec.name}-{launch.attempt_id}.ipynb"
-        created = drive.upload(folder, title, body, gdrive.COLAB_MIME)
-        record = {"folder_id": folder, "notebook_id": created["id"], "submitted": launch.now,
-                  "url": COLAB_URL.format(created["id"])}
-        self.records.put(launch.attempt_id, record)
-        return self._submission(record)
+        created = drive.put(folder, title, body, gdrive.COLAB_MIME)
+        return {"folder_id": folder, "notebook_id": created["id"], "submitted": launch.now,
+                "url": COLAB_URL.format(created["id"])}
 
     def _submission(self, record: dict) -> Submission:
         minutes = round(self.config.start_timeout / 60)
@@ -159,8 +176,8 @@ class ColabProvider(Provider):
         for entry in manifest.files:
             parts = entry.path.split("/")
             parent = drive.folder_path(*parts[:-1], parent=target)
-            drive.upload(parent, parts[-1], local / entry.path)
-        drive.upload(target, MANIFEST, manifest.to_json().encode(), "application/json")
+            drive.put(parent, parts[-1], local / entry.path)
+        drive.put(target, MANIFEST, manifest.to_json().encode(), "application/json")
 
     def _parameters(self, launch: Launch, folder: str) -> dict[str, Any]:
         env = runtime_env(launch, provider=self.name, session_dir="", restore_dir=None,
@@ -174,6 +191,7 @@ class ColabProvider(Provider):
             "DEADLINE_MARGIN": self.config.deadline_margin,
             "HEARTBEAT_SECONDS": self.config.heartbeat_seconds,
             "UPLOAD_CHUNK_BYTES": self.config.upload_chunk_bytes,
+            "KEEP_LAST": launch.spec.checkpoint.keep_last,
             "GPU_REQUIRED": launch.spec.resources.wants_gpu, "GPU_PROBE": self.config.gpu_probe,
         }
 
@@ -202,8 +220,12 @@ class ColabProvider(Provider):
         common = dict(step=status.get("step"), total=status.get("total"),
                       heartbeat=status.get("time"), started_at=status.get("started"))
         if state == "finished":
-            ended, message = classify_exit(status.get("returncode"), status.get("outcome"))
+            ended, message = _classify_exit(status)
             return PollResult(ended, message=message, **common)
+        if state == "drive-error":
+            return self._drive_error(attempt, status, now, common)
+        if state == "stopped":
+            return PollResult(AttemptState.CANCELLED, message=status.get("message"), **common)
         if state == "no-gpu":
             reason = "Colab gave no GPU (usage limits reached?)"
             self.cooldowns.set(attempt.account, now + self.config.no_gpu_cooldown, reason)
@@ -214,7 +236,21 @@ class ColabProvider(Provider):
             return PollResult(AttemptState.LOST, message=(
                 f"no heartbeat from the notebook for {self.config.heartbeat_timeout:.0f} s "
                 "(runtime disconnected or recycled)"), **common)
-        return PollResult(self.status_map.get(str(state), AttemptState.RUNNING), **common)
+        trouble = status.get("upload_error")  # shown by `gpupool status` while it lasts
+        return PollResult(self.status_map.get(str(state), AttemptState.RUNNING),
+                          message=f"checkpoint upload failing: {trouble}" if trouble else None,
+                          **common)
+
+    def _drive_error(self, attempt: Attempt, status: dict, now: float, common: dict) -> PollResult:
+        """The notebook cannot save checkpoints: Drive is full (Colab rests until space is
+        freed; the run goes elsewhere meanwhile), or Drive refused its sign-in (lost)."""
+        message = str(status.get("message") or "checkpoints cannot be saved to Drive")
+        if status.get("reason") == "storage-full":
+            message = (f"{message}; Drive storage is full (Trash counts too): free space "
+                       "on the Google account, gpupool deletes its own old files")
+            self.cooldowns.set(attempt.account, now + self.config.drive_full_cooldown, message)
+            return PollResult(AttemptState.UNAVAILABLE, message=message, **common)
+        return PollResult(AttemptState.LOST, message=message, **common)
 
     def _not_started(self, attempt: Attempt, now: float) -> PollResult:
         record = self.records.get(attempt.id) or {}
@@ -226,11 +262,23 @@ class ColabProvider(Provider):
                           message=f"waiting for someone to open {attempt.url or 'the notebook'}")
 
     def cancel(self, attempt: Attempt) -> None:
-        """Ask the notebook to stop (it checks at every heartbeat); Colab can't be stopped from
-        here."""
-        folder = self._folder(attempt)
-        if folder and self.drive().find(folder, "cancel.json") is None:
-            self.drive().upload(folder, "cancel.json", b'{"cancel": true}', "application/json")
+        """Ask the notebook to stop: ``cancel.json`` in its folder, which the notebook looks
+        for at every heartbeat (and before it trains); it then saves and stops training.
+
+        Colab has no API to stop a runtime, so this is a request: a notebook that never beats
+        again never reads it. Raises ``CancelFailed`` (with what the person must do) when the
+        request cannot be written to Drive."""
+        try:
+            folder = self._folder(attempt)
+            if folder is None:
+                return  # nothing was ever put on Drive: nothing can run
+            drive = self.drive()
+            drive.put(folder, STOP_FILE, b'{"cancel": true}', "application/json")
+        except (ProviderError, FileNotFoundError) as err:
+            raise CancelFailed(self.name, f"could not ask attempt {attempt.id}'s notebook to "
+                                          f"stop ({err})",
+                               action=STOP_ACTION.format(url=attempt.url or "the notebook")
+                               ) from None
 
     def logs(self, attempt: Attempt) -> str:
         folder = self._folder(attempt)
@@ -291,18 +339,35 @@ class ColabProvider(Provider):
         return manifest
 
     def cleanup(self, attempt: Attempt) -> None:
-        """Trash the inputs and relayed checkpoints; keep notebook, status and log to read."""
+        """Delete, for good, what the ended attempt put on Drive (inputs, checkpoints already
+        collected, the notebook, its status) but the log and the stop request. Best effort:
+        what fails now stays for the person to remove."""
         folder = self._folder(attempt)
         if folder is None:
             return
         drive = self.drive()
         try:
-            for title in ("runtime.tar.gz", "bundle.tar.gz", "restore", "checkpoints"):
-                item = drive.find(folder, title)
-                if item is not None:
-                    drive.trash(item["id"])
+            for item in drive.children(folder):
+                if item["title"] not in KEPT_AFTER_COLLECT:
+                    drive.delete(item["id"])
         except ProviderError:
-            pass  # best effort: the next cleanup or the user can remove it
+            pass
+
+
+def _classify_exit(status: dict) -> tuple[AttemptState, str]:
+    """``classify_exit`` with who stopped the command, when the session's ``exit.json``
+    recorded it and the core takes the argument (it does from issue 12 on)."""
+    args = (status.get("returncode"), status.get("outcome"))
+    if "stopped_by" in status and "stopped_by" in inspect.signature(classify_exit).parameters:
+        return classify_exit(*args, stopped_by=status.get("stopped_by"))  # type: ignore[call-arg]
+    return classify_exit(*args)
+
+
+def _quietly(call: Any, *args: Any) -> None:
+    try:
+        call(*args)
+    except (GpupoolError, FileNotFoundError):
+        pass
 
 
 def _folder_title(attempt_id: str) -> str:

@@ -230,6 +230,55 @@ def test_storage_quota_exceeded(tmp_path):
     assert raised.value.GetField("reason") == "storageQuotaExceeded"
 
 
+def test_trash_counts_against_the_quota_until_deleted_or_emptied(tmp_path):
+    with DriveEmulator(quota_bytes=10) as drive:
+        gdrive = GoogleDrive(make_auth(drive, tmp_path))
+        first = upload_bytes(gdrive, "a.bin", b"x" * 6)
+        first.Trash()
+        with pytest.raises(ApiRequestError) as raised:  # trashed bytes still count
+            upload_bytes(gdrive, "b.bin", b"y" * 6)
+        assert raised.value.GetField("reason") == "storageQuotaExceeded"
+        about = gdrive.GetAbout()
+        assert about["quotaBytesUsedInTrash"] == "6"
+        gdrive.auth.service.files().emptyTrash().execute()
+        assert drive.state.bytes_used() == 0 and drive.state.get(first["id"]) is None
+        second = upload_bytes(gdrive, "b.bin", b"y" * 6)
+        second.Delete()
+        assert drive.state.bytes_used() == 0
+
+
+def test_updating_a_file_is_charged_only_for_its_growth(tmp_path):
+    with DriveEmulator(quota_bytes=10) as drive:
+        gdrive = GoogleDrive(make_auth(drive, tmp_path))
+        item = upload_bytes(gdrive, "status.json", b"x" * 8)
+        item.content = io.BytesIO(b"y" * 9)  # 9 bytes in 10: fine though 8 + 9 > 10
+        item.Upload()
+        assert drive.state.get(item["id"]).content == b"y" * 9
+
+
+@pytest.mark.parametrize("fault", [faults.lost_answer(500), faults.lost_answer()],
+                         ids=["500", "reset"])
+def test_lost_answer_applies_the_insert_but_the_client_sees_a_failure(drive_emulator, service,
+                                                                      fault):
+    drive_emulator.inject("files.insert", fault)
+    with pytest.raises((HttpError, OSError)):
+        service.files().insert(body={"title": "once", "mimeType": FOLDER_MIME}).execute()
+    assert [f.title for f in drive_emulator.state.find("once")] == ["once"]
+    assert drive_emulator.calls("files.insert")[0].status == (500 if fault.status else None)
+
+
+def test_stall_until_holds_a_request_until_released(drive_emulator, tmp_path):
+    import threading
+
+    release = threading.Event()
+    drive_emulator.inject("files.list", faults.stall_until(release))
+    quick = loopback_http(drive_emulator, timeout=0.5)
+    with pytest.raises(OSError):  # a client with a timeout gives up...
+        quick.request("https://www.googleapis.com/drive/v2/files", "GET")
+    assert drive_emulator.held == 1  # ...while the request is still held
+    release.set()
+
+
 # ---- uploads and downloads -------------------------------------------------------------
 
 def chunked_insert(service, data, title="big.bin"):

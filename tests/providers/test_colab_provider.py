@@ -167,7 +167,7 @@ def test_checkpoint_uploaded_by_the_notebook_is_collected_verified(drive_emulato
     session = checkpoint_dir(tmp_path)
     drive_emulator.inject("upload.chunk", faults.cut_upload(after_bytes=50_000))  # resumed
     uploader = Uploader(agent_drive(drive_emulator), folder_of(colab, attempt), session,
-                        _NoReport(), 1, lambda: None)
+                        _NoReport(), 1)
     uploader.sync()
     store = pool.store_for(experiment.id)
     [manifest] = colab.collect(attempt, store)
@@ -182,7 +182,7 @@ def test_an_interrupted_checkpoint_upload_is_never_collected(drive_emulator, tmp
     session = checkpoint_dir(tmp_path)
     drive_emulator.inject("upload.chunk", faults.cut_upload(after_bytes=50_000), times=50)
     uploader = Uploader(agent_drive(drive_emulator, retries=1), folder_of(colab, attempt),
-                        session, _NoReport(), 1, lambda: None)
+                        session, _NoReport(), 1)
     with pytest.raises(DriveFailure):
         uploader.sync()
     drive_emulator.faults.clear()

@@ -104,3 +104,13 @@ def test_authorize_with_saved_credentials_needs_no_browser(drive_emulator, tmp_p
     message = colab.authorize(launch_browser=False)
     assert "tester@example.com" in message and "0600" in message
     assert colab.check_credentials()[0]
+
+
+def test_refused_credentials_are_a_clear_error_not_a_traceback(auth, drive_emulator):
+    from gpupool.errors import CredentialsError
+
+    drive_emulator.revoke_refresh_token()
+    store = CheckpointStore("gdrive://gpupool-test/ck", google_auth=auth,
+                            skip_instance_cache=True)
+    with pytest.raises(CredentialsError, match="gpupool auth colab"):
+        store.latest()

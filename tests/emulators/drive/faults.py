@@ -3,13 +3,14 @@
 Endpoint names follow Drive's method ids, plus a few the emulator distinguishes::
 
     files.list  files.get  files.download (files.get?alt=media)  files.insert  files.update
-    files.patch  files.delete  files.trash  files.untrash  upload.chunk (PUT to a session URI)
-    about.get  oauth.token  oauth.revoke  *  (any endpoint)
+    files.patch  files.delete  files.trash  files.untrash  files.emptyTrash
+    upload.chunk (PUT to a session URI)  about.get  oauth.token  oauth.revoke  *  (any endpoint)
 
 Example::
 
     drive.inject("files.list", faults.rate_limit(), times=2)
     drive.inject("upload.chunk", faults.cut_upload(after_bytes=100_000))
+    drive.inject("files.insert", faults.lost_answer(500))   # created, but the client sees a 500
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from .resources import error_body
 
 ENDPOINTS = frozenset({
     "files.list", "files.get", "files.download", "files.insert", "files.update",
-    "files.patch", "files.delete", "files.trash", "files.untrash", "upload.chunk",
+    "files.patch", "files.delete", "files.trash", "files.untrash", "files.emptyTrash",
+    "upload.chunk",
     "about.get", "oauth.token", "oauth.revoke", "*",
 })
 
@@ -34,6 +36,8 @@ class Fault:
     ``status``: answer with this HTTP status and ``body`` instead of doing the work.
     ``reset``: read the request, then drop the TCP connection with an RST (no response).
     ``cut_after``: read only this many body bytes (an upload chunk keeps them), then reset.
+    ``applied``: do the work first, then lose the answer: reply ``status`` instead of the real
+    answer, or reset the connection when ``status`` is None (the outcome is unknown to the client).
     """
 
     status: int | None = None
@@ -43,10 +47,12 @@ class Fault:
     cut_after: int | None = None
     delay: float = 0.0  # stall this long (bounded), then answer normally
     truncate: bool = False  # announce the full Content-Length, send half the body, then close
+    applied: bool = False
+    hold: threading.Event | None = None  # stall until the test sets it (at most 30 s)
 
     @property
     def drops_connection(self) -> bool:
-        return self.reset or self.cut_after is not None
+        return not self.applied and (self.reset or self.cut_after is not None)
 
 
 def http_error(status: int, reason: str, message: str, domain: str = "global",
@@ -89,6 +95,21 @@ def connection_reset() -> Fault:
 def hang(seconds: float) -> Fault:
     """Stall before answering (past a client's timeout); bounded to 5 s."""
     return Fault(delay=min(seconds, 5.0))
+
+
+def lost_answer(status: int | None = None) -> Fault:
+    """The request takes effect, but its answer is lost: a 5xx (``status``) or, by default, a
+    connection reset after the work is done. A client that sends it again blindly creates a
+    second object."""
+    if status is None:
+        return Fault(reset=True, applied=True)
+    return Fault(status, server_error(status).body, applied=True)
+
+
+def stall_until(release: threading.Event) -> Fault:
+    """Stall (after reading the request) until the test sets ``release``, then do the work
+    and answer: a client without a timeout waits for it; one with a timeout has moved on."""
+    return Fault(hold=release)
 
 
 def truncated() -> Fault:

@@ -198,5 +198,14 @@ def files_delete(state: DriveState, req: Request) -> Response:
     return Response(204)
 
 
+def files_empty_trash(state: DriveState, req: Request) -> Response:
+    """``DELETE files/trash``: permanently delete every trashed item (frees its quota)."""
+    with state.lock:
+        doomed = [f.id for f in state.listing() if f.trashed]
+    for item_id in doomed:
+        state.delete(item_id)
+    return Response(204)
+
+
 def about_get(state: DriveState, req: Request) -> Response:
     return json_response(select_fields(about_resource(state), req.query.get("fields")))

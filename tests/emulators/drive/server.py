@@ -39,6 +39,7 @@ ROUTES = [
     Route("GET", f"/drive/v2/files/{_ID}", "files.get", files.files_get),
     Route("PUT", f"/drive/v2/files/{_ID}", "files.update", files.files_update),
     Route("PATCH", f"/drive/v2/files/{_ID}", "files.patch", files.files_update),
+    Route("DELETE", "/drive/v2/files/trash", "files.emptyTrash", files.files_empty_trash),
     Route("DELETE", f"/drive/v2/files/{_ID}", "files.delete", files.files_delete),
     Route("POST", f"/drive/v2/files/{_ID}/trash", "files.trash", files.files_set_trashed(True)),
     Route("POST", f"/drive/v2/files/{_ID}/untrash", "files.untrash",
@@ -98,6 +99,12 @@ class _RequestHandler(BaseHTTPRequestHandler):
         body = self._read_body(fault)
         if fault is not None and fault.delay:
             time.sleep(fault.delay)
+        if fault is not None and fault.hold is not None:
+            emulator.count_held(+1)
+            try:
+                fault.hold.wait(30)
+            finally:
+                emulator.count_held(-1)
         if method == "GET" and self.command == "POST":  # googleapiclient's form of a long GET
             query.update(_flat(parse_qs(body.decode(), keep_blank_values=True)))
             body = b""
@@ -110,6 +117,9 @@ class _RequestHandler(BaseHTTPRequestHandler):
         request = Request(method, url.path, query, self.headers, body, f"http://{host}",
                           params, cut)
         response = self._dispatch(route, fault, request)
+        if fault is not None and fault.applied:  # the work is done; the answer never arrives
+            response = DROP if fault.status is None else json_response(
+                fault.body or error_body(fault.status, "backendError", "Fault"), fault.status)
         record.status = None if response is DROP else response.status
         if response is DROP:
             return self._drop()
@@ -118,7 +128,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
     def _dispatch(self, route: Route | None, fault: Fault | None, request: Request) -> Response:
         if route is None:
             return error(404, "notFound", f"Not Found: {request.method} {request.path}")
-        if fault is not None and fault.status is not None:
+        if fault is not None and fault.status is not None and not fault.applied:
             return json_response(fault.body or error_body(fault.status, "emulated", "Fault"),
                                  fault.status, fault.headers)
         state = self.server.emulator.state
@@ -191,6 +201,8 @@ class DriveEmulator:
         self.state = DriveState(clock=clock, seed=seed, **account)
         self.faults = FaultPlan()
         self.errors: list[str] = []
+        self.held = 0  # requests stalled by a ``stall_until`` fault right now
+        self._held_lock = threading.Lock()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -246,6 +258,10 @@ class DriveEmulator:
     def inject(self, endpoint: str, fault: Fault, times: int = 1) -> None:
         """Queue ``fault`` for the next ``times`` requests to ``endpoint`` (see faults.py)."""
         self.faults.add(endpoint, fault, times)
+
+    def count_held(self, change: int) -> None:
+        with self._held_lock:
+            self.held += change
 
     def revoke_refresh_token(self, token: str | None = None) -> None:
         self.state.revoke_refresh_token(token)

@@ -54,7 +54,9 @@ def store(state: DriveState, metadata: dict, content: bytes, media_type: str | N
 
 def _store(state: DriveState, metadata: dict, content: bytes, media_type: str | None,
            file_id: str | None) -> DriveFile | Response:
-    refusal = missing_parent(state, metadata) or quota_error(state, len(content))
+    replaced = state.get(file_id) if file_id else None
+    growth = len(content) - ((replaced.file_size or 0) if replaced else 0)
+    refusal = missing_parent(state, metadata) or quota_error(state, growth)
     if refusal:
         return refusal
     if file_id is None:
@@ -103,7 +105,9 @@ def start_session(state: DriveState, req: Request, file_id: str | None) -> Respo
     metadata = req.json()
     declared = req.headers.get("X-Upload-Content-Length")
     total = int(declared) if declared and declared.isdigit() else None
-    refusal = missing_parent(state, metadata) or quota_error(state, total or 0)
+    replaced = state.get(file_id) if file_id else None
+    growth = (total or 0) - ((replaced.file_size or 0) if replaced else 0)
+    refusal = missing_parent(state, metadata) or quota_error(state, growth)
     if refusal:
         return refusal
     media_type = req.headers.get("X-Upload-Content-Type") or metadata.get("mimeType")
