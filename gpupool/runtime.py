@@ -50,6 +50,16 @@ ENV_DEADLINE = "GPUPOOL_DEADLINE"
 ENV_INTERVAL = "GPUPOOL_CHECKPOINT_INTERVAL"
 ENV_KEEP_LAST = "GPUPOOL_KEEP_LAST"
 ENV_LOG_EVENTS = "GPUPOOL_LOG_EVENTS"
+# Bring-your-own scripts (see gpupool.snapshot): the folder the trainer checkpoints into, as an
+# absolute path in the session, and "1" only when a checkpoint was restored into it.
+ENV_CHECKPOINT_DIR = "GPUPOOL_CHECKPOINT_DIR"
+ENV_RESUMED = "GPUPOOL_RESUMED"
+# What the experiment file declares, handed to the session's supervisor (relative to the workdir).
+ENV_CHECKPOINT_PATH = "GPUPOOL_CHECKPOINT_PATH"
+ENV_OUTPUTS = "GPUPOOL_OUTPUTS"  # a JSON list of folders
+# A file in the session folder: its appearance (or a newer mtime) asks the supervisor for a
+# snapshot of the checkpoint folder.
+SNAPSHOT_REQUEST = "snapshot.request"
 
 EXIT_YIELD = 75  # EX_TEMPFAIL: "stopped on purpose, resume me"
 EVENT_PREFIX = "[gpupool] "
@@ -71,6 +81,8 @@ class Session:
         self.keep_last = int(env.get(ENV_KEEP_LAST) or 3)
         self.log_events = env.get(ENV_LOG_EVENTS) == "1"
         self._given_restore = Path(env[ENV_RESTORE_DIR]) if env.get(ENV_RESTORE_DIR) else None
+        self._checkpoint_dir = Path(env[ENV_CHECKPOINT_DIR]) if env.get(ENV_CHECKPOINT_DIR) else None
+        self._resumed = env.get(ENV_RESUMED) == "1"
         self._stop_requested = False
         self._last_checkpoint = time.monotonic()
         self._last_progress = 0.0
@@ -100,6 +112,30 @@ class Session:
         from gpupool.manifest import read_local
 
         return read_local(directory)
+
+    # -- a checkpoint folder of the script's own (experiment file: ``checkpoint.path``) ---
+
+    @property
+    def checkpoint_dir(self) -> Path | None:
+        """The folder declared as ``checkpoint.path`` (absolute, in this session), where the
+        last session's checkpoint was restored into place; None when none is declared.
+        From ``GPUPOOL_CHECKPOINT_DIR``, set by the session's supervisor."""
+        return self._checkpoint_dir
+
+    @property
+    def resumed(self) -> bool:
+        """True when a checkpoint was restored into ``checkpoint_dir`` before this process
+        started (``GPUPOOL_RESUMED=1``); False on the first session of a run."""
+        return self._resumed
+
+    def request_snapshot(self) -> None:
+        """Ask the session's supervisor to snapshot the checkpoint folder now (call it right
+        after the trainer finished writing a checkpoint). Cheap: it touches one small file and
+        never waits for the copy or the upload; requests made while one runs are merged."""
+        path = self.session_dir / SNAPSHOT_REQUEST
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"time": time.time(), "attempt": self.attempt}))
+        os.replace(tmp, path)  # a new inode and mtime each time: the supervisor sees every ask
 
     # -- when to stop and when to save ----------------------------------------------------
 
