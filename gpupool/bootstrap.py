@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,16 @@ from pathlib import Path
 from typing import Any
 
 GRACE_SECONDS = 30.0
+EXIT_YIELD = 75  # gpupool.runtime.EXIT_YIELD: the script saved and stopped on purpose
+
+
+def _stop_at(env: dict[str, str], hard_end: float | None, has_folders: bool) -> float | None:
+    """When the supervisor stops the command. A script with declared folders is stopped at the
+    deadline told to the runtime, so its last snapshot is taken before the session's hard end."""
+    deadline = env.get("GPUPOOL_DEADLINE")
+    if has_folders and deadline:
+        return min(float(deadline), hard_end) if hard_end is not None else float(deadline)
+    return hard_end
 
 
 def load_config(path: Path) -> dict[str, Any]:
@@ -116,6 +127,51 @@ def read_outcome(session_dir: Path) -> str | None:
         return None
 
 
+def tracker_environment(env: dict[str, str]) -> None:
+    """One Weights & Biases run across every session of the experiment: its id derived from
+    the experiment's (unless the user set one), resumed when it exists."""
+    experiment = env.get("GPUPOOL_EXPERIMENT")
+    if experiment:
+        env.setdefault("WANDB_RUN_ID", re.sub(r"[^A-Za-z0-9_-]", "-", experiment)[:64])
+        env.setdefault("WANDB_RESUME", "allow")
+
+
+def prepare_folders(session_dir: Path, workdir: Path, env: dict[str, str], run: str
+                    ) -> tuple[str, Any]:
+    """Restore the declared checkpoint/output folders into place and start snapshotting them
+    (gpupool.snapshot); returns the run command with ``{{resume: ...}}`` resolved, and the
+    background snapshotter (None when no folder is declared)."""
+    from gpupool import runtime, snapshot
+
+    folders = snapshot.Folders.from_env(env, workdir)
+    if folders is None:
+        return run, None
+    known, start_step = {}, 0
+    if env.get(runtime.ENV_RESTORE_DIR):
+        restore_dir = Path(env[runtime.ENV_RESTORE_DIR])
+        known = snapshot.restore_into(folders, restore_dir)
+        start_step = snapshot.read_local(restore_dir).step
+    resumed = snapshot.restored_checkpoint(folders, known)
+    if folders.checkpoint:
+        folder = (workdir / folders.checkpoint).absolute()
+        folder.mkdir(parents=True, exist_ok=True)
+        env[runtime.ENV_CHECKPOINT_DIR] = str(folder)
+    if resumed:
+        env[runtime.ENV_RESUMED] = "1"
+        print(f"[gpupool] restored {len(known)} file(s) into {', '.join(folders.all())}", flush=True)
+    snapper = snapshot.Snapshotter(
+        folders, session_dir, keep_last=int(env.get(runtime.ENV_KEEP_LAST) or 3), known=known,
+        info={"experiment": env.get(runtime.ENV_EXPERIMENT, ""), "attempt": env.get(runtime.ENV_ATTEMPT, ""),
+              "provider": env.get(runtime.ENV_PROVIDER, "")},
+        quiet=float(env.get(snapshot.ENV_QUIET) or snapshot.DEFAULT_QUIET), start_step=start_step,
+        reported_step=lambda: snapshot.last_reported_step(session_dir),
+    )
+    background = snapshot.Background(snapper, float(env.get(runtime.ENV_INTERVAL) or 600),
+                                     session_dir / runtime.SNAPSHOT_REQUEST)
+    run = snapshot.substitute_resume(run, workdir, folders.checkpoint, resumed)
+    return run, background.start()
+
+
 def main(config_path: str) -> int:
     config = load_config(Path(config_path))
     session_dir = Path(config["session_dir"])
@@ -126,17 +182,21 @@ def main(config_path: str) -> int:
     started = time.time()
     deadline, hard_end = session_limits(config, started)
     env = session_environment(config, deadline)
+    tracker_environment(env)
     write_json_atomic(session_dir / "started.json",
                       {"time": started, "pid": os.getpid(), "deadline": deadline})
+    run, snapshots = prepare_folders(session_dir, workdir, env, config["run"])
     code = run_setup(config["setup"], workdir, env) if config.get("setup") else 0
     if code == 0:
-        print(f"[gpupool] run: {config['run']}", flush=True)
-        supervisor = Supervisor(config["run"], workdir, env, hard_end)
+        print(f"[gpupool] run: {run}", flush=True)
+        supervisor = Supervisor(run, workdir, env, _stop_at(env, hard_end, snapshots is not None))
         supervisor.forward_sigterm()
         write_json_atomic(session_dir / "trainer.json", {"pid": supervisor.process.pid})
         code = supervisor.wait()
     else:
         print(f"[gpupool] setup failed with exit code {code}", flush=True)
+    if snapshots is not None:  # the folders as the trainer left them (only if consistent)
+        snapshots.finish(code, time.time(), clean_codes=(0, EXIT_YIELD))
     result = {"returncode": code, "outcome": read_outcome(session_dir), "started": started,
               "ended": time.time()}
     write_json_atomic(session_dir / "exit.json", result)

@@ -6,7 +6,7 @@ import hashlib
 import io
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from gpupool.errors import SpecError
@@ -14,12 +14,14 @@ from gpupool.errors import SpecError
 EXCLUDE_DIRS = {".git", "__pycache__", ".venv", "venv", "gpupool-session", ".ipynb_checkpoints",
                 ".mypy_cache", ".pytest_cache", ".ruff_cache"}
 MAX_BUNDLE_BYTES = 200 * 1024 * 1024
-RUNTIME_MODULES = ("__init__.py", "errors.py", "runtime.py", "manifest.py", "torch.py", "bootstrap.py")
+RUNTIME_MODULES = ("__init__.py", "errors.py", "runtime.py", "manifest.py", "torch.py", "bootstrap.py",
+                   "snapshot.py")
 
 
-def _workdir_files(workdir: Path) -> Iterator[Path]:
+def _workdir_files(workdir: Path, exclude: Iterable[str] = ()) -> Iterator[Path]:
+    skip = {Path(workdir, folder) for folder in exclude}
     for root, dirs, files in os.walk(workdir):
-        dirs[:] = sorted(d for d in dirs if d not in EXCLUDE_DIRS)
+        dirs[:] = sorted(d for d in dirs if d not in EXCLUDE_DIRS and Path(root, d) not in skip)
         for name in sorted(files):
             path = Path(root) / name
             if not path.is_symlink() and not name.endswith(".pyc"):
@@ -32,8 +34,11 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> Non
     tar.addfile(info, io.BytesIO(data))
 
 
-def pack_workdir(workdir: Path, target: Path) -> str:
-    """Write ``workdir`` as a reproducible .tar.gz at ``target``; returns its sha256."""
+def pack_workdir(workdir: Path, target: Path, exclude: Iterable[str] = ()) -> str:
+    """Write ``workdir`` as a reproducible .tar.gz at ``target``; returns its sha256.
+
+    ``exclude``: folders relative to ``workdir`` left out, i.e. the checkpoint and output
+    folders, which are the run's state: a stale ``last.pt`` must not ship to every session."""
     workdir = Path(workdir)
     if not workdir.is_dir():
         raise SpecError("experiment", [("workdir", f"{workdir} is not a directory")])
@@ -41,7 +46,7 @@ def pack_workdir(workdir: Path, target: Path) -> str:
     tmp = target.with_suffix(".partial")
     total = 0
     with tarfile.open(tmp, "w:gz", compresslevel=6) as tar:
-        for path in _workdir_files(workdir):
+        for path in _workdir_files(workdir, exclude):
             data = path.read_bytes()
             total += len(data)
             if total > MAX_BUNDLE_BYTES:

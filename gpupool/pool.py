@@ -72,7 +72,7 @@ class Pool:
         now = self.clock()
         bundle_dir = self.data_dir / "bundles"
         staging = bundle_dir / f"{spec.name}-{int(now * 1000)}.tar.gz"
-        pack_workdir(spec.workdir, staging)
+        pack_workdir(spec.workdir, staging, exclude=spec.state_folders())
         spec_data = json.loads(spec.model_dump_json())
         experiment = self.state.create_experiment(spec.name, spec_data, str(staging), now)
         return experiment

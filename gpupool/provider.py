@@ -10,6 +10,7 @@ add one without touching the core and ``import gpupool`` loads no provider SDK.
 from __future__ import annotations
 
 import abc
+import json
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -203,6 +204,10 @@ def runtime_env(launch: Launch, *, provider: str, session_dir: str, restore_dir:
         runtime.ENV_INTERVAL: str(launch.checkpoint_interval),
         runtime.ENV_KEEP_LAST: str(launch.spec.checkpoint.keep_last),
     })
+    if launch.spec.checkpoint.path is not None:  # the supervisor restores and snapshots these
+        env[runtime.ENV_CHECKPOINT_PATH] = launch.spec.checkpoint.path
+    if launch.spec.outputs:
+        env[runtime.ENV_OUTPUTS] = json.dumps(list(launch.spec.outputs))
     if restore_dir:
         env[runtime.ENV_RESTORE_DIR] = restore_dir
     if deadline is not None:

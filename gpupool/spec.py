@@ -16,6 +16,7 @@ Shaped after SkyPilot's task YAML::
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from gpupool.durations import parse_duration
 from gpupool.errors import SpecError
+from gpupool.snapshot import RESUME, normalise, resume_problems
 from gpupool.yamlfile import compose, did_you_mean, load_yaml_model, locate, locate_in
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{1,48}[a-z0-9]$")
@@ -49,11 +51,32 @@ class Resources(_Strict):
         return self.gpu.lower() != "none"
 
 
+def _folder(value: Any) -> str:
+    """A folder named in the experiment file: relative to the workdir and inside it."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be a folder relative to the workdir, e.g. checkpoints")
+    if value.startswith(("/", "\\", "~")) or re.match(r"^[A-Za-z]:", value):
+        raise ValueError(f"{value!r} is absolute; name a folder relative to the workdir")
+    folder = normalise(value)
+    if folder == ".":
+        raise ValueError(f"{value!r} is the workdir itself, which is shipped as code; name a sub-folder")
+    if folder == ".." or folder.startswith("../"):
+        raise ValueError(f"{value!r} is outside the workdir; name a folder inside it")
+    return folder
+
+
 class CheckpointPolicy(_Strict):
     interval: float | Literal["auto"] = Field(600.0, description="seconds between checkpoints")
     keep_last: int = Field(3, ge=1, le=1000)
     min_interval: float = 60.0
     max_interval: float = 3600.0
+    path: str | None = Field(None, description="the folder (relative to the workdir) where the "
+                             "script writes its own checkpoints: restored and snapshotted")
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _path(cls, value: Any) -> Any:
+        return None if value is None else _folder(value)
 
     @field_validator("interval", "min_interval", "max_interval", mode="before")
     @classmethod
@@ -88,6 +111,7 @@ class ExperimentSpec(_Strict):
     checkpoint: CheckpointPolicy = CheckpointPolicy()
     limits: Limits = Limits()
     env: dict[str, str] = Field(default_factory=dict)
+    outputs: list[str] = Field(default_factory=list, description="folders collected from every session")
 
     @field_validator("name")
     @classmethod
@@ -116,6 +140,23 @@ class ExperimentSpec(_Strict):
                 raise ValueError(f"{name!r} is not a provider name (e.g. colab, kaggle, local)")
         return value
 
+    @field_validator("outputs", mode="before")
+    @classmethod
+    def _outputs(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            return value
+        folders = [_folder(item) for item in value]
+        repeated = sorted({f for f in folders if folders.count(f) > 1})
+        if repeated:
+            raise ValueError(f"names {', '.join(repeated)} twice")
+        return folders
+
+    def state_folders(self) -> list[str]:
+        """The checkpoint and output folders: the run's state, never shipped as code."""
+        return ([self.checkpoint.path] if self.checkpoint.path else []) + list(self.outputs)
+
     @field_validator("env", mode="before")
     @classmethod
     def _env(cls, value: Any) -> Any:
@@ -142,13 +183,17 @@ def load_experiment(path: str | Path, *, check_workdir: bool = True) -> Experime
     """Read and validate an experiment file; relative ``workdir`` is taken from the file's folder.
 
     Raises ``SpecError`` (exit 2) with each problem's key, line and, for a misspelt key or
-    provider, the closest known one."""
+    provider, the closest known one; also for a missing workdir, or checkpoint/output folders
+    that overlap, leave the workdir or hold shipped code."""
     path = Path(path)
     spec = load_yaml_model(path, ExperimentSpec, context={"base_dir": path.parent.resolve()})
     _check_provider_names(path, spec.providers)
+    text = path.read_text(encoding="utf-8")
     if check_workdir and not spec.workdir.is_dir():
-        where = locate(path.read_text(encoding="utf-8"), ("workdir",))
-        raise SpecError(str(path), [(where, f"{spec.workdir} is not a directory")])
+        raise SpecError(str(path), [(locate(text, ("workdir",)), f"{spec.workdir} is not a directory")])
+    problems = [(locate(text, loc), why) for loc, why in folder_problems(spec, check_workdir)]
+    if problems:
+        raise SpecError(str(path), problems)
     return spec
 
 
@@ -166,3 +211,56 @@ def _check_provider_names(path: Path, names: list[str]) -> None:
                                                  or f" (installed: {', '.join(installed) or 'none'})"))
                 for i, name in unknown]
     raise SpecError(str(path), problems)
+
+
+def _declared(spec: ExperimentSpec) -> list[tuple[tuple[Any, ...], str]]:
+    named: list[tuple[tuple[Any, ...], str]] = []
+    if spec.checkpoint.path:
+        named.append((("checkpoint", "path"), spec.checkpoint.path))
+    named.extend((("outputs", i), folder) for i, folder in enumerate(spec.outputs))
+    return named
+
+
+def folder_problems(spec: ExperimentSpec, on_disk: bool = True) -> list[tuple[tuple[Any, ...], str]]:
+    """What is wrong with the declared folders and the ``{{resume: ...}}`` in ``run``, as
+    (field path, message); ``on_disk`` also checks them against the workdir's files."""
+    problems = [(("run",), why) for why in resume_problems(spec.run, spec.checkpoint.path)]
+    named = _declared(spec)
+    for i, (loc, folder) in enumerate(named):
+        for _, other in named[:i]:
+            if folder == other or folder.startswith(other + "/") or other.startswith(folder + "/"):
+                how = "the same folder as" if folder == other else "nested with"
+                problems.append((loc, f"{folder!r} is {how} {other!r}; name each folder once"))
+    if on_disk:
+        problems.extend((loc, why) for loc, folder in named for why in _on_disk(spec, folder))
+    return problems
+
+
+def _on_disk(spec: ExperimentSpec, folder: str) -> list[str]:
+    workdir = spec.workdir.resolve()
+    real = (workdir / folder).resolve()
+    if real != workdir and workdir not in real.parents:
+        return [f"{folder!r} leads outside the workdir (to {real}) through a symlink"]
+    if real == workdir:
+        return [f"{folder!r} is the workdir itself, which is shipped as code"]
+    for command in filter(None, (spec.run, spec.setup)):
+        for word in _code_words(RESUME.sub("", command)):
+            candidate = (workdir / word).resolve()
+            if candidate.is_file() and real in candidate.parents:
+                return [f"{folder!r} holds {word}, which the command runs; checkpoint and output "
+                        "folders are not shipped as code, so keep code out of them"]
+    return []
+
+
+def _code_words(command: str) -> list[str]:
+    """The scripts and modules a command names (``train.py``, ``-m pkg.train``)."""
+    try:
+        words = shlex.split(command, comments=True)
+    except ValueError:
+        words = command.split()
+    code = [w for w in words if w.endswith((".py", ".sh", ".bash"))]
+    for flag, module in zip(words, words[1:], strict=False):
+        if flag == "-m":
+            base = module.replace(".", "/")
+            code += [base + ".py", base + "/__init__.py", base + "/__main__.py"]
+    return code
