@@ -163,7 +163,7 @@ def prepare_folders(session_dir: Path, workdir: Path, env: dict[str, str], run: 
         folders, session_dir, keep_last=int(env.get(runtime.ENV_KEEP_LAST) or 3), known=known,
         info={"experiment": env.get(runtime.ENV_EXPERIMENT, ""), "attempt": env.get(runtime.ENV_ATTEMPT, ""),
               "provider": env.get(runtime.ENV_PROVIDER, "")},
-        quiet=float(env.get(snapshot.ENV_QUIET) or snapshot.DEFAULT_QUIET), start_step=start_step,
+        quiet=float(env.get(runtime.ENV_SNAPSHOT_SETTLE) or snapshot.DEFAULT_QUIET), start_step=start_step,
         reported_step=lambda: snapshot.last_reported_step(session_dir),
     )
     background = snapshot.Background(snapper, float(env.get(runtime.ENV_INTERVAL) or 600),

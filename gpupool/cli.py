@@ -169,7 +169,7 @@ def _summary(pool: Any, experiment_id: str, console: Any) -> int:
 def status(ctx: click.Context, experiment_id: str | None, as_json: bool, limit: int, page: int) -> None:
     """Show experiments, or one experiment with every attempt and its recent events."""
     from gpupool.states import ExperimentState
-    from gpupool.views import attempt_row, experiment_row, scheduler_line, scheduler_row
+    from gpupool.views import attempt_row, experiment_row, scheduler_line, scheduler_row, where_row
 
     pool = _open_pool(ctx)
     now = time.time()
@@ -179,6 +179,7 @@ def status(ctx: click.Context, experiment_id: str | None, as_json: bool, limit: 
         data["attempts"] = [attempt_row(a, now) for a in pool.state.attempts(experiment.id)]
         data["events"] = pool.state.events(experiment.id, limit=20)
         data["scheduler"] = scheduler_row(pool, now)
+        data.update(where_row(pool, experiment))
         _print_json(data) if as_json else _render_experiment(data)
         if not as_json:
             _console().print(scheduler_line(data["scheduler"], int(not experiment.state.terminal), now))
@@ -214,7 +215,7 @@ def _render_experiment(data: dict[str, Any]) -> None:
     console = _console()
     console.print(f"[bold]{data['id']}[/] {data['state']} · step {data['step'] or 0} · "
                   f"{data['gpu_hours']:.2f} GPU-hours · {data['hops']} hop(s)")
-    for key in ("waiting_for", "url", "message", "last_checkpoint"):
+    for key in ("waiting_for", "url", "message", "last_checkpoint", "store", "outputs"):
         if data.get(key):
             console.print(f"  {key.replace('_', ' ')}: {data[key]}")
     if data.get("waiting_until"):
@@ -274,6 +275,30 @@ def cancel(ctx: click.Context, experiment_id: str) -> None:
     pool = _open_pool(ctx)
     experiment = Scheduler(pool).cancel(experiment_id, time.time())
     _console().print(f"{experiment.id} {experiment.state.value}")
+
+
+@cli.command()
+@click.argument("experiment_id")
+@click.option("--to", "target", type=click.Path(path_type=Path), help="Folder to write into "
+              "(default: ./EXPERIMENT_ID).")
+@click.option("--checkpoint", "step", type=int, help="The checkpoint at this step (default: the latest).")
+@click.pass_context
+def pull(ctx: click.Context, experiment_id: str, target: Path | None, step: int | None) -> None:
+    """Download an experiment's outputs and its latest (or a chosen) checkpoint.
+
+    Files come back as they were in the session's workdir: the checkpoint folder and the
+    output folders (final weights, TensorBoard runs) named in the experiment file.
+    """
+    pool = _open_pool(ctx)
+    experiment = pool.state.experiment(experiment_id)
+    store = pool.store_for(experiment.id)
+    manifest = store.pick(step)
+    written = store.pull(manifest, target or Path(experiment.id))
+    console = _console()
+    console.print(f"{experiment.id}: checkpoint {manifest.name} (step {manifest.step}"
+                  f"{', final' if manifest.final else ''}) from {store.url}")
+    for path in written:
+        console.print(f"  {path}")
 
 
 @cli.command()

@@ -206,6 +206,7 @@ def runtime_env(launch: Launch, *, provider: str, session_dir: str, restore_dir:
     })
     if launch.spec.checkpoint.path is not None:  # the supervisor restores and snapshots these
         env[runtime.ENV_CHECKPOINT_PATH] = launch.spec.checkpoint.path
+        env[runtime.ENV_SNAPSHOT_SETTLE] = str(launch.spec.checkpoint.settle)
     if launch.spec.outputs:
         env[runtime.ENV_OUTPUTS] = json.dumps(list(launch.spec.outputs))
     if restore_dir:

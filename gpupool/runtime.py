@@ -57,6 +57,7 @@ ENV_RESUMED = "GPUPOOL_RESUMED"
 # What the experiment file declares, handed to the session's supervisor (relative to the workdir).
 ENV_CHECKPOINT_PATH = "GPUPOOL_CHECKPOINT_PATH"
 ENV_OUTPUTS = "GPUPOOL_OUTPUTS"  # a JSON list of folders
+ENV_SNAPSHOT_SETTLE = "GPUPOOL_SNAPSHOT_SETTLE"  # seconds the checkpoint folder must be unchanged
 # A file in the session folder: its appearance (or a newer mtime) asks the supervisor for a
 # snapshot of the checkpoint folder.
 SNAPSHOT_REQUEST = "snapshot.request"

@@ -49,7 +49,6 @@ from gpupool.manifest import (
 RESUME = re.compile(r"\{\{\s*resume\s*:(?P<text>.*?)\}\}", re.DOTALL)
 RESUME_OPEN = re.compile(r"\{\{\s*resume\b")
 DEFAULT_QUIET = 1.0  # seconds the checkpoint folder must be unmodified before a snapshot
-ENV_QUIET = "GPUPOOL_SNAPSHOT_QUIET"
 
 Stat = tuple[int, int, int, int]  # size, mtime_ns, ctime_ns, inode
 
@@ -204,6 +203,7 @@ class Snapshotter:
                  clock: Callable[[], float] = time.time):
         self.folders, self.session_dir = folders, Path(session_dir)
         self.root = self.session_dir / "checkpoints"
+        self.session_dir.mkdir(parents=True, exist_ok=True)
         self.info, self.keep_last, self.quiet, self.clock = info, keep_last, quiet, clock
         # Files whose content we hold an immutable copy of (restored, or last published), and
         # the files of the state we hold: the restored checkpoint, then each snapshot.

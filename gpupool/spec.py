@@ -72,6 +72,16 @@ class CheckpointPolicy(_Strict):
     max_interval: float = 3600.0
     path: str | None = Field(None, description="the folder (relative to the workdir) where the "
                              "script writes its own checkpoints: restored and snapshotted")
+    settle: float = Field(1.0, description="seconds the folder must be unchanged before a "
+                          "snapshot (a checkpoint still being written is never published)")
+
+    @field_validator("settle", mode="before")
+    @classmethod
+    def _settle(cls, value: Any) -> Any:
+        seconds = parse_duration(value)
+        if seconds < 0:
+            raise ValueError("must not be negative")
+        return seconds
 
     @field_validator("path", mode="before")
     @classmethod

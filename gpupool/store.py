@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+import os
 import posixpath
 import secrets
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -124,6 +127,44 @@ class CheckpointStore:
         if manifest is None:
             raise CheckpointError(f"no complete checkpoint named {name} in {self.url}")
         return manifest
+
+    def pick(self, step: int | None = None) -> Manifest:
+        """The newest verified checkpoint, or the newest verified one at ``step``; raises
+        ``CheckpointError`` naming the steps there are when none matches."""
+        for manifest in self.list():
+            if step is not None and manifest.step != step:
+                continue
+            try:
+                self.verify(manifest)
+            except CorruptCheckpoint as err:
+                self._report(manifest, err.reason)
+                continue
+            return manifest
+        steps = sorted({m.step for m in self.list()})
+        what = f"at step {step}" if step is not None else "at all"
+        have = f"; steps stored: {', '.join(map(str, steps))}" if steps else ""
+        raise CheckpointError(f"no verified checkpoint {what} in {self.url}{have}")
+
+    def pull(self, manifest: Manifest, target: Path) -> list[Path]:
+        """Download ``manifest`` (verified) and put its files in ``target``: a snapshot of a
+        script's folders as they were in the workdir (``checkpoints/last.pt``, ``final/...``),
+        a runtime checkpoint under ``target/checkpoint``. Returns the top-level paths written."""
+        target = Path(target)
+        target.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".gpupool-pull-", dir=target))
+        try:
+            self.download(manifest, staging)
+            (staging / MANIFEST).unlink()
+            base = target if manifest.metadata.get("snapshot") else target / "checkpoint"
+            for entry in manifest.files:
+                destination = base / entry.path
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staging / entry.path, destination)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        if not manifest.metadata.get("snapshot"):
+            return [target / "checkpoint"]
+        return sorted({target / entry.path.split("/", 1)[0] for entry in manifest.files})
 
     def _report(self, what: Manifest | str, reason: str) -> None:
         if self.on_corrupt is not None:

@@ -35,6 +35,21 @@ def experiment_row(pool: Pool, experiment: Experiment, now: float) -> dict[str, 
     }
 
 
+def where_row(pool: Pool, experiment: Experiment) -> dict[str, Any]:
+    """Where an experiment's results are: its store, its newest checkpoint (the final one once
+    it succeeded) and its output folders, with the command that downloads them."""
+    outputs = list(experiment.spec.get("outputs") or [])
+    folder = (experiment.spec.get("checkpoint") or {}).get("path")
+    store = pool.store_for(experiment.id)
+    pull = f"gpupool pull {experiment.id}"
+    if not experiment.last_checkpoint:
+        return {"store": store.url, "outputs": None, "pull": None}
+    kept = ", ".join(f"{name}/" for name in ([folder] if folder else []) + outputs)
+    note = f"{kept} in checkpoint {experiment.last_checkpoint}; `{pull}` downloads them" if kept else \
+        f"checkpoint {experiment.last_checkpoint}; `{pull}` downloads it"
+    return {"store": store.url, "outputs": note, "pull": pull}
+
+
 def attempt_row(attempt: Attempt, now: float) -> dict[str, Any]:
     gained = None
     if attempt.step is not None and attempt.step_start is not None:
