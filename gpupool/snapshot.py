@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ from gpupool.manifest import (
 
 RESUME = re.compile(r"\{\{\s*resume\s*:(?P<text>.*?)\}\}", re.DOTALL)
 RESUME_OPEN = re.compile(r"\{\{\s*resume\b")
+COPY_THREADS = 4  # files copied at once: a checkpoint folder holds a few large files
 DEFAULT_QUIET = 1.0  # seconds the checkpoint folder must be unmodified before a snapshot
 
 Stat = tuple[int, int, int, int]  # size, mtime_ns, ctime_ns, inode
@@ -240,48 +242,65 @@ class Snapshotter:
         return newest / 1e9 <= until - self.quiet
 
     def _fill(self, staging: Path, before: dict[str, tuple[Stat, Path]], checkpoint_ok: bool
-              ) -> dict[str, FileEntry] | None:
+              ) -> dict[str, FileEntry]:
         entries: dict[str, FileEntry] = {}
         taken: dict[str, Stat] = {}
+        to_copy: list[tuple[str, Stat, Path]] = []
         for rel, (stat, path) in before.items():
             if self.folders.in_checkpoint(rel) and not checkpoint_ok:
                 continue
-            entry = self._take(rel, stat, path, staging / rel)
-            if entry is not None:
-                entries[rel], taken[rel] = entry, stat
+            reused = self._reuse(rel, stat, staging / rel)
+            if reused is not None:
+                entries[rel], taken[rel] = reused, stat
+            else:
+                to_copy.append((rel, stat, path))
+        with ThreadPoolExecutor(COPY_THREADS) as pool:  # large files copy and hash side by side
+            copied = list(pool.map(lambda job: self._copy(job[1], job[2], staging / job[0]), to_copy))
+        for (rel, stat, _), known in zip(to_copy, copied, strict=True):
+            if known is not None:
+                entries[rel], taken[rel] = FileEntry(rel, known.size, known.sha256), stat
+                self._fresh[rel] = known
+                self.bytes_read += known.size
             elif not self.folders.in_checkpoint(rel):
                 self._keep_previous(rel, staging, entries)  # an output being written: last version
-        after = scan(self.folders)
-        ckpt_now = {r: s for r, (s, _) in after.items() if self.folders.in_checkpoint(r)}
-        ckpt_taken = {r: s for r, s in taken.items() if self.folders.in_checkpoint(r)}
-        if checkpoint_ok and ckpt_now != ckpt_taken:
-            checkpoint_ok = False  # the folder changed while it was copied: not a consistent state
-            for rel in ckpt_taken:
-                (staging / rel).unlink()
-                del entries[rel]
-        if not checkpoint_ok:
-            for rel in self.published:
-                if self.folders.in_checkpoint(rel):
-                    self._keep_previous(rel, staging, entries)
+        self._settle_checkpoint(staging, entries, taken, checkpoint_ok)
         return entries
 
-    def _take(self, rel: str, stat: Stat, path: Path, target: Path) -> FileEntry | None:
+    def _settle_checkpoint(self, staging: Path, entries: dict[str, FileEntry], taken: dict[str, Stat],
+                           checkpoint_ok: bool) -> None:
+        """Keep the checkpoint folder's files only if a second scan agrees with what was copied;
+        otherwise put the previous consistent copy of the folder in their place."""
+        now = {r: s for r, (s, _) in scan(self.folders).items() if self.folders.in_checkpoint(r)}
+        copied = {r: s for r, s in taken.items() if self.folders.in_checkpoint(r)}
+        if checkpoint_ok and now == copied:
+            return
+        for rel in copied:
+            (staging / rel).unlink()
+            del entries[rel]
+        for rel in self.published:
+            if self.folders.in_checkpoint(rel):
+                self._keep_previous(rel, staging, entries)
+
+    def _reuse(self, rel: str, stat: Stat, target: Path) -> FileEntry | None:
+        """An unchanged file: linked from our own copy, neither read nor hashed again."""
         target.parent.mkdir(parents=True, exist_ok=True)
         known = self.known.get(rel)
         if known is not None and known.stat == stat and _link_or_copy(known.source, target):
             return FileEntry(rel, known.size, known.sha256)
+        return None
+
+    def _copy(self, stat: Stat, path: Path, target: Path) -> Known | None:
+        """Copy and hash a file; None if it vanished or changed while it was copied."""
         try:
             digest, size = copy_hashed(path, target)
             now = _stat_key(path.lstat())
         except FileNotFoundError:
             target.unlink(missing_ok=True)
             return None
-        self.bytes_read += size
         if now != stat or size != stat[0]:
             target.unlink()
             return None
-        self._fresh[rel] = Known(stat, digest, size, target)  # known once published
-        return FileEntry(rel, size, digest)
+        return Known(stat, digest, size, target)
 
     def _keep_previous(self, rel: str, staging: Path, entries: dict[str, FileEntry]) -> None:
         previous = self.published.get(rel)
@@ -328,23 +347,31 @@ class Snapshotter:
 
 
 def copy_hashed(source: Path, target: Path) -> tuple[str, int]:
-    """Copy ``source`` to ``target`` reading it once; returns (sha256, bytes). The hash runs in
-    a second thread while the next chunk is read and written (hashlib releases the GIL)."""
-    digest, size = hashlib.sha256(), 0
-    with open(source, "rb") as reader, open(target, "wb") as writer:
-        pending: threading.Thread | None = None
-        while chunk := reader.read(CHUNK):
-            if pending is not None:
-                pending.join()
-            pending = threading.Thread(target=digest.update, args=(chunk,))
-            pending.start()
-            writer.write(chunk)
-            size += len(chunk)
-        if pending is not None:
-            pending.join()
-        writer.flush()
-        os.fsync(writer.fileno())
-    return digest.hexdigest(), size
+    """Copy ``source`` to ``target`` (durably) and return (sha256, bytes hashed). The kernel
+    copies (``copy_file_range``/``sendfile`` through ``shutil.copyfile``) while a thread hashes
+    the source from the page cache; the caller checks the file did not change meanwhile."""
+    result: dict[str, Any] = {}
+
+    def _hash() -> None:
+        digest, size, buffer = hashlib.sha256(), 0, bytearray(CHUNK)
+        view = memoryview(buffer)
+        with open(source, "rb", buffering=0) as reader:
+            while count := reader.readinto(buffer):
+                digest.update(view[:count])  # releases the GIL: runs beside the copy
+                size += count
+        result["sha256"], result["size"] = digest.hexdigest(), size
+
+    hasher = threading.Thread(target=_hash, name="gpupool-hash")
+    hasher.start()
+    try:
+        shutil.copyfile(source, target)
+        with open(target, "rb+") as handle:
+            os.fsync(handle.fileno())
+    finally:
+        hasher.join()
+    if "sha256" not in result:
+        raise FileNotFoundError(f"{source} could not be read")
+    return result["sha256"], result["size"]
 
 
 def _link_or_copy(source: Path, target: Path) -> bool:

@@ -36,6 +36,8 @@ def parse_yaml_model(
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "file"
         problem = getattr(err, "problem", None) or str(err)
+        if mark and "{{resume" in "".join(text.splitlines()[mark.line:mark.line + 1]):
+            problem += "; put a command holding {{resume: ...}} in quotes"
         raise SpecError(source, [(where, f"not valid YAML: {problem}")]) from None
     if not isinstance(data, dict):
         raise SpecError(source, [("file", "must be a mapping of keys (name: ..., run: ...)")])

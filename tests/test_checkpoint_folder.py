@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
 
-from gpupool import runtime
+from gpupool import runtime, snapshot
 from gpupool.bundle import pack_workdir
 from gpupool.errors import SpecError
 from gpupool.runtime import Session
-from gpupool.snapshot import substitute_resume
+from gpupool.manifest import list_local, read_local, verify_local
+from gpupool.snapshot import Folders, Snapshotter, restore_into, restored_checkpoint, substitute_resume
 from gpupool.spec import load_experiment
 from tests.test_cli import gpupool
 
@@ -143,3 +146,143 @@ def test_resume_text_is_kept_only_when_restored_and_the_files_exist(tmp_path):
             == "python train.py --resume ckpt/last.pt --lr=1 --epochs 3")
     assert substitute_resume("a {{resume: --from=ckpt/missing}}", tmp_path, "ckpt", True) == "a "
     assert substitute_resume("a {{ resume: --go }}", tmp_path, "ckpt", True) == "a --go"
+
+
+# -- snapshots -------------------------------------------------------------------------------
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_snapshotter(tmp_path: Path, known=None, **options) -> tuple[Snapshotter, Path, Clock]:
+    work = tmp_path / "code"
+    for folder in ("ckpt", "out"):
+        (work / folder).mkdir(parents=True, exist_ok=True)
+    clock = Clock(time.time() + 100)  # the folder is quiet unless a test touches it "now"
+    snapper = Snapshotter(Folders(work, "ckpt", ("out",)), tmp_path / "session", info={},
+                          keep_last=2, known=known, clock=clock, **options)
+    return snapper, work, clock
+
+
+def published(snapper: Snapshotter) -> list:
+    return list_local(snapper.root)
+
+
+def test_snapshot_is_a_verified_checkpoint_of_workdir_relative_files(tmp_path):
+    snapper, work, _ = make_snapshotter(tmp_path)
+    (work / "ckpt" / "last.pt").write_bytes(b"weights-1")
+    (work / "out" / "sub").mkdir()
+    (work / "out" / "sub" / "log.txt").write_bytes(b"log")
+    manifest = snapper.snapshot()
+    assert manifest is not None and manifest.metadata["snapshot"] is True
+    assert [f.path for f in manifest.files] == ["ckpt/last.pt", "out/sub/log.txt"]
+    verify_local(snapper.root / manifest.name, read_local(snapper.root / manifest.name))
+    assert snapper.snapshot() is None  # nothing changed: nothing published
+
+
+def test_unchanged_files_are_neither_read_nor_hashed_again(tmp_path):
+    snapper, work, _ = make_snapshotter(tmp_path)
+    (work / "ckpt" / "big.bin").write_bytes(os.urandom(1 << 20))
+    (work / "out" / "log.txt").write_bytes(b"a")
+    first = snapper.snapshot()
+    assert snapper.bytes_read == (1 << 20) + 1
+    (work / "out" / "log.txt").write_bytes(b"ab")
+    second = snapper.snapshot()
+    assert second is not None and snapper.bytes_read == (1 << 20) + 1 + 2  # only the changed file
+    old, new = (snapper.root / m.name / "ckpt" / "big.bin" for m in (first, second))
+    assert old.stat().st_ino == new.stat().st_ino  # hard-linked from the previous snapshot
+
+
+def test_a_checkpoint_folder_written_just_now_waits_unless_the_trainer_asked(tmp_path):
+    snapper, work, clock = make_snapshotter(tmp_path)
+    (work / "ckpt" / "last.pt").write_bytes(b"v1")
+    (work / "out" / "log.txt").write_bytes(b"a")
+    clock.now = time.time()  # last.pt was modified less than `quiet` seconds ago
+    manifest = snapper.snapshot()
+    assert manifest is not None and [f.path for f in manifest.files] == ["out/log.txt"]
+    trusted = snapper.snapshot(trusted=True)  # Session.request_snapshot(): the save is complete
+    assert trusted is not None and [f.path for f in trusted.files] == ["ckpt/last.pt", "out/log.txt"]
+
+
+def test_a_busy_checkpoint_folder_keeps_the_previous_consistent_copy(tmp_path):
+    snapper, work, clock = make_snapshotter(tmp_path)
+    (work / "ckpt" / "a.pt").write_bytes(b"a1")
+    (work / "ckpt" / "b.pt").write_bytes(b"b1")
+    snapper.snapshot()
+    (work / "ckpt" / "a.pt").write_bytes(b"a2-half-written")  # the trainer is saving right now
+    (work / "out" / "log.txt").write_bytes(b"new output")
+    clock.now = time.time()
+    manifest = snapper.snapshot()
+    assert manifest is not None
+    folder = snapper.root / manifest.name
+    assert (folder / "ckpt" / "a.pt").read_bytes() == b"a1" and (folder / "ckpt" / "b.pt").read_bytes() == b"b1"
+    assert (folder / "out" / "log.txt").read_bytes() == b"new output"
+
+
+def test_a_file_changing_during_the_copy_is_never_published(tmp_path, monkeypatch):
+    snapper, work, _ = make_snapshotter(tmp_path)
+    (work / "ckpt" / "last.pt").write_bytes(b"complete")
+    snapper.snapshot()
+    (work / "ckpt" / "last.pt").write_bytes(b"second version")
+    os.utime(work / "ckpt" / "last.pt", (1, 1))  # looks quiet, yet is rewritten mid-copy:
+    real_copy = snapshot.copy_hashed
+
+    def copy_then_write(source, target):
+        result = real_copy(source, target)
+        (work / "ckpt" / "last.pt").write_bytes(b"third, torn")
+        return result
+
+    monkeypatch.setattr(snapshot, "copy_hashed", copy_then_write)
+    assert snapper.snapshot() is None  # the two scans disagree: the consistent copy stays
+    [only] = published(snapper)
+    assert (snapper.root / only.name / "ckpt" / "last.pt").read_bytes() == b"complete"
+
+
+def test_restore_puts_files_in_place_and_seeds_the_snapshotter(tmp_path):
+    first, work, _ = make_snapshotter(tmp_path / "s1")
+    (work / "ckpt" / "last.pt").write_bytes(b"state")
+    (work / "out" / "events.1").write_bytes(b"curve part 1")
+    manifest = first.snapshot()
+    restore_dir = first.root / manifest.name
+    folders = Folders(tmp_path / "s2" / "code", "ckpt", ("out",))
+    known = restore_into(folders, restore_dir)
+    assert (folders.workdir / "ckpt" / "last.pt").read_bytes() == b"state"
+    assert restored_checkpoint(folders, known)
+    second, work2, _ = make_snapshotter(tmp_path / "s2", known=known, start_step=manifest.step)
+    assert second.snapshot() is None  # the restored state is already in the store
+    (work2 / "out" / "events.2").write_bytes(b"curve part 2")  # a second TensorBoard file
+    merged = second.snapshot()
+    assert [f.path for f in merged.files] == ["ckpt/last.pt", "out/events.1", "out/events.2"]
+    assert second.bytes_read == len(b"curve part 2") and merged.step == manifest.step + 1
+
+
+def test_outputs_only_restore_is_not_a_resume(tmp_path):
+    first, work, _ = make_snapshotter(tmp_path / "s1")
+    (work / "out" / "samples.txt").write_bytes(b"x")
+    manifest = first.snapshot()
+    folders = Folders(tmp_path / "s2" / "code", "ckpt", ("out",))
+    assert not restored_checkpoint(folders, restore_into(folders, first.root / manifest.name))
+
+
+def test_keep_last_prunes_old_snapshots(tmp_path):
+    snapper, work, _ = make_snapshotter(tmp_path)
+    for i in range(4):
+        (work / "ckpt" / "last.pt").write_bytes(b"v%d" % i)
+        snapper.snapshot(trusted=True)
+    assert [m.step for m in published(snapper)] == [4, 3]
+
+
+def test_an_unquoted_resume_gets_a_hint(tmp_path):
+    path = write_experiment(tmp_path, "checkpoint: {path: ckpt}\n",
+                            run="python train.py {{resume: --resume ckpt/last.pt}}")
+    [(where, why)] = spec_problems(path)
+    assert where.startswith("line 3") and "in quotes" in why
+
+
+def test_the_plain_example_loads():
+    spec = load_experiment(Path(__file__).parents[1] / "configs" / "examples" / "plain" / "experiment.yaml")
+    assert spec.checkpoint.path == "checkpoints" and spec.outputs == ["final", "runs"]
