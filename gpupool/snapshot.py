@@ -121,7 +121,8 @@ class Folders:
         return ((self.checkpoint,) if self.checkpoint else ()) + self.outputs
 
     def in_checkpoint(self, rel: str) -> bool:
-        return self.checkpoint is not None and (rel == self.checkpoint or rel.startswith(self.checkpoint + "/"))
+        folder = self.checkpoint
+        return folder is not None and (rel == folder or rel.startswith(folder + "/"))
 
 
 def scan(folders: Folders) -> dict[str, tuple[Stat, Path]]:

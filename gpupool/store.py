@@ -145,7 +145,7 @@ class CheckpointStore:
         have = f"; steps stored: {', '.join(map(str, steps))}" if steps else ""
         raise CheckpointError(f"no verified checkpoint {what} in {self.url}{have}")
 
-    def pull(self, manifest: Manifest, target: Path) -> list[Path]:
+    def pull(self, manifest: Manifest, target: Path) -> builtins.list[Path]:
         """Download ``manifest`` (verified) and put its files in ``target``: a snapshot of a
         script's folders as they were in the workdir (``checkpoints/last.pt``, ``final/...``),
         a runtime checkpoint under ``target/checkpoint``. Returns the top-level paths written."""

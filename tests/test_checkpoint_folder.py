@@ -12,8 +12,8 @@ import pytest
 from gpupool import runtime, snapshot
 from gpupool.bundle import pack_workdir
 from gpupool.errors import SpecError
-from gpupool.runtime import Session
 from gpupool.manifest import list_local, read_local, verify_local
+from gpupool.runtime import Session
 from gpupool.snapshot import Folders, Snapshotter, restore_into, restored_checkpoint, substitute_resume
 from gpupool.spec import load_experiment
 from tests.test_cli import gpupool
@@ -219,7 +219,8 @@ def test_a_busy_checkpoint_folder_keeps_the_previous_consistent_copy(tmp_path):
     manifest = snapper.snapshot()
     assert manifest is not None
     folder = snapper.root / manifest.name
-    assert (folder / "ckpt" / "a.pt").read_bytes() == b"a1" and (folder / "ckpt" / "b.pt").read_bytes() == b"b1"
+    assert (folder / "ckpt" / "a.pt").read_bytes() == b"a1"
+    assert (folder / "ckpt" / "b.pt").read_bytes() == b"b1"
     assert (folder / "out" / "log.txt").read_bytes() == b"new output"
 
 
