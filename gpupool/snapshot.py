@@ -196,6 +196,10 @@ def restored_checkpoint(folders: Folders, known: dict[str, Known]) -> bool:
 
 # -- snapshotting ---------------------------------------------------------------------------
 
+class RuntimeCheckpoints(ValueError):
+    """The script writes checkpoints through gpupool.runtime: folder snapshots would hide them."""
+
+
 class Snapshotter:
     """Publishes consistent snapshots of the declared folders into ``root`` (the session's
     ``checkpoints`` folder). Not thread-safe: one caller at a time (``Background`` serialises)."""
@@ -225,6 +229,11 @@ class Snapshotter:
         period is not waited for. ``quiet_until``: the moment the folder had to be quiet before
         (default now; the trainer's end for a snapshot after it was killed).
         """
+        if self._runtime_checkpoints():
+            # A snapshot would be newer than the script's own runtime checkpoint and be restored
+            # in its place, without the training state: the runtime's checkpoints rule alone.
+            raise RuntimeCheckpoints("this script publishes gpupool.runtime checkpoints; its "
+                                     "checkpoint.path and outputs are not snapshotted")
         before = scan(self.folders)
         checkpoint_ok = trusted or self._quiet(before, self.clock() if quiet_until is None else quiet_until)
         staging = Path(tempfile.mkdtemp(prefix=".snapshot-", dir=self.session_dir))
@@ -236,6 +245,9 @@ class Snapshotter:
             return self._publish(staging, entries, final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def _runtime_checkpoints(self) -> bool:
+        return any(not m.metadata.get("snapshot") for m in list_local(self.root))
 
     def _quiet(self, files: dict[str, tuple[Stat, Path]], until: float) -> bool:
         newest = max((stat[1] for rel, (stat, _) in files.items() if self.folders.in_checkpoint(rel)),
@@ -423,6 +435,7 @@ class Background:
         self.log, self.poll = log, poll
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._warned = False
         self._seen = _request_key(request_file)
         self._thread = threading.Thread(target=self._run, name="gpupool-snapshot", daemon=True)
 
@@ -446,6 +459,11 @@ class Background:
         with self._lock:
             try:
                 manifest = self.snapshotter.snapshot(**options)
+            except RuntimeCheckpoints as err:
+                if not self._warned:
+                    self.log(f"[gpupool] {err}")
+                    self._warned = True
+                return None
             except (OSError, ValueError) as err:  # keep training; the next try may succeed
                 self.log(f"[gpupool] snapshot failed, will retry: {err}")
                 return None

@@ -150,3 +150,18 @@ def test_wandb_continues_one_run_per_experiment():
     own = {"GPUPOOL_EXPERIMENT": "mnist-3f2a1c", "WANDB_RUN_ID": "mine", "WANDB_RESUME": "must"}
     bootstrap.tracker_environment(own)
     assert own["WANDB_RUN_ID"] == "mine" and own["WANDB_RESUME"] == "must"
+
+
+def test_a_runtime_script_keeps_its_own_checkpoints_as_the_latest(tmp_path):
+    runner, work, session_dir = background(tmp_path)
+    logged: list[str] = []
+    runner.log = logged.append
+    runner.start()
+    session = runtime.Session(env={runtime.ENV_SESSION_DIR: str(session_dir)}, install_sigterm=False)
+    with session.checkpoint(7) as folder:
+        (folder / "state.pt").write_bytes(b"runtime state")
+    (work / "ckpt" / "last.pt").write_bytes(b"x")
+    assert runner.finish(0, time.time(), clean_codes=(0, 75)) is None
+    [only] = list_local(session_dir / "checkpoints")
+    assert only.step == 7 and not only.metadata.get("snapshot")
+    assert any("gpupool.runtime checkpoints" in line for line in logged)
