@@ -185,16 +185,21 @@ def main(config_path: str) -> int:
     tracker_environment(env)
     write_json_atomic(session_dir / "started.json",
                       {"time": started, "pid": os.getpid(), "deadline": deadline})
-    run, snapshots = prepare_folders(session_dir, workdir, env, config["run"])
-    code = run_setup(config["setup"], workdir, env) if config.get("setup") else 0
+    try:
+        run, snapshots = prepare_folders(session_dir, workdir, env, config["run"])
+    except (OSError, ValueError) as err:  # a failed restore must not train from scratch
+        print(f"[gpupool] cannot restore the checkpoint folder: {err}", flush=True)
+        run, snapshots, code = config["run"], None, 1
+    else:
+        code = run_setup(config["setup"], workdir, env) if config.get("setup") else 0
+        if code != 0:
+            print(f"[gpupool] setup failed with exit code {code}", flush=True)
     if code == 0:
         print(f"[gpupool] run: {run}", flush=True)
         supervisor = Supervisor(run, workdir, env, _stop_at(env, hard_end, snapshots is not None))
         supervisor.forward_sigterm()
         write_json_atomic(session_dir / "trainer.json", {"pid": supervisor.process.pid})
         code = supervisor.wait()
-    else:
-        print(f"[gpupool] setup failed with exit code {code}", flush=True)
     if snapshots is not None:  # the folders as the trainer left them (only if consistent)
         snapshots.finish(code, time.time(), clean_codes=(0, EXIT_YIELD))
     result = {"returncode": code, "outcome": read_outcome(session_dir), "started": started,

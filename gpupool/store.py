@@ -205,12 +205,25 @@ class CheckpointStore:
         local = fsspec.filesystem("file")
         if self._read_manifest(manifest.name) is not None:
             return manifest
+        unchanged = self._linkable_files()
         for entry in manifest.files:
             src = str(Path(directory) / entry.path)
             dst = self._path(manifest.name, entry.path)
+            previous = unchanged.get((entry.path, entry.size, entry.sha256))
+            if previous is not None and _hardlink(previous, dst):
+                continue  # the same bytes, written and verified for the previous checkpoint
             self._copy_verified(local, src, dst, entry.size, entry.sha256, manifest.name)
         self._write_manifest(manifest)
         return manifest
+
+    def _linkable_files(self) -> dict[tuple[str, int, str], str]:
+        """On a local-disk store, the newest checkpoint's files by (path, size, sha256): a file
+        unchanged since then (a folder snapshot's untouched files) is hard-linked, not copied."""
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        if "file" not in protocol:
+            return {}
+        newest = self.list()[:1]
+        return {(e.path, e.size, e.sha256): self._path(m.name, e.path) for m in newest for e in m.files}
 
     def download(self, manifest: Manifest, directory: Path) -> Path:
         """Copy a checkpoint to a local directory and verify it there; returns the directory."""
@@ -295,6 +308,15 @@ def _hash_stream(fs: Any, path: str) -> tuple[str, int]:
             digest.update(chunk)
             size += len(chunk)
     return digest.hexdigest(), size
+
+
+def _hardlink(source: str, target: str) -> bool:
+    try:
+        os.makedirs(posixpath.dirname(target), exist_ok=True)
+        os.link(source, target)
+    except OSError:
+        return False  # pruned meanwhile, or another filesystem: copy instead
+    return True
 
 
 def _stream(src_fs: Any, src: str, dst_fs: Any, dst: str) -> tuple[str, int]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -287,3 +290,59 @@ def test_an_unquoted_resume_gets_a_hint(tmp_path):
 def test_the_plain_example_loads():
     spec = load_experiment(Path(__file__).parents[1] / "configs" / "examples" / "plain" / "experiment.yaml")
     assert spec.checkpoint.path == "checkpoints" and spec.outputs == ["final", "runs"]
+
+
+# -- the session's supervisor (gpupool.bootstrap) ---------------------------------------------
+
+SHOW_ENV = """import json, os, sys
+os.makedirs("out", exist_ok=True)
+keys = ("GPUPOOL_CHECKPOINT_DIR", "GPUPOOL_RESUMED", "WANDB_RUN_ID", "WANDB_RESUME")
+json.dump({"argv": sys.argv[1:], **{k: os.environ.get(k) for k in keys}}, open("out/seen.json", "w"))
+with open("ckpt/n.txt", "a") as handle:
+    handle.write("x")
+"""
+
+
+def run_session(tmp_path: Path, name: str, restore: Path | None = None) -> Path:
+    code = tmp_path / "src"
+    code.mkdir(exist_ok=True)
+    (code / "show.py").write_text(SHOW_ENV)
+    pack_workdir(code, tmp_path / "bundle.tar.gz")
+    session = tmp_path / name
+    env = {"GPUPOOL_EXPERIMENT": "exp-1", "GPUPOOL_ATTEMPT": f"exp-1-{name}",
+           "GPUPOOL_CHECKPOINT_PATH": "ckpt", "GPUPOOL_OUTPUTS": '["out"]',
+           "GPUPOOL_SESSION_DIR": str(session), "GPUPOOL_CHECKPOINT_INTERVAL": "3600"}
+    if restore is not None:
+        env["GPUPOOL_RESTORE_DIR"] = str(restore)
+    config = {"session_dir": str(session), "bundle": str(tmp_path / "bundle.tar.gz"),
+              "run": f"mkdir -p ckpt && {sys.executable} show.py {{{{resume: --from ckpt/n.txt}}}}",
+              "env": env}
+    (tmp_path / f"{name}.json").write_text(json.dumps(config))
+    subprocess.run([sys.executable, "-m", "gpupool.bootstrap", str(tmp_path / f"{name}.json")],
+                   check=True, capture_output=True, timeout=120,
+                   env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    return session
+
+
+def test_the_supervisor_restores_resumes_and_snapshots(tmp_path):
+    first = run_session(tmp_path, "s1")
+    seen = json.loads((first / "code" / "out" / "seen.json").read_text())
+    assert seen["argv"] == [] and seen["GPUPOOL_RESUMED"] is None  # nothing to resume yet
+    assert seen["GPUPOOL_CHECKPOINT_DIR"] == str(first / "code" / "ckpt")
+    assert (seen["WANDB_RUN_ID"], seen["WANDB_RESUME"]) == ("exp-1", "allow")
+    [snap] = list_local(first / "checkpoints")  # once more after the script exited
+    assert {f.path for f in snap.files} == {"ckpt/n.txt", "out/seen.json"} and snap.final
+    second = run_session(tmp_path, "s2", restore=first / "checkpoints" / snap.name)
+    seen = json.loads((second / "code" / "out" / "seen.json").read_text())
+    assert seen["argv"] == ["--from", "ckpt/n.txt"] and seen["GPUPOOL_RESUMED"] == "1"
+    assert (second / "code" / "ckpt" / "n.txt").read_text() == "xx"  # restored, then appended
+    assert json.loads((second / "exit.json").read_text())["returncode"] == 0
+
+
+def test_a_failed_restore_fails_the_session_instead_of_starting_over(tmp_path):
+    first = run_session(tmp_path, "s1")
+    [snap] = list_local(first / "checkpoints")
+    (first / "checkpoints" / snap.name / "ckpt" / "n.txt").unlink()
+    second = run_session(tmp_path, "s2", restore=first / "checkpoints" / snap.name)
+    assert json.loads((second / "exit.json").read_text())["returncode"] == 1
+    assert not (second / "code" / "out").exists(), "the script never ran"

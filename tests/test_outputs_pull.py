@@ -165,3 +165,17 @@ def test_a_runtime_script_keeps_its_own_checkpoints_as_the_latest(tmp_path):
     [only] = list_local(session_dir / "checkpoints")
     assert only.step == 7 and not only.metadata.get("snapshot")
     assert any("gpupool.runtime checkpoints" in line for line in logged)
+
+
+def test_a_local_store_links_files_unchanged_since_the_previous_checkpoint(tmp_path):
+    snapper, manifests = two_snapshots(tmp_path)  # final/ is new in the second, ckpt/ changed
+    (tmp_path / "code" / "ckpt" / "extra.bin").write_bytes(b"e")
+    third = snapper.snapshot(trusted=True)
+    store = CheckpointStore(str(tmp_path / "store")).child("exp-1")
+    relay(snapper, [*manifests, third], store)
+    root = tmp_path / "store" / "exp-1"
+    old, new = (root / m.name / "final" / "model.pt" for m in (manifests[1], third))
+    assert old.stat().st_ino == new.stat().st_ino
+    store.delete(manifests[1].name)  # pruning one leaves the other whole
+    store.verify(third)
+    assert store.pick().name == third.name
