@@ -240,7 +240,8 @@ class Snapshotter:
         self._fresh = {}
         try:
             entries = self._fill(staging, before, checkpoint_ok)
-            if entries is None or self._unchanged(entries):
+            if entries == self.published:
+                self._remember_touched()
                 return None
             return self._publish(staging, entries, final)
         finally:
@@ -325,8 +326,13 @@ class Snapshotter:
         if _link_or_copy(known.source, target):
             entries[rel] = previous
 
-    def _unchanged(self, entries: dict[str, FileEntry]) -> bool:
-        return entries == self.published
+    def _remember_touched(self) -> None:
+        """Files rewritten with the same bytes (a new mtime): our published copy stands for them,
+        so the next snapshot does not read them again."""
+        for rel, fresh in self._fresh.items():
+            known = self.known.get(rel)
+            if known is not None and known.sha256 == fresh.sha256:
+                known.stat = fresh.stat
 
     def _publish(self, staging: Path, entries: dict[str, FileEntry], final: bool) -> Manifest:
         started = time.monotonic()

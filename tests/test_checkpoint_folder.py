@@ -346,3 +346,12 @@ def test_a_failed_restore_fails_the_session_instead_of_starting_over(tmp_path):
     second = run_session(tmp_path, "s2", restore=first / "checkpoints" / snap.name)
     assert json.loads((second / "exit.json").read_text())["returncode"] == 1
     assert not (second / "code" / "out").exists(), "the script never ran"
+
+
+def test_a_file_rewritten_with_the_same_bytes_is_read_once(tmp_path):
+    snapper, work, _ = make_snapshotter(tmp_path)
+    (work / "out" / "config.json").write_bytes(b"{}")
+    snapper.snapshot()
+    os.utime(work / "out" / "config.json", ns=(1, 1))  # rewritten, same content
+    assert snapper.snapshot() is None and snapper.bytes_read == 4
+    assert snapper.snapshot() is None and snapper.bytes_read == 4  # not read a third time
