@@ -258,35 +258,35 @@ class Snapshotter:
     def _fill(self, staging: Path, before: dict[str, tuple[Stat, Path]], checkpoint_ok: bool
               ) -> dict[str, FileEntry]:
         entries: dict[str, FileEntry] = {}
-        taken: dict[str, Stat] = {}
         to_copy: list[tuple[str, Stat, Path]] = []
         for rel, (stat, path) in before.items():
             if self.folders.in_checkpoint(rel) and not checkpoint_ok:
                 continue
             reused = self._reuse(rel, stat, staging / rel)
             if reused is not None:
-                entries[rel], taken[rel] = reused, stat
+                entries[rel] = reused
             else:
                 to_copy.append((rel, stat, path))
         with ThreadPoolExecutor(COPY_THREADS) as pool:  # large files copy and hash side by side
             copied = list(pool.map(lambda job: self._copy(job[1], job[2], staging / job[0]), to_copy))
-        for (rel, stat, _), known in zip(to_copy, copied, strict=True):
+        for (rel, _, _), known in zip(to_copy, copied, strict=True):
             if known is not None:
-                entries[rel], taken[rel] = FileEntry(rel, known.size, known.sha256), stat
+                entries[rel] = FileEntry(rel, known.size, known.sha256)
                 self._fresh[rel] = known
                 self.bytes_read += known.size
             elif not self.folders.in_checkpoint(rel):
                 self._keep_previous(rel, staging, entries)  # an output being written: last version
-        self._settle_checkpoint(staging, entries, taken, checkpoint_ok)
+        self._settle_checkpoint(staging, entries, before, checkpoint_ok)
         return entries
 
-    def _settle_checkpoint(self, staging: Path, entries: dict[str, FileEntry], taken: dict[str, Stat],
-                           checkpoint_ok: bool) -> None:
-        """Keep the checkpoint folder's files only if a second scan agrees with what was copied;
-        otherwise put the previous consistent copy of the folder in their place."""
-        now = {r: s for r, (s, _) in scan(self.folders).items() if self.folders.in_checkpoint(r)}
-        copied = {r: s for r, s in taken.items() if self.folders.in_checkpoint(r)}
-        if checkpoint_ok and now == copied:
+    def _settle_checkpoint(self, staging: Path, entries: dict[str, FileEntry],
+                           before: dict[str, tuple[Stat, Path]], checkpoint_ok: bool) -> None:
+        """Keep the checkpoint folder's files only if every one was copied and a second scan
+        agrees with the first; otherwise put the previous consistent copy in their place."""
+        first = {r: s for r, (s, _) in before.items() if self.folders.in_checkpoint(r)}
+        second = {r: s for r, (s, _) in scan(self.folders).items() if self.folders.in_checkpoint(r)}
+        copied = [r for r in entries if self.folders.in_checkpoint(r)]
+        if checkpoint_ok and first == second and len(copied) == len(first):
             return
         for rel in copied:
             (staging / rel).unlink()

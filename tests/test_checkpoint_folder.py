@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -355,3 +356,24 @@ def test_a_file_rewritten_with_the_same_bytes_is_read_once(tmp_path):
     os.utime(work / "out" / "config.json", ns=(1, 1))  # rewritten, same content
     assert snapper.snapshot() is None and snapper.bytes_read == 4
     assert snapper.snapshot() is None and snapper.bytes_read == 4  # not read a third time
+
+
+def test_a_file_deleted_during_the_copy_keeps_the_previous_consistent_copy(tmp_path, monkeypatch):
+    snapper, work, _ = make_snapshotter(tmp_path)
+    (work / "ckpt" / "checkpoint-1").mkdir()
+    (work / "ckpt" / "checkpoint-1" / "model.bin").write_bytes(b"one")
+    snapper.snapshot()
+    (work / "ckpt" / "checkpoint-2").mkdir()  # the trainer saves checkpoint-2, then rotates
+    (work / "ckpt" / "checkpoint-2" / "model.bin").write_bytes(b"two")
+    os.utime(work / "ckpt" / "checkpoint-2" / "model.bin", (1, 1))
+    real_copy = snapshot.copy_hashed
+
+    def copy_then_rotate(source, target):
+        result = real_copy(source, target)
+        shutil.rmtree(work / "ckpt" / "checkpoint-1", ignore_errors=True)
+        return result
+
+    monkeypatch.setattr(snapshot, "copy_hashed", copy_then_rotate)
+    assert snapper.snapshot() is None  # the scans disagree: nothing half-rotated is published
+    [only] = published(snapper)
+    assert [f.path for f in only.files] == ["ckpt/checkpoint-1/model.bin"]
