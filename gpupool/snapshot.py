@@ -27,6 +27,7 @@ import posixpath
 import re
 import shlex
 import shutil
+import stat as stat_module
 import tempfile
 import threading
 import time
@@ -41,6 +42,7 @@ from gpupool.manifest import (
     MANIFEST,
     FileEntry,
     Manifest,
+    _fsync_dir,
     check_relative_path,
     list_local,
     new_name,
@@ -139,17 +141,11 @@ def scan(folders: Folders) -> dict[str, tuple[Stat, Path]]:
                     info = path.lstat()
                 except FileNotFoundError:
                     continue  # removed while scanning: the next scan will not agree
-                if not _is_regular(info.st_mode):
+                if not stat_module.S_ISREG(info.st_mode):
                     continue
                 rel = path.relative_to(folders.workdir).as_posix()
                 found[rel] = (_stat_key(info), path)
     return found
-
-
-def _is_regular(mode: int) -> bool:
-    import stat as stat_module
-
-    return stat_module.S_ISREG(mode)
 
 
 def _stat_key(info: os.stat_result) -> Stat:
@@ -414,19 +410,6 @@ def _seal(staging: Path, manifest: Manifest) -> None:
         os.fsync(handle.fileno())
     os.replace(tmp, staging / MANIFEST)
     _fsync_dir(staging)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # -- in the supervisor: when to snapshot ----------------------------------------------------
