@@ -377,3 +377,12 @@ def test_a_file_deleted_during_the_copy_keeps_the_previous_consistent_copy(tmp_p
     assert snapper.snapshot() is None  # the scans disagree: nothing half-rotated is published
     [only] = published(snapper)
     assert [f.path for f in only.files] == ["ckpt/checkpoint-1/model.bin"]
+
+
+def test_a_script_with_folders_is_stopped_at_the_deadline_so_its_last_snapshot_fits():
+    from gpupool.bootstrap import _stop_at
+
+    env = {"GPUPOOL_DEADLINE": "1000.000"}
+    assert _stop_at(env, 1060.0, has_folders=True) == 1000.0
+    assert _stop_at(env, 1060.0, has_folders=False) == 1060.0  # runtime scripts yield on their own
+    assert _stop_at({}, 1060.0, has_folders=True) == 1060.0
