@@ -15,7 +15,7 @@ from gpupool.manifest import list_local
 from gpupool.spec import ExperimentSpec
 from gpupool.states import AttemptState, ExperimentState
 from tests.emulators.kaggle import KaggleEmulator
-from tests.providers.test_kaggle import drive, emu, isolated_env, make_pool  # noqa: F401 - fixtures
+from tests.providers.test_kaggle import drive, emu_fixture, isolated_env, make_pool  # noqa: F401 - fixtures
 
 PLAIN = Path(__file__).resolve().parents[2] / "configs" / "examples" / "plain"
 ENV = {"TOTAL_STEPS": "600", "SAVE_EVERY": "100", "STEP_SECONDS": "0.01", "OMP_NUM_THREADS": "1"}
@@ -53,7 +53,7 @@ class CutAfterSnapshot:
             self.lifted = True
 
 
-def test_plain_script_hops_between_kernels_bit_identical(emu: KaggleEmulator, tmp_path: Path) -> None:  # noqa: F811
+def test_plain_script_hops_between_kernels_bit_identical(emu: KaggleEmulator, tmp_path: Path) -> None:
     import torch
 
     reference = tmp_path / "reference"
