@@ -141,6 +141,8 @@ def prepare_folders(session_dir: Path, workdir: Path, env: dict[str, str], run: 
     """Restore the declared checkpoint/output folders into place and start snapshotting them
     (gpupool.snapshot); returns the run command with ``{{resume: ...}}`` resolved, and the
     background snapshotter (None when no folder is declared)."""
+    if not (env.get("GPUPOOL_CHECKPOINT_PATH") or env.get("GPUPOOL_OUTPUTS")):
+        return run, None  # a runtime script: nothing more to import or start
     from gpupool import runtime, snapshot
 
     folders = snapshot.Folders.from_env(env, workdir)
