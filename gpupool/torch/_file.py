@@ -119,12 +119,19 @@ def _numpy_globals(names: set[str]) -> set[str]:
 
 
 def _load_allowing(path: str, location: Any, names: set[str]) -> Any:
-    allowed = [(_import_global(name), name) for name in names]
+    # The dtype classes (Float64DType ...) are reached through numpy.dtype, so no list names them.
+    allowed: list[Any] = [(_import_global(name), name) for name in names] + _numpy_dtype_classes()
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location=location, weights_only=True)
     except _UNREADABLE as exc:
-        raise corrupt(path, f"unreadable ({type(exc).__name__}: {exc})") from exc
+        raise _refused(path, names) from exc
+
+
+def _numpy_dtype_classes() -> list[type]:
+    import numpy as np  # only files holding NumPy values get here
+
+    return [cls for cls in vars(np.dtypes).values() if isinstance(cls, type) and issubclass(cls, np.dtype)]
 
 
 def _import_global(name: str) -> Any:
