@@ -193,7 +193,8 @@ def test_file_from_before_numpy_values_were_encoded_still_loads(tmp_path: Path) 
 
 def test_state_that_does_not_fit_is_a_mismatch_not_corrupt(tmp_path: Path) -> None:
     save_training_state(tmp_path, model=torch.nn.Linear(6, 1), step=0)
-    with pytest.raises(CheckpointError, match=r"(?s)model does not fit the Linear.*size mismatch.*same architecture") as info:
+    fits = r"(?s)model does not fit the Linear.*size mismatch.*same architecture"
+    with pytest.raises(CheckpointError, match=fits) as info:
         load_training_state(tmp_path, model=torch.nn.Linear(6, 2))
     assert not isinstance(info.value, CorruptCheckpoint)
     assert "earlier" not in str(info.value)
@@ -246,7 +247,8 @@ def test_gpu_state_with_cuda_generator_loads_on_a_cpu_machine(tmp_path: Path, ma
     for _ in range(2):  # reseeded the same way every time: resuming twice gives the same run
         fresh_model, fresh_optimizer, _ = make(t_max=3)
         gen = torch.Generator()
-        with pytest.warns(RuntimeWarning, match=r"generators\['g'\] was saved on cuda and is restored on cpu"):
+        reseeded = r"generators\['g'\] was saved on cuda and is restored on cpu"
+        with pytest.warns(RuntimeWarning, match=reseeded):
             state = load_training_state(
                 tmp_path,
                 model=fresh_model,

@@ -109,7 +109,7 @@ def save_training_state(
     refuses); nothing is left out silently, and nothing is written then. OSError if the
     directory can't be written.
     """
-    parts = dict(
+    parts: dict[str, Any] = dict(
         model=model,
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
@@ -139,7 +139,7 @@ def snapshot_training_state(
     snapshot is written, e.g. ``session.checkpoint_in_background(step, snapshot.write)``. Raises
     CheckpointError now, like save_training_state, for anything that cannot be saved.
     """
-    parts = dict(
+    parts: dict[str, Any] = dict(
         model=model,
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
@@ -148,6 +148,10 @@ def snapshot_training_state(
         loaders=loaders,
         modules=modules,
     )
+    return _snapshot(parts, step, extra)
+
+
+def _snapshot(parts: dict[str, Any], step: int, extra: Mapping[str, Any] | None) -> TrainingSnapshot:
     payload = _components.collect(parts, step, extra)
     return TrainingSnapshot(step=int(step), _payload=_copy_to_cpu(payload))
 
@@ -182,7 +186,7 @@ def save_training_state_async(
     Call ``.wait()`` on the handle before publishing the directory. Saves run in the order they were
     started, so an older state never replaces a newer one. What cannot be saved raises here.
     """
-    parts = dict(
+    parts: dict[str, Any] = dict(
         model=model,
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
@@ -191,7 +195,7 @@ def save_training_state_async(
         loaders=loaders,
         modules=modules,
     )
-    return PendingSave(snapshot_training_state(step=step, extra=extra, **parts), directory)
+    return PendingSave(_snapshot(parts, step, extra), directory)
 
 
 class PendingSave:
@@ -291,7 +295,7 @@ def load_training_state(
     not fit: a part or generator passed here was not saved, a state does not fit its object, or the
     file holds values a weights-only load refuses.
     """
-    parts = dict(
+    parts: dict[str, Any] = dict(
         model=model,
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
@@ -305,7 +309,8 @@ def load_training_state(
     if not isinstance(payload, dict) or payload.get("format") != _components.FORMAT:
         raise _file.corrupt(path, "not a gpupool training state")
     if payload.get("version") not in _components.READABLE_VERSIONS:
-        raise _mismatch(path, f"format version {payload.get('version')!r} is newer than this gpupool reads; upgrade gpupool")
+        version = payload.get("version")
+        raise _mismatch(path, f"format version {version!r} is newer than this gpupool reads; upgrade gpupool")
     _components.apply(payload, parts, lambda reason: _mismatch(path, reason))
     return TrainingState(step=payload["step"], extra=json.loads(payload["extra"]))
 

@@ -47,7 +47,8 @@ def collect(parts: Mapping[str, Any], step: int, extra: Mapping[str, Any] | None
         name: _loader_state(obj, f"loaders[{name!r}]") for name, obj in _named(parts, "loaders").items()
     }
     payload["generators"] = {
-        name: generator_state(gen, f"generators[{name!r}]") for name, gen in _named(parts, "generators").items()
+        name: generator_state(gen, f"generators[{name!r}]")
+        for name, gen in _named(parts, "generators").items()
     }
     payload["rng"] = global_rng_state()
     return payload
@@ -129,7 +130,9 @@ def _load_into(target: Any, state: Any, where: str, mismatch: Callable[[str], Ex
         ) from exc
 
 
-def _load_loader(loader: Any, saved: dict[str, Any], where: str, mismatch: Callable[[str], Exception]) -> None:
+def _load_loader(
+    loader: Any, saved: dict[str, Any], where: str, mismatch: Callable[[str], Exception]
+) -> None:
     _load_into(loader, saved["state"], where, mismatch)
     # torchdata applies a loaded state lazily, when the next iterator is made, and making it draws
     # from the loader's generator; and its sampler rewinds that generator to the epoch's start

@@ -167,7 +167,7 @@ class _Placeholder:
 def _keys_holding(path: str, unsafe: set[str]) -> list[str]:
     """Where in the payload the refused globals sit: loaded with inert placeholders in their place
     (through torch's own weights-only unpickler, so nothing else is allowed either)."""
-    stand_ins = [(type(name, (_Placeholder,), {}), name) for name in unsafe]
+    stand_ins: list[Any] = [(type(name, (_Placeholder,), {}), name) for name in unsafe]
     try:
         with torch.serialization.safe_globals(stand_ins):
             payload = torch.load(path, map_location="cpu", weights_only=True)

@@ -75,7 +75,9 @@ def generator_state(gen: Any, where: str) -> dict[str, Any]:
     )
 
 
-def set_generator_state(gen: Any, saved: dict[str, Any], where: str, mismatch: Callable[[str], Exception]) -> None:
+def set_generator_state(
+    gen: Any, saved: dict[str, Any], where: str, mismatch: Callable[[str], Exception]
+) -> None:
     """Restore ``gen`` from generator_state's dict; ``mismatch(reason)`` builds the error to raise."""
     kind = generator_state(gen, where)["kind"]  # also rejects unsupported types, like saving does
     if saved["kind"] != kind:
