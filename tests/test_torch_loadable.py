@@ -44,6 +44,7 @@ def test_numpy_lr_and_t_max_save_load_and_continue_exactly(tmp_path: Path) -> No
     every load raised, and was called corrupt."""
     lr, t_max = np.float64(3e-4), np.int64(np.ceil(np.float64(9.5)))
     model, optimizer, scheduler = make(lr, t_max)
+    optimizer.param_groups[0]["betas"] = (np.float64(0.9), np.float32(0.99))  # tuples too
     steps(model, optimizer, scheduler, 3)
     save_training_state(tmp_path, model=model, optimizer=optimizer, lr_scheduler=scheduler, step=3)
     torch.load(tmp_path / STATE_FILE, weights_only=True)  # torch's own check, no allow-list
@@ -53,6 +54,8 @@ def test_numpy_lr_and_t_max_save_load_and_continue_exactly(tmp_path: Path) -> No
     load_training_state(tmp_path, model=fresh[0], optimizer=fresh[1], lr_scheduler=fresh[2])
     assert type(fresh[1].param_groups[0]["initial_lr"]) is np.float64  # back as it was saved
     assert type(fresh[2].T_max) is np.int64
+    assert fresh[1].param_groups[0]["betas"] == (np.float64(0.9), np.float32(0.99))
+    assert type(fresh[1].param_groups[0]["betas"][1]) is np.float32
     steps(*fresh, 3)
     assert torch.equal(fresh[0].weight, model.weight) and torch.equal(fresh[0].bias, model.bias)
 
@@ -198,6 +201,16 @@ def test_state_that_does_not_fit_is_a_mismatch_not_corrupt(tmp_path: Path) -> No
         load_training_state(tmp_path, model=torch.nn.Linear(6, 2))
     assert not isinstance(info.value, CorruptCheckpoint)
     assert "earlier" not in str(info.value)
+
+
+def test_a_device_this_machine_lacks_is_named_not_called_corrupt(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    save_training_state(tmp_path, model=torch.nn.Linear(2, 2), step=0)
+    placed = r"intact but could not be placed with map_location='cuda'.*'cpu'"
+    with pytest.raises(CheckpointError, match=placed) as info:
+        load_training_state(tmp_path, model=torch.nn.Linear(2, 2), map_location="cuda")
+    assert not isinstance(info.value, CorruptCheckpoint)
 
 
 # -- device kinds: a GPU session's state in a CPU-only session ------------------------------------

@@ -259,8 +259,12 @@ def test_damaged_state_file_raises_clear_error(tmp_path: Path, damage: str) -> N
 
 
 def test_missing_state_file_raises_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(CorruptCheckpoint, match="no state.pt"):
+    with pytest.raises(CheckpointError, match="no state.pt in .*nowhere: no such folder"):
         load_training_state(tmp_path / "nowhere", model=torch.nn.Linear(2, 2))
+    (tmp_path / "last.pt").write_bytes(b"")  # a folder some other saver wrote
+    with pytest.raises(CheckpointError, match=r"no state.pt .*\['last.pt'\].*not written by") as info:
+        load_training_state(tmp_path, model=torch.nn.Linear(2, 2))
+    assert not isinstance(info.value, CorruptCheckpoint)  # an earlier checkpoint would not help
 
 
 def test_pickled_code_is_refused_as_what_it_is(tmp_path: Path) -> None:
@@ -274,8 +278,9 @@ def test_pickled_code_is_refused_as_what_it_is(tmp_path: Path) -> None:
 
 def test_foreign_file_is_refused(tmp_path: Path) -> None:
     torch.save({"weights": torch.ones(1)}, tmp_path / STATE_FILE)
-    with pytest.raises(CorruptCheckpoint, match="not a gpupool training state"):
+    with pytest.raises(CheckpointError, match="not a gpupool training state") as info:
         load_training_state(tmp_path, model=torch.nn.Linear(2, 2))
+    assert not isinstance(info.value, CorruptCheckpoint)
 
 
 def test_component_or_generator_missing_from_state(tmp_path: Path) -> None:

@@ -290,10 +290,11 @@ def load_training_state(
     done while loading draws from them. ``map_location`` as for torch.load; with None, tensors
     saved on a device this machine lacks (a GPU state in a CPU session) load onto the CPU.
 
-    Raises CorruptCheckpoint when the file is missing or its bytes are damaged (use an earlier
-    checkpoint), and CheckpointError, naming the key and the fix, when the file is intact but does
-    not fit: a part or generator passed here was not saved, a state does not fit its object, or the
-    file holds values a weights-only load refuses.
+    Raises CorruptCheckpoint when the file's bytes are damaged (use an earlier checkpoint), and
+    CheckpointError, naming the key and the fix, for everything else: no state.pt, a file not
+    written by save_training_state, values a weights-only load refuses, a ``map_location`` this
+    machine lacks, a part or generator passed here that was not saved, a state that does not fit
+    its object.
     """
     parts: dict[str, Any] = dict(
         model=model,
@@ -307,7 +308,10 @@ def load_training_state(
     path = os.path.join(os.fspath(directory), STATE_FILE)
     payload = _file.read_payload(path, map_location)
     if not isinstance(payload, dict) or payload.get("format") != _components.FORMAT:
-        raise _file.corrupt(path, "not a gpupool training state")
+        raise CheckpointError(
+            f"training state {path} is a torch file but not a gpupool training state (written by "
+            "something else, e.g. torch.save); write it with gpupool.torch.save_training_state"
+        )
     if payload.get("version") not in _components.READABLE_VERSIONS:
         version = payload.get("version")
         raise _mismatch(path, f"format version {version!r} is newer than this gpupool reads; upgrade gpupool")

@@ -4,10 +4,12 @@ Writing: a temp file in the same directory, fsynced, *loaded back* with
 ``torch.load(weights_only=True, mmap=True)`` (cheap: tensors map the file, nothing is copied), and
 only then renamed over ``state.pt``. A file that would not load never replaces a good one.
 
-Reading tells three failures apart, because they need different fixes:
+Reading tells failures apart, because they need different fixes:
 - the bytes are bad (truncated, garbage, not a torch file): CorruptCheckpoint, use an earlier one;
 - the file is intact but holds objects a weights-only load refuses (written by something other
   than save_training_state): CheckpointError naming the key and the class;
+- the file is intact but ``map_location`` names a device this machine lacks, or there is no
+  state.pt at all: CheckpointError saying so;
 - tensors saved on a device this machine lacks are *not* a failure: they load onto the CPU.
 Files written before NumPy values were encoded (NumPy scalars and arrays pickled as such) still
 load: those NumPy classes are allowed for that one load.
@@ -70,17 +72,46 @@ def read_payload(path: str, map_location: Any) -> Any:
     this machine has that device, and puts it on the CPU when it does not.
     """
     if not os.path.isfile(path):
-        raise corrupt(path, "no state.pt in it")
+        raise _missing(path)
     location = _restore_location if map_location is None else map_location
     try:
         return torch.load(path, map_location=location, weights_only=True)
     except _UNREADABLE as exc:
         unsafe = _unsafe_globals(path)
-        if not unsafe:
+        if unsafe is None:
             raise corrupt(path, f"unreadable ({type(exc).__name__}: {exc})") from exc
+        if not unsafe:  # an intact file: the bytes are not the problem, maybe map_location is
+            return _load_on_cpu_or_say_why(path, map_location, exc)
         if unsafe <= _numpy_globals(unsafe):
             return _load_allowing(path, location, unsafe)
         raise _refused(path, unsafe) from exc
+
+
+def _missing(path: str) -> CheckpointError:
+    """No state.pt: the folder was not written by save_training_state (or is not there at all)."""
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        return CheckpointError(f"cannot load the training state: no state.pt in {directory}: no such folder")
+    held = sorted(os.listdir(directory))[:10]
+    return CheckpointError(
+        f"cannot load the training state: no state.pt in {directory} (it holds {held or 'nothing'}); "
+        "this checkpoint was not written by gpupool.torch.save_training_state, so load it the way "
+        "it was saved"
+    )
+
+
+def _load_on_cpu_or_say_why(path: str, map_location: Any, first: BaseException) -> Any:
+    """The file opens and holds only allowed types, yet did not load: if it loads onto the CPU,
+    the asked-for map_location was the problem (e.g. "cuda" on a machine without a GPU)."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except _UNREADABLE as exc:
+        raise corrupt(path, f"unreadable ({type(exc).__name__}: {exc})") from exc
+    raise CheckpointError(
+        f"training state {path} is intact but could not be placed with map_location={map_location!r}"
+        f" ({type(first).__name__}: {first}); pass map_location='cpu', or None to keep each tensor "
+        "on its saved device where this machine has it"
+    ) from first
 
 
 def corrupt(path: str, reason: str) -> CorruptCheckpoint:
@@ -97,13 +128,13 @@ def _restore_location(storage: Any, location: str) -> Any:
         return storage
 
 
-def _unsafe_globals(path: str) -> set[str]:
-    """The classes and functions in the file that a weights-only load refuses; empty if the file
+def _unsafe_globals(path: str) -> set[str] | None:
+    """The classes and functions in the file that a weights-only load refuses; None if the file
     is not an intact torch file (then it is corrupt, not refused)."""
     try:
         return set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     except _UNREADABLE:
-        return set()
+        return None
 
 
 def _numpy_globals(names: set[str]) -> set[str]:

@@ -14,12 +14,12 @@ give a checkpoint that never loads, in every later session. So before writing:
 The allowed leaf types mirror torch's weights-only unpickler (``torch._weights_only_unpickler``):
 None, bool, int, float, complex, str, bytes, bytearray, plain tensors and parameters, dtypes,
 devices, ``torch.Size``, and the classes the user allow-listed with
-``torch.serialization.add_safe_globals``; containers dict, OrderedDict, list, tuple and set.
+``torch.serialization.add_safe_globals``; containers dict, OrderedDict, Counter, list, tuple and set.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Any
 
 import torch
@@ -52,7 +52,7 @@ def make_loadable(value: Any, where: str) -> Any:
         return value
     if np is not None and isinstance(value, (np.ndarray, np.generic)):
         return _encode_numpy(value, where)
-    if kind in (dict, OrderedDict):
+    if kind in (dict, OrderedDict, Counter):
         return _rebuild_dict(value, where, make_loadable, _loadable_key)
     if kind in (list, tuple, set):
         return kind(make_loadable(item, f"{where}[{index}]") for index, item in enumerate(value))
@@ -64,7 +64,7 @@ def make_loadable(value: Any, where: str) -> Any:
 def restore_numpy(value: Any) -> Any:
     """Undo make_loadable's NumPy encoding, everywhere in ``value`` (other values are kept)."""
     kind = type(value)
-    if kind in (dict, OrderedDict):
+    if kind in (dict, OrderedDict, Counter):
         if NUMPY_MARK in value:
             return _decode_numpy(value)
         return _rebuild_dict(value, "", lambda item, _where: restore_numpy(item), lambda key, _: key)
