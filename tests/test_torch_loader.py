@@ -153,3 +153,14 @@ def test_loader_missing_from_the_saved_state_is_named(tmp_path: Path) -> None:
         load_training_state(
             tmp_path, model=run.model, optimizer=run.optimizer, loaders={"train": run.loader}
         )
+
+
+def test_loader_state_from_another_num_workers_is_a_clear_mismatch(tmp_path: Path) -> None:
+    """torchdata cannot move a position between 0 and N workers; say so, not a bare AssertionError."""
+    run = build(seed=0, workers=0)
+    train(run, 0, 5)
+    save_training_state(tmp_path, step=5, **run.parts())
+    other = build(seed=1, workers=2)
+    differently = r"loaders\['train'\] was saved by a data loader built differently.*num_workers"
+    with pytest.raises(CheckpointError, match=differently):
+        load_training_state(tmp_path, **other.parts())

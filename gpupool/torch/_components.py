@@ -138,7 +138,15 @@ def _load_loader(
     # from the loader's generator; and its sampler rewinds that generator to the epoch's start
     # (losing the draw of the workers' base seed). So make the iterator now (state_dict() does, and
     # the next iter() reuses it), then set the generator to exactly what it was at save time.
-    loader.state_dict()
+    try:
+        loader.state_dict()
+    except (AssertionError, RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
+        # torchdata asserts on a state from a loader with another num_workers (0 vs. more).
+        raise mismatch(
+            f"{where} was saved by a data loader built differently ({type(exc).__name__}: {exc}); "
+            "build it as the run that saved it did: the same dataset, batch_size, sampler and "
+            "num_workers (a fixed number, not one derived from the machine's CPU count)"
+        ) from exc
     generator = getattr(loader, "generator", None)
     if saved["generator"] is not None and isinstance(generator, torch.Generator):
         set_generator_state(generator, saved["generator"], f"{where}.generator", mismatch)
