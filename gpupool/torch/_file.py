@@ -57,12 +57,20 @@ def write_verified(directory: str, filename: str, payload: dict[str, Any]) -> No
 
 def _check_loads(path: str) -> None:
     try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        _load_back(path)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"cannot save the training state: it would not load under torch.load(weights_only=True)"
             f" ({exc}); nothing was written"
         ) from exc
+
+
+def _load_back(path: str) -> None:
+    """Load the file onto the CPU, mapping it rather than reading it where the filesystem allows."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, RuntimeError):  # a filesystem that can't mmap (some FUSE mounts): read it
+        torch.load(path, map_location="cpu", weights_only=True)
 
 
 def read_payload(path: str, map_location: Any) -> Any:
@@ -104,7 +112,7 @@ def _load_on_cpu_or_say_why(path: str, map_location: Any, first: BaseException) 
     """The file opens and holds only allowed types, yet did not load: if it loads onto the CPU,
     the asked-for map_location was the problem (e.g. "cuda" on a machine without a GPU)."""
     try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        _load_back(path)
     except _UNREADABLE as exc:
         raise corrupt(path, f"unreadable ({type(exc).__name__}: {exc})") from exc
     raise CheckpointError(
