@@ -59,9 +59,13 @@ def _check_loads(path: str) -> None:
     try:
         _load_back(path)
     except pickle.UnpicklingError as exc:
+        unsafe = _unsafe_globals(path) or set()
+        keys = _keys_holding(path, unsafe) if unsafe else []
+        held = f"{', '.join(sorted(unsafe))} at {', '.join(keys)}" if keys else f"something ({exc})"
         raise CheckpointError(
-            f"cannot save the training state: it would not load under torch.load(weights_only=True)"
-            f" ({exc}); nothing was written"
+            f"cannot save the training state: it holds {held}, which torch.load(weights_only=True) "
+            "refuses, so no later session could load it; nothing was written. Store such values as "
+            "tensors, numbers, strings, lists or dicts"
         ) from exc
 
 
