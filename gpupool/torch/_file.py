@@ -32,9 +32,7 @@ from gpupool.errors import CheckpointError, CorruptCheckpoint
 _UNREADABLE = (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, zipfile.BadZipFile, OSError)
 
 # The globals NumPy pickles scalars and arrays with; they rebuild values, they run no user code.
-_NUMPY_VALUE_GLOBALS = frozenset(
-    {"scalar", "_reconstruct", "ndarray", "dtype"}
-)
+_NUMPY_VALUE_GLOBALS = frozenset({"scalar", "_reconstruct", "ndarray", "dtype"})
 
 
 def write_verified(directory: str, filename: str, payload: dict[str, Any]) -> None:
