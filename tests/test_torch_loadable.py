@@ -161,6 +161,14 @@ def test_ema_passed_as_a_module_is_saved_and_restored(tmp_path: Path) -> None:
     assert torch.equal(fresh.weight, ema.weight)
 
 
+def test_saved_parts_not_passed_to_load_are_named(tmp_path: Path) -> None:
+    """An EMA model forgotten at load time would silently restart from the live model: warn."""
+    model = torch.nn.Linear(2, 2)
+    save_training_state(tmp_path, model=model, modules={"ema": torch.nn.Linear(2, 2)}, step=0)
+    with pytest.warns(RuntimeWarning, match=r"also holds modules\['ema'\], not passed"):
+        load_training_state(tmp_path, model=model)
+
+
 def test_numpy_scalars_in_extra_become_numbers(tmp_path: Path) -> None:
     save_training_state(
         tmp_path, model=torch.nn.Linear(2, 2), step=0, extra={"best": np.float32(0.25), "n": [np.int64(3)]}

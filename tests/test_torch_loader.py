@@ -10,7 +10,6 @@ compare the sample indices seen and every tensor.
 from __future__ import annotations
 
 import random
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from gpupool.errors import CheckpointError
 from gpupool.torch import load_training_state, save_training_state
 
 stateful_dataloader = pytest.importorskip("torchdata.stateful_dataloader")
+pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated:UserWarning")  # torchdata's
 
 SAMPLES = 64
 BATCH = 4  # 16 steps per epoch
@@ -125,11 +125,9 @@ def cut_and_resume(tmp_path: Path, workers: int, cuts: list[int]) -> Run:
 def test_shuffled_loader_cut_mid_epoch_resumes_bit_identical(
     tmp_path: Path, workers: int, cuts: list[int]
 ) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # torchdata's own deprecation notice
-        expected = build(seed=0, workers=workers)
-        train(expected, 0, TOTAL_STEPS)
-        resumed = cut_and_resume(tmp_path, workers, cuts)
+    expected = build(seed=0, workers=workers)
+    train(expected, 0, TOTAL_STEPS)
+    resumed = cut_and_resume(tmp_path, workers, cuts)
     assert resumed.seen == expected.seen
     assert sorted(expected.seen[:SAMPLES]) == list(range(SAMPLES))  # each sample once an epoch
     want, got = tensors(expected), tensors(resumed)

@@ -8,6 +8,7 @@ position to save), ``extra`` that is not JSON, a value a weights-only load refus
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -80,6 +81,23 @@ def apply(payload: dict[str, Any], parts: Mapping[str, Any], mismatch: Callable[
             raise mismatch(f"no state was saved for {where} (saved: {sorted(saved_generators)})")
         set_generator_state(gen, saved_generators[name], where, mismatch)
     set_global_rng_state(payload["rng"])
+    _warn_if_left_out(payload, parts)
+
+
+def _warn_if_left_out(payload: dict[str, Any], parts: Mapping[str, Any]) -> None:
+    """Saved parts the script did not pass are not restored: fine for evaluating a model, but an
+    EMA model or a loader forgotten here would silently start over, so say which."""
+    left = [key for key in SINGLE_PARTS if payload[key] is not None and parts.get(key) is None]
+    for group in ("modules", "loaders", "generators"):
+        passed = _named(parts, group)
+        left += [f"{group}[{name!r}]" for name in payload.get(group, {}) if name not in passed]
+    if left:
+        warnings.warn(
+            f"the training state also holds {', '.join(left)}, not passed to load_training_state, "
+            "so not restored; pass them as when saving to resume them",
+            RuntimeWarning,
+            stacklevel=4,  # the script's load_training_state call
+        )
 
 
 def _named(parts: Mapping[str, Any], group: str) -> Mapping[str, Any]:

@@ -106,7 +106,7 @@ def _set_torch_generator(gen: torch.Generator, saved: dict[str, Any], where: str
         "different random streams, so it was reseeded from its saved state; this run continues but "
         f"does not repeat the draws an uninterrupted run on {saved_device} would make",
         RuntimeWarning,
-        stacklevel=4,
+        stacklevel=5,  # the script's load_training_state call
     )
 
 
