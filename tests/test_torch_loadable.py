@@ -295,11 +295,11 @@ def test_cuda_generator_from_an_older_file_without_its_device_loads(tmp_path: Pa
     assert any("saved on cuda" in str(w.message) for w in caught)
 
 
-def test_file_is_loaded_back_before_it_replaces_the_last_one(
+def test_file_is_checked_before_it_replaces_the_last_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The backstop behind the key-by-key check: with that check switched off, a value that a
-    weights-only load refuses is still caught when the written file is loaded back."""
+    weights-only load refuses is still caught when the written file is checked."""
     save_training_state(tmp_path, model=Normalizer(np.zeros(2)), step=1)
     before = (tmp_path / STATE_FILE).read_bytes()
     monkeypatch.setattr("gpupool.torch._components.make_loadable", lambda value, where: value)

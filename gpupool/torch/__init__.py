@@ -12,8 +12,8 @@ The state is written as one file, ``state.pt``, that loads with ``torch.load(wei
 only tensors, containers and plain scalars, so restoring a checkpoint fetched from a shared store
 never runs pickled code. NumPy values in a state dict are encoded (and decoded on load), and
 anything else a weights-only load would refuse is refused at save time, naming its key: a
-checkpoint that saved is a checkpoint that loads. Each file is loaded back before it replaces the
-previous one.
+checkpoint that saved is a checkpoint that loads. Each new file is also checked against torch's
+weights-only allow-list before it replaces the previous one.
 
 Usage::
 
