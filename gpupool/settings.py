@@ -15,7 +15,7 @@ from typing import Any
 
 import platformdirs
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from gpupool.durations import Seconds
@@ -35,6 +35,13 @@ class _PoolFile(BaseModel):
     poll_interval: Seconds = Field(10.0, gt=0)
     providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     notify: list[str] = Field(default_factory=list, description="apprise URLs (gpupool.notify)")
+
+    @field_validator("data_dir")
+    @classmethod
+    def _no_nul(cls, value: Path | None) -> Path | None:
+        if value is not None and "\x00" in str(value):
+            raise ValueError("a path cannot hold a NUL character")
+        return value
 
 
 class PoolSettings(BaseSettings):

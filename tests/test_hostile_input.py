@@ -186,3 +186,10 @@ def test_training_state_with_a_malicious_pickle_is_refused(tmp_path: Path,
     with pytest.raises(CheckpointError):
         gt.load_training_state(tmp_path, model=torch.nn.Linear(1, 1))
     assert not (tmp_path / "pwned-by-pickle").exists()
+
+
+def test_nul_in_pool_data_dir_is_a_field_error(tmp_path: Path) -> None:
+    path = tmp_path / "pool.yaml"
+    path.write_text(yaml.safe_dump({"data_dir": "a\x00b"}))
+    with pytest.raises(SpecError, match=r"data_dir \(line 1\).*NUL"):
+        load_settings(path)
