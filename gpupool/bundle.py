@@ -14,8 +14,8 @@ from gpupool.errors import SpecError
 EXCLUDE_DIRS = {".git", "__pycache__", ".venv", "venv", "gpupool-session", ".ipynb_checkpoints",
                 ".mypy_cache", ".pytest_cache", ".ruff_cache"}
 MAX_BUNDLE_BYTES = 200 * 1024 * 1024
-RUNTIME_MODULES = ("__init__.py", "errors.py", "runtime.py", "manifest.py", "torch.py", "bootstrap.py",
-                   "snapshot.py")
+RUNTIME_MODULES = ("__init__.py", "errors.py", "runtime.py", "manifest.py", "torch", "bootstrap.py",
+                   "snapshot.py")  # files, or packages shipped whole
 
 
 def _workdir_files(workdir: Path, exclude: Iterable[str] = ()) -> Iterator[Path]:
@@ -62,7 +62,11 @@ def pack_workdir(workdir: Path, target: Path, exclude: Iterable[str] = ()) -> st
 def runtime_sources() -> dict[str, bytes]:
     """gpupool's in-session modules (standard library only), as ``gpupool/<file>`` -> bytes."""
     here = Path(__file__).parent
-    return {f"gpupool/{name}": (here / name).read_bytes() for name in RUNTIME_MODULES}
+    files = []
+    for name in RUNTIME_MODULES:
+        path = here / name
+        files += sorted(path.rglob("*.py")) if path.is_dir() else [path]
+    return {f"gpupool/{f.relative_to(here).as_posix()}": f.read_bytes() for f in files}
 
 
 def pack_runtime(target: Path) -> None:
