@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
 from gpupool import db
 from gpupool.errors import IllegalTransition, NotFound, StateError
@@ -306,23 +307,33 @@ class State:
 
     def acquire_lease(self, name: str, owner: str, now: float, ttl: float,
                       holder_dead: Callable[[str], bool] | None = None) -> bool:
-        """Take or renew the named lease; False while another owner holds an unexpired one
-        (unless ``holder_dead(owner)`` says that owner is known to be gone)."""
+        """Take or renew the named lease for ``ttl`` seconds; False while another owner holds an
+        unexpired one (unless ``holder_dead(owner)`` says that owner is known to be gone), and
+        False at once while another scheduler is taking or renewing it: the row is locked with
+        ``FOR UPDATE SKIP LOCKED``, so no scheduler ever waits on another (PostgreSQL; SQLite
+        serializes writers and ignores the clause)."""
         table = db.leases
         with self.engine.begin() as conn:
-            row = conn.execute(table.select().where(table.c.name == name).with_for_update()).first()
-            if row is None:
-                try:
-                    conn.execute(table.insert().values(name=name, owner=owner, expires_at=now + ttl))
-                except sa.exc.IntegrityError:
-                    return False
+            if _insert_lease_if_absent(conn, name, owner, now + ttl):
                 return True
+            row = conn.execute(table.select().where(table.c.name == name)
+                               .with_for_update(skip_locked=True)).first()
+            if row is None:  # locked by a scheduler taking or renewing it right now
+                return False
             if row.owner != owner and row.expires_at > now:
                 if holder_dead is None or not holder_dead(row.owner):
                     return False
             conn.execute(table.update().where(table.c.name == name)
                          .values(owner=owner, expires_at=now + ttl))
             return True
+
+    def lease_holder(self, name: str) -> tuple[str, float] | None:
+        """(owner, expires_at in epoch seconds) of the named lease, if anyone ever took it."""
+        table = db.leases
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(table.c.owner, table.c.expires_at)
+                               .where(table.c.name == name)).first()
+        return None if row is None else (row.owner, row.expires_at)
 
     def release_lease(self, name: str, owner: str) -> None:
         with self.engine.begin() as conn:
@@ -342,6 +353,20 @@ def _transition(
     )
     if result.rowcount != 1:
         raise IllegalTransition(kind, ident, f"{current.value} (changed concurrently)", target.value)
+
+
+def _insert_lease_if_absent(conn: sa.Connection, name: str, owner: str, expires_at: float) -> bool:
+    """Create the lease row unless it exists (``ON CONFLICT DO NOTHING``, no error to recover
+    from: on PostgreSQL a failed INSERT would abort the whole transaction); True if created."""
+    dialects = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
+    insert = dialects.get(conn.dialect.name)
+    if insert is None:  # another engine: the portable way, racing only into "not acquired"
+        if conn.execute(sa.select(db.leases.c.name).where(db.leases.c.name == name)).first():
+            return False
+        conn.execute(db.leases.insert().values(name=name, owner=owner, expires_at=expires_at))
+        return True
+    statement = insert(db.leases).values(name=name, owner=owner, expires_at=expires_at)
+    return conn.execute(statement.on_conflict_do_nothing(index_elements=["name"])).rowcount == 1
 
 
 def _event(conn: sa.Connection, now: float, experiment_id: str | None, attempt_id: str | None,

@@ -27,7 +27,11 @@ from gpupool.spec import ExperimentSpec
 from gpupool.state import Attempt
 from gpupool.states import AttemptState, ExperimentState
 from gpupool.store import CheckpointStore
+from tests.services import Databases
 from tests.fakes import FakeProvider, Script
+
+# Every test runs on each state backend (tests/conftest.py: SQLite, PostgreSQL).
+pytestmark = pytest.mark.usefixtures("pool_database")
 
 T0 = 1_800_000_000.0
 Y, L, S = AttemptState.YIELDED, AttemptState.LOST, AttemptState.SUCCEEDED
@@ -132,8 +136,9 @@ class CrashPlan:
             setattr(provider, name, after)
 
 
-def run_with_crash(tmp: Path, plan: CrashPlan, monkeypatch: pytest.MonkeyPatch) -> dict:
+def run_with_crash(tmp: Path, plan: CrashPlan, monkeypatch: pytest.MonkeyPatch, database: str) -> dict:
     provider = BigCheckpoints("kaggle", three_sessions())
+    monkeypatch.setenv("GPUPOOL_DATABASE_URL", database)  # each run on a fresh database
     pool, ident = make(tmp, provider)
     store = pool.store_for(ident)
     with monkeypatch.context() as patch:
@@ -168,19 +173,19 @@ def check_finished_exactly_once(pool: Pool, ident: str, provider: FakeProvider, 
         store.verify(manifest)
 
 
-def test_crash_inside_relays_and_after_each_provider_call(tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_crash_inside_relays_and_after_each_provider_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          databases: Databases) -> None:
     """Kill the scheduler in every store copy (after 0, 1, ..., all bytes), every manifest
     write, every pruning delete, and right after every provider call of a three-session run;
     restart it each time; the experiment finishes with nothing lost, doubled or charged twice."""
-    counts = run_with_crash(tmp_path / "dry", CrashPlan("none", 0), monkeypatch)
+    counts = run_with_crash(tmp_path / "dry", CrashPlan("none", 0), monkeypatch, databases.new())
     plans = [CrashPlan("stream", n, cut) for n in range(1, counts["stream"] + 1)
              for cut in CUTS]
     plans += [CrashPlan("manifest", n) for n in range(1, counts["manifest"] + 1)]
     plans += [CrashPlan("delete", n) for n in range(1, counts["delete"] + 1)]
     plans += [CrashPlan("provider", n) for n in range(1, counts["provider"] + 1)]
     for i, plan in enumerate(plans):
-        run_with_crash(tmp_path / str(i), plan, monkeypatch)
+        run_with_crash(tmp_path / str(i), plan, monkeypatch, databases.new())
         assert plan.fired, f"crash point {plan.kind} #{plan.nth} never reached"
     tried = len(plans)
     print(f"\ncrash points tried: {tried} here ({counts['stream']} copies x {len(CUTS)} cuts, "

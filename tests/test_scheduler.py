@@ -14,6 +14,9 @@ from gpupool.spec import ExperimentSpec
 from gpupool.states import AttemptState, ExperimentState
 from tests.fakes import FakeProvider, Script
 
+# Every test runs on each state backend (tests/conftest.py: SQLite, PostgreSQL).
+pytestmark = pytest.mark.usefixtures("pool_database")
+
 T0 = 1_800_000_000.0
 Y, L, F, S = AttemptState.YIELDED, AttemptState.LOST, AttemptState.FAILED, AttemptState.SUCCEEDED
 

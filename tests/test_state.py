@@ -30,8 +30,9 @@ def db_file(tmp_path) -> Path:
 
 
 @pytest.fixture
-def state(db_file) -> State:
-    st = State(f"sqlite:///{db_file}")
+def state(database_url) -> State:
+    """A fresh state on each backend (tests/conftest.py: SQLite, then PostgreSQL)."""
+    st = State(database_url)
     yield st
     st.close()
 
@@ -43,7 +44,9 @@ def new_experiment(state: State, name: str = "exp", now: float = T0):
 # -- schema --------------------------------------------------------------------------------
 
 
-def test_schema_created_on_first_use_with_wal_and_alembic(state, db_file):
+def test_sqlite_schema_created_on_first_use_with_wal_and_alembic(db_file):
+    state = State(f"sqlite:///{db_file}")
+    state.close()
     assert db_file.exists()  # parent directories were created too
     with sqlite3.connect(db_file) as conn:
         tables = {r[0] for r in conn.execute("select name from sqlite_master where type='table'")}
@@ -52,20 +55,22 @@ def test_schema_created_on_first_use_with_wal_and_alembic(state, db_file):
         version = conn.execute("select version_num from alembic_version").fetchall()
         assert len(version) == 1 and version[0][0]
         assert conn.execute("pragma journal_mode").fetchone()[0].lower() == "wal"
+    state = State(f"sqlite:///{db_file}")
     with state.engine.connect() as conn:
         assert conn.exec_driver_sql("pragma busy_timeout").scalar() >= 1000
         assert conn.exec_driver_sql("pragma foreign_keys").scalar() == 1
+    state.close()
 
 
-def test_reopening_keeps_data_and_does_not_remigrate(db_file):
-    first = State(f"sqlite:///{db_file}")
+def test_reopening_keeps_data_and_does_not_remigrate(database_url):
+    first = State(database_url)
     exp = new_experiment(first)
     first.close()
-    second = State(f"sqlite:///{db_file}")
+    second = State(database_url)
     try:
         assert second.experiment(exp.id) == exp
-        with sqlite3.connect(db_file) as conn:
-            assert conn.execute("select count(*) from alembic_version").fetchone()[0] == 1
+        with second.engine.connect() as conn:
+            assert conn.exec_driver_sql("select count(*) from alembic_version").scalar() == 1
     finally:
         second.close()
 
@@ -254,8 +259,8 @@ def test_release_lease_only_by_owner(state):
     assert state.acquire_lease("scheduler", "b", T0 + 2, ttl=30)
 
 
-def test_two_state_objects_share_one_lease(db_file, state):
-    other = State(f"sqlite:///{db_file}")
+def test_two_state_objects_share_one_lease(database_url, state):
+    other = State(database_url)
     try:
         assert state.acquire_lease("daemon", "one", T0, ttl=60)
         assert not other.acquire_lease("daemon", "two", T0 + 1, ttl=60)
