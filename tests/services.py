@@ -132,10 +132,13 @@ class S3Server:
         return {**S3_KEYS, "AWS_ENDPOINT_URL": self.endpoint}
 
     def bucket(self) -> str:
-        import s3fs
+        import boto3
 
         name = f"gpupool-test-{secrets.token_hex(6)}"
-        s3fs.S3FileSystem(**self.options, skip_instance_cache=True).mkdir(name)
+        client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                              aws_access_key_id=S3_KEYS["AWS_ACCESS_KEY_ID"],
+                              aws_secret_access_key=S3_KEYS["AWS_SECRET_ACCESS_KEY"])
+        client.create_bucket(Bucket=name)
         return name
 
     def stop(self) -> None:

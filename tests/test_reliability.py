@@ -66,7 +66,7 @@ class BigCheckpoints(FakeProvider):
 
 def make(tmp: Path, provider: FakeProvider, **spec: object) -> tuple[Pool, str]:
     pool = Pool(PoolSettings(data_dir=tmp / "data"), clock=lambda: T0, providers={provider.name: provider})
-    (tmp / "code").mkdir(exist_ok=True)
+    (tmp / "code").mkdir(parents=True, exist_ok=True)
     fields = {"name": "exp", "run": "python train.py", "workdir": tmp / "code",
               "providers": [provider.name], "checkpoint": {"interval": 600, "keep_last": 2}}
     fields.update(spec)

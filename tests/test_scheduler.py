@@ -24,7 +24,7 @@ Y, L, F, S = AttemptState.YIELDED, AttemptState.LOST, AttemptState.FAILED, Attem
 def make(tmp_path: Path, *providers: FakeProvider, **spec: object) -> tuple[Pool, Scheduler, str]:
     pool = Pool(PoolSettings(data_dir=tmp_path / "data"), clock=lambda: T0,
                 providers={p.name: p for p in providers})
-    (tmp_path / "code").mkdir(exist_ok=True)
+    (tmp_path / "code").mkdir(parents=True, exist_ok=True)
     fields = {"name": "exp", "run": "python train.py", "workdir": tmp_path / "code",
               "providers": [p.name for p in providers], "checkpoint": {"interval": 600}}
     fields.update(spec)
