@@ -1,6 +1,7 @@
-"""A team's pool: three `gpupool daemon` processes share one PostgreSQL database; daemons are
-SIGKILLed at random (often in the middle of a step, holding the scheduler lease) and started
-again. Every experiment finishes, no session is started twice, no GPU second is charged twice."""
+"""A team's pool: three `gpupool daemon` processes share one PostgreSQL database and one S3
+bucket (moto's server); daemons are SIGKILLed at random (often in the middle of a step, holding
+the scheduler lease) and started again. Every experiment finishes, no session is started twice,
+no GPU second is charged twice."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from gpupool.settings import PoolSettings
 from gpupool.spec import ExperimentSpec
 from gpupool.states import AttemptState, ExperimentState
 from tests.fakes import register_entry_point
-from tests.services import PostgresServer
+from tests.services import PostgresServer, S3Server
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = 20
@@ -71,8 +72,13 @@ def journal(folder: Path) -> list[list[str]]:
 
 
 @pytest.fixture
-def team(tmp_path: Path, postgres: PostgresServer, monkeypatch: pytest.MonkeyPatch):
-    """A pool on a fresh PostgreSQL database, with the journal provider registered."""
+def team(tmp_path: Path, postgres: PostgresServer, s3: S3Server, monkeypatch: pytest.MonkeyPatch):
+    """A team's pool: a fresh PostgreSQL database, checkpoints in a bucket on the S3 server
+    (reached, as a team would, through the standard AWS_* variables), and the journal provider
+    registered."""
+    for name, value in s3.environment.items():
+        monkeypatch.setenv(name, value)
+    bucket = f"s3://{s3.bucket()}/checkpoints"
     site = register_entry_point(tmp_path / "site")
     monkeypatch.syspath_prepend(str(site))
     folder = tmp_path / "journal"
@@ -82,9 +88,9 @@ def team(tmp_path: Path, postgres: PostgresServer, monkeypatch: pytest.MonkeyPat
         config = tmp_path / "pool.yaml"
         config.write_text(yaml.safe_dump({
             "data_dir": str(tmp_path / "data"), "database_url": url, "poll_interval": 0.2,
-            "store_url": str(tmp_path / "bucket"), "providers": providers}))
-        pool = Pool(PoolSettings(data_dir=tmp_path / "data", database_url=url,
-                                 store_url=str(tmp_path / "bucket"), providers=providers))
+            "store_url": bucket, "providers": providers}))
+        pool = Pool(PoolSettings(data_dir=tmp_path / "data", database_url=url, store_url=bucket,
+                                 providers=providers))
         yield pool, config, folder, site
         pool.close()
 
