@@ -31,6 +31,10 @@ experiments = sa.Table(
     sa.Column("wait_reason", sa.Text),
     sa.Column("not_before", sa.Float),
     sa.Column("message", sa.Text),
+    # Which scheduler handles the experiment, until when (epoch seconds): several daemons on
+    # one database share the work by claiming rows (gpupool.state.State.claim_experiments).
+    sa.Column("claimed_by", sa.String(128)),
+    sa.Column("claim_expires", sa.Float),
 )
 
 attempts = sa.Table(

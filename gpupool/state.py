@@ -6,6 +6,7 @@ rejects moves the lifecycle in ``gpupool.states`` does not allow.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 from collections.abc import Callable, Iterable
@@ -68,6 +69,9 @@ class Attempt:
         if self.started_at is None:
             return 0.0
         return max(0.0, (self.ended_at or now) - self.started_at)
+
+
+CLAIM_COLUMNS = ("claimed_by", "claim_expires")  # the schedulers' business, not the experiment's
 
 
 class State:
@@ -339,6 +343,53 @@ class State:
         with self.engine.begin() as conn:
             conn.execute(db.leases.delete().where(db.leases.c.name == name, db.leases.c.owner == owner))
 
+    # -- claims: several schedulers sharing the work ------------------------------------------
+
+    def claim_experiments(self, owner: str, now: float, ttl: float, *, placing: bool,
+                          holder_dead: Callable[[str], bool] | None = None) -> set[str]:
+        """Claim this scheduler's share of the work for ``ttl`` seconds and return the ids.
+
+        Each live scheduler (one that claimed within its ``ttl``; ``holder_dead`` may say one is
+        gone sooner) gets an even share of the RUNNING experiments, keeping its own first, then
+        taking unclaimed or expired ones; beyond its share it lets go, so a scheduler that joins
+        gets work. The one ``placing`` (it holds the placement lease, so quota and concurrency
+        are decided in one place) also claims every PENDING experiment; the others let go of
+        theirs. The rows wanted are locked with ``FOR UPDATE SKIP LOCKED`` and claimed only if
+        still free then: a row another scheduler is claiming (or changing) right now is
+        skipped, never waited on, and never claimed by two.
+        """
+        table = db.experiments
+        active = [ExperimentState.RUNNING.value, ExperimentState.PENDING.value]
+        with self.engine.begin() as conn:
+            live = _renew_presence(conn, owner, now, ttl, holder_dead)
+            running = conn.execute(sa.select(sa.func.count()).select_from(table).where(
+                table.c.state == ExperimentState.RUNNING.value)).scalar_one()
+            rows = conn.execute(
+                sa.select(table.c.id, table.c.state, table.c.claimed_by, table.c.claim_expires)
+                .where(table.c.state.in_(active)).order_by(table.c.created_at, table.c.id)).all()
+            share = -(-running // live)  # ceil: together the live schedulers cover them all
+            take, drop, dead = _share(rows, owner, now, share, placing, holder_dead)
+            if take:  # lock only the rows wanted, and only if still free once locked
+                claimable = sa.or_(table.c.claimed_by.is_(None), table.c.claimed_by == owner,
+                                   table.c.claim_expires <= now, table.c.claimed_by.in_(dead))
+                take = conn.execute(sa.select(table.c.id).where(table.c.id.in_(take), claimable)
+                                    .with_for_update(skip_locked=True)).scalars().all()
+                conn.execute(table.update().where(table.c.id.in_(take))
+                             .values(claimed_by=owner, claim_expires=now + ttl))
+            if drop:
+                conn.execute(table.update().where(table.c.id.in_(drop), table.c.claimed_by == owner)
+                             .values(claimed_by=None, claim_expires=None))
+        return set(take)
+
+    def release_claims(self, owner: str) -> None:
+        """Let go of every claim and the presence of ``owner`` (a scheduler stopping cleanly),
+        so the others take its experiments over at their next step rather than after the ttl."""
+        table = db.experiments
+        with self.engine.begin() as conn:
+            conn.execute(table.update().where(table.c.claimed_by == owner)
+                         .values(claimed_by=None, claim_expires=None))
+            conn.execute(db.leases.delete().where(db.leases.c.name == _presence_name(owner)))
+
 
 def _transition(
     conn: sa.Connection, table: sa.Table, kind: str, ident: str, current: Any, target: Any,
@@ -353,6 +404,53 @@ def _transition(
     )
     if result.rowcount != 1:
         raise IllegalTransition(kind, ident, f"{current.value} (changed concurrently)", target.value)
+
+
+PRESENCE = "daemon:"  # lease rows saying a scheduler is alive (name: PRESENCE + hash of owner)
+
+
+def _presence_name(owner: str) -> str:
+    return PRESENCE + hashlib.sha256(owner.encode()).hexdigest()[:24]
+
+
+def _renew_presence(conn: sa.Connection, owner: str, now: float, ttl: float,
+                    holder_dead: Callable[[str], bool] | None) -> int:
+    """Say ``owner`` is alive until ``now + ttl``; return how many schedulers are alive. The
+    write comes first, so SQLite takes its write lock before anything is read."""
+    table, name = db.leases, _presence_name(owner)
+    values = dict(owner=owner, expires_at=now + ttl)
+    if conn.execute(table.update().where(table.c.name == name).values(**values)).rowcount == 0:
+        conn.execute(table.insert().values(name=name, **values))
+    owners = conn.execute(sa.select(table.c.owner).where(
+        table.c.name.startswith(PRESENCE), table.c.expires_at > now)).scalars().all()
+    alive = [o for o in owners if o == owner or holder_dead is None or not holder_dead(o)]
+    return max(1, len(alive))
+
+
+def _share(rows: Iterable[Any], owner: str, now: float, share: int, placing: bool,
+           holder_dead: Callable[[str], bool] | None) -> tuple[list[str], list[str], list[str]]:
+    """(ids to claim, ids to let go, owners known dead) for ``owner`` among ``rows``."""
+    dead: dict[str, bool] = {}
+
+    def free(row: Any) -> bool:
+        if row.claimed_by is None or row.claim_expires is None or row.claim_expires <= now:
+            return True
+        if holder_dead is None:
+            return False
+        if row.claimed_by not in dead:
+            dead[row.claimed_by] = holder_dead(row.claimed_by)
+        return dead[row.claimed_by]
+
+    pending = ExperimentState.PENDING.value
+    mine = [r for r in rows if r.claimed_by == owner]
+    others_free = [r for r in rows if r.claimed_by != owner and free(r)]
+    take = [r.id for r in mine + others_free if r.state == pending] if placing else []
+    drop = [r.id for r in mine if r.state == pending and not placing]
+    running_mine = [r.id for r in mine if r.state != pending]
+    running_free = [r.id for r in others_free if r.state != pending]
+    take += running_mine[:share] + running_free[:max(0, share - len(running_mine))]
+    drop += running_mine[share:]
+    return take, drop, [o for o, gone in dead.items() if gone]
 
 
 def _insert_lease_if_absent(conn: sa.Connection, name: str, owner: str, expires_at: float) -> bool:
@@ -389,7 +487,7 @@ def _unique_prefix(conn: sa.Connection, prefix: str) -> Any:
 
 
 def _experiment(row: Any) -> Experiment:
-    data = dict(row._mapping)
+    data = {k: v for k, v in row._mapping.items() if k not in CLAIM_COLUMNS}
     data["spec"] = json.loads(data["spec"])
     data["state"] = ExperimentState(data["state"])
     return Experiment(**data)

@@ -197,7 +197,9 @@ class JournalProvider(Provider):
         root = Path(tempfile.mkdtemp())
         manifest = publish_local(staging, root, step=step, experiment=attempt.experiment_id,
                                  attempt=attempt.id, provider=self.name)
-        return [store.import_local(root / manifest.name, manifest)]
+        published = store.import_local(root / manifest.name, manifest)
+        self._journal(f"collected {attempt.id} {os.getpid()}")
+        return [published]
 
 
 def register_entry_point(site: Path) -> Path:

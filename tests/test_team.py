@@ -1,7 +1,7 @@
 """A team's pool: three `gpupool daemon` processes share one PostgreSQL database and one S3
-bucket (moto's server); daemons are SIGKILLed at random (often in the middle of a step, holding
-the scheduler lease) and started again. Every experiment finishes, no session is started twice,
-no GPU second is charged twice."""
+bucket (moto's server) and split the work; daemons are SIGKILLed at random (often in the middle
+of a step, holding claims or the placement lease) and started again. Every experiment finishes,
+no session is started twice, no GPU second is charged twice."""
 
 from __future__ import annotations
 
@@ -121,6 +121,8 @@ def test_three_daemons_killed_at_random_finish_everything_once(team, tmp_path: P
     finally:
         daemons.stop()
     assert kills == KILLS, f"only {kills} kills: the run ended before they were spread over it"
+    collectors = {line[2] for line in journal(folder) if line[0] == "collected"}
+    assert len(collectors) >= 2, "the daemons did not share the work"
     check_every_experiment_done_once(pool, idents, folder)
 
 
