@@ -372,8 +372,8 @@ class State:
             if take:  # lock only the rows wanted, and only if still free once locked
                 claimable = sa.or_(table.c.claimed_by.is_(None), table.c.claimed_by == owner,
                                    table.c.claim_expires <= now, table.c.claimed_by.in_(dead))
-                take = conn.execute(sa.select(table.c.id).where(table.c.id.in_(take), claimable)
-                                    .with_for_update(skip_locked=True)).scalars().all()
+                take = list(conn.execute(sa.select(table.c.id).where(table.c.id.in_(take), claimable)
+                                         .with_for_update(skip_locked=True)).scalars())
                 conn.execute(table.update().where(table.c.id.in_(take))
                              .values(claimed_by=owner, claim_expires=now + ttl))
             if drop:
@@ -456,7 +456,7 @@ def _share(rows: Iterable[Any], owner: str, now: float, share: int, placing: boo
 def _insert_lease_if_absent(conn: sa.Connection, name: str, owner: str, expires_at: float) -> bool:
     """Create the lease row unless it exists (``ON CONFLICT DO NOTHING``, no error to recover
     from: on PostgreSQL a failed INSERT would abort the whole transaction); True if created."""
-    dialects = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
+    dialects: dict[str, Any] = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
     insert = dialects.get(conn.dialect.name)
     if insert is None:  # another engine: the portable way, racing only into "not acquired"
         if conn.execute(sa.select(db.leases.c.name).where(db.leases.c.name == name)).first():

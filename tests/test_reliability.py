@@ -27,8 +27,8 @@ from gpupool.spec import ExperimentSpec
 from gpupool.state import Attempt
 from gpupool.states import AttemptState, ExperimentState
 from gpupool.store import CheckpointStore
-from tests.services import Databases
 from tests.fakes import FakeProvider, Script
+from tests.services import Databases
 
 # Every test runs on each state backend (tests/conftest.py: SQLite, PostgreSQL).
 pytestmark = pytest.mark.usefixtures("pool_database")

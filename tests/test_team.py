@@ -144,7 +144,7 @@ def check_every_experiment_done_once(pool: Pool, idents: list[str], folder: Path
         windows.setdefault(attempt_id.rsplit("-a", 1)[0], []).append((float(start), float(end)))
     for ident, spans in windows.items():  # one experiment never ran in two sessions at once
         spans.sort()
-        assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:])), ident
+        assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:], strict=False)), ident
     with pool.state.engine.connect() as conn:
         ledger = conn.execute(sa.select(db.quota_ledger.c.attempt_id, db.quota_ledger.c.seconds)).all()
     charged = {row.attempt_id: row.seconds for row in ledger}
