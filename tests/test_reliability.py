@@ -13,10 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 import yaml
 from click.testing import CliRunner
 
 import gpupool.store as store_module
+from gpupool import db
 from gpupool.cli import cli
 from gpupool.daemon import Driver
 from gpupool.manifest import Manifest, publish_local
@@ -244,6 +246,37 @@ def test_second_driver_is_refused_while_the_first_holds_the_lease(tmp_path: Path
     first.release()
     assert second.step() is not None  # released: the other takes over, places nothing twice
     assert len(pool.state.attempts(ident)) == 1 and provider.submits == 1
+
+
+class CountingNotifier:
+    def __init__(self) -> None:
+        self.checks = 0
+
+    def check(self, now: float) -> None:
+        self.checks += 1
+
+
+def test_schedulers_split_the_work_and_only_the_lease_holder_notifies(tmp_path: Path) -> None:
+    provider = FakeProvider("kaggle", Script([(S, 3600, 10)] * 4))
+    pool, ident = make(tmp_path, provider)
+    spec = ExperimentSpec.model_validate(pool.state.experiment(ident).spec)
+    idents = [ident] + [pool.submit(spec).id for _ in range(3)]
+    other = Pool(PoolSettings(data_dir=tmp_path / "data"), clock=lambda: T0 + 5,
+                 providers={"kaggle": provider})
+    notices = CountingNotifier(), CountingNotifier()
+    first = Driver(pool, owner="host-a:1:aa", notifier=notices[0])  # type: ignore[arg-type]
+    second = Driver(other, owner="host-b:2:bb", notifier=notices[1])  # type: ignore[arg-type]
+    assert first.step() is not None and len(provider.sessions) == 4  # placed all four
+    assert second.step() is None  # the first's claims are live; it lets go of half next step
+    first.step()
+    report = second.step()
+    assert report is not None and not second.holds_lease
+    with pool.state.engine.connect() as conn:
+        owners = conn.execute(sa.select(db.experiments.c.claimed_by)).scalars().all()
+    assert sorted(owners) == ["host-a:1:aa"] * 2 + ["host-b:2:bb"] * 2  # each experiment: one
+    assert provider.submits == 4  # nothing placed twice
+    assert notices[0].checks == 2 and notices[1].checks == 0  # one sender of notifications
+    assert all(len(pool.state.attempts(i)) == 1 for i in idents)
 
 
 def test_two_daemon_processes_started_together_never_double_place(tmp_path: Path) -> None:
