@@ -6,7 +6,6 @@ rejects moves the lifecycle in ``gpupool.states`` does not allow.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import secrets
 from collections.abc import Callable, Iterable
@@ -16,7 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from gpupool import db
+from gpupool import claims, db
 from gpupool.errors import IllegalTransition, NotFound, StateError
 from gpupool.states import ATTEMPT_MOVES, EXPERIMENT_MOVES, AttemptState, ExperimentState
 
@@ -331,14 +330,6 @@ class State:
                          .values(owner=owner, expires_at=now + ttl))
             return True
 
-    def lease_holder(self, name: str) -> tuple[str, float] | None:
-        """(owner, expires_at in epoch seconds) of the named lease, if anyone ever took it."""
-        table = db.leases
-        with self.engine.connect() as conn:
-            row = conn.execute(sa.select(table.c.owner, table.c.expires_at)
-                               .where(table.c.name == name)).first()
-        return None if row is None else (row.owner, row.expires_at)
-
     def release_lease(self, name: str, owner: str) -> None:
         with self.engine.begin() as conn:
             conn.execute(db.leases.delete().where(db.leases.c.name == name, db.leases.c.owner == owner))
@@ -361,14 +352,14 @@ class State:
         table = db.experiments
         active = [ExperimentState.RUNNING.value, ExperimentState.PENDING.value]
         with self.engine.begin() as conn:
-            live = _renew_presence(conn, owner, now, ttl, holder_dead)
+            live = claims.renew_presence(conn, owner, now, ttl, holder_dead)
             running = conn.execute(sa.select(sa.func.count()).select_from(table).where(
                 table.c.state == ExperimentState.RUNNING.value)).scalar_one()
             rows = conn.execute(
                 sa.select(table.c.id, table.c.state, table.c.claimed_by, table.c.claim_expires)
                 .where(table.c.state.in_(active)).order_by(table.c.created_at, table.c.id)).all()
             share = -(-running // live)  # ceil: together the live schedulers cover them all
-            take, drop, dead = _share(rows, owner, now, share, placing, holder_dead)
+            take, drop, dead = claims.share_of(rows, owner, now, share, placing, holder_dead)
             if take:  # lock only the rows wanted, and only if still free once locked
                 claimable = sa.or_(table.c.claimed_by.is_(None), table.c.claimed_by == owner,
                                    table.c.claim_expires <= now, table.c.claimed_by.in_(dead))
@@ -388,7 +379,7 @@ class State:
         with self.engine.begin() as conn:
             conn.execute(table.update().where(table.c.claimed_by == owner)
                          .values(claimed_by=None, claim_expires=None))
-            conn.execute(db.leases.delete().where(db.leases.c.name == _presence_name(owner)))
+            conn.execute(db.leases.delete().where(db.leases.c.name == claims.presence_name(owner)))
 
 
 def _transition(
@@ -404,53 +395,6 @@ def _transition(
     )
     if result.rowcount != 1:
         raise IllegalTransition(kind, ident, f"{current.value} (changed concurrently)", target.value)
-
-
-PRESENCE = "daemon:"  # lease rows saying a scheduler is alive (name: PRESENCE + hash of owner)
-
-
-def _presence_name(owner: str) -> str:
-    return PRESENCE + hashlib.sha256(owner.encode()).hexdigest()[:24]
-
-
-def _renew_presence(conn: sa.Connection, owner: str, now: float, ttl: float,
-                    holder_dead: Callable[[str], bool] | None) -> int:
-    """Say ``owner`` is alive until ``now + ttl``; return how many schedulers are alive. The
-    write comes first, so SQLite takes its write lock before anything is read."""
-    table, name = db.leases, _presence_name(owner)
-    values = dict(owner=owner, expires_at=now + ttl)
-    if conn.execute(table.update().where(table.c.name == name).values(**values)).rowcount == 0:
-        conn.execute(table.insert().values(name=name, **values))
-    owners = conn.execute(sa.select(table.c.owner).where(
-        table.c.name.startswith(PRESENCE), table.c.expires_at > now)).scalars().all()
-    alive = [o for o in owners if o == owner or holder_dead is None or not holder_dead(o)]
-    return max(1, len(alive))
-
-
-def _share(rows: Iterable[Any], owner: str, now: float, share: int, placing: bool,
-           holder_dead: Callable[[str], bool] | None) -> tuple[list[str], list[str], list[str]]:
-    """(ids to claim, ids to let go, owners known dead) for ``owner`` among ``rows``."""
-    dead: dict[str, bool] = {}
-
-    def free(row: Any) -> bool:
-        if row.claimed_by is None or row.claim_expires is None or row.claim_expires <= now:
-            return True
-        if holder_dead is None:
-            return False
-        if row.claimed_by not in dead:
-            dead[row.claimed_by] = holder_dead(row.claimed_by)
-        return dead[row.claimed_by]
-
-    pending = ExperimentState.PENDING.value
-    mine = [r for r in rows if r.claimed_by == owner]
-    others_free = [r for r in rows if r.claimed_by != owner and free(r)]
-    take = [r.id for r in mine + others_free if r.state == pending] if placing else []
-    drop = [r.id for r in mine if r.state == pending and not placing]
-    running_mine = [r.id for r in mine if r.state != pending]
-    running_free = [r.id for r in others_free if r.state != pending]
-    take += running_mine[:share] + running_free[:max(0, share - len(running_mine))]
-    drop += running_mine[share:]
-    return take, drop, [o for o, gone in dead.items() if gone]
 
 
 def _insert_lease_if_absent(conn: sa.Connection, name: str, owner: str, expires_at: float) -> bool:
