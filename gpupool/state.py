@@ -341,7 +341,8 @@ class State:
         """Claim this scheduler's share of the work for ``ttl`` seconds and return the ids.
 
         Each live scheduler (one that claimed within its ``ttl``; ``holder_dead`` may say one is
-        gone sooner) gets an even share of the RUNNING experiments, keeping its own first, then
+        gone sooner) gets an even share of the RUNNING experiments (and of those ended with an
+        attempt still active, e.g. cancelled while its session ran), keeping its own first, then
         taking unclaimed or expired ones; beyond its share it lets go, so a scheduler that joins
         gets work. The one ``placing`` (it holds the placement lease, so quota and concurrency
         are decided in one place) also claims every PENDING experiment; the others let go of
@@ -350,14 +351,17 @@ class State:
         skipped, never waited on, and never claimed by two.
         """
         table = db.experiments
-        active = [ExperimentState.RUNNING.value, ExperimentState.PENDING.value]
+        live_attempt = sa.select(db.attempts.c.experiment_id).where(
+            db.attempts.c.state.in_(db.ACTIVE_STATES))
+        work = sa.or_(  # an attempt of a cancelled experiment still has to be stopped and charged
+            table.c.state.in_([ExperimentState.RUNNING.value, ExperimentState.PENDING.value]),
+            table.c.id.in_(live_attempt))
         with self.engine.begin() as conn:
             live = claims.renew_presence(conn, owner, now, ttl, holder_dead)
-            running = conn.execute(sa.select(sa.func.count()).select_from(table).where(
-                table.c.state == ExperimentState.RUNNING.value)).scalar_one()
             rows = conn.execute(
                 sa.select(table.c.id, table.c.state, table.c.claimed_by, table.c.claim_expires)
-                .where(table.c.state.in_(active)).order_by(table.c.created_at, table.c.id)).all()
+                .where(work).order_by(table.c.created_at, table.c.id)).all()
+            running = sum(1 for r in rows if r.state != ExperimentState.PENDING.value)
             share = -(-running // live)  # ceil: together the live schedulers cover them all
             take, drop, dead = claims.share_of(rows, owner, now, share, placing, holder_dead)
             if take:  # lock only the rows wanted, and only if still free once locked

@@ -385,3 +385,11 @@ def test_claims_and_leases_skip_rows_locked_by_another_scheduler(database_url, s
         assert state.acquire_lease("scheduler", "b", T0 + 40, ttl=30) is False  # expired, but locked
         busy.rollback()
     assert state.acquire_lease("scheduler", "b", T0 + 41, ttl=30) is True
+
+
+def test_a_cancelled_experiment_whose_session_still_runs_is_still_claimed(state):
+    """Its attempt must still be polled, stopped and charged by some scheduler."""
+    exp = new_experiment(state)
+    state.create_attempt(exp.id, "kaggle", "default", T0)
+    state.move_experiment(exp.id, ExperimentState.CANCELLED, T0 + 1)
+    assert state.claim_experiments("a", T0 + 2, ttl=30, placing=False) == {exp.id}
