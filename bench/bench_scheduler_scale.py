@@ -2,8 +2,11 @@
 spread over 100 accounts of an in-memory fake provider (each poll answers "running" with
 progress, so every attempt is read and written as in a real step); and `gpupool status`
 (one page of `views.experiment_row`) with few against many experiments in the database.
+Each figure is measured on SQLite and, given a server, on PostgreSQL in the same run (each
+size on a fresh database, created and dropped here).
 
-    python bench/bench_scheduler_scale.py                       # 100 and 1000 attempts
+    python bench/bench_scheduler_scale.py                       # SQLite only
+    python bench/bench_scheduler_scale.py --postgres postgresql://user@127.0.0.1:5432/postgres
     python bench/bench_scheduler_scale.py --sizes 100,1000,10000 --experiments 100,10000
 """
 
@@ -11,10 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import secrets
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
+import sqlalchemy as sa
 from _util import best_of, table
 from pydantic import BaseModel
 
@@ -65,9 +73,31 @@ class FakeProvider(Provider):
         return []
 
 
-def open_pool(folder: Path) -> Pool:
-    settings = PoolSettings(data_dir=folder, database_url=f"sqlite:///{folder / 'state.db'}",
-                            store_url=str(folder / "checkpoints"))
+@contextmanager
+def sqlite_database(folder: Path) -> Iterator[str]:
+    yield f"sqlite:///{folder / 'state.db'}"
+
+
+def postgres_database(server: str) -> Callable[[Path], AbstractContextManager[str]]:
+    """Fresh databases on the PostgreSQL server at ``server`` (dropped after use)."""
+    admin = db.create_engine(server).execution_options(isolation_level="AUTOCOMMIT")
+
+    @contextmanager
+    def database(_folder: Path) -> Iterator[str]:
+        name = f"gpupool_bench_{secrets.token_hex(4)}"
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}" TEMPLATE template0')
+        try:
+            yield sa.make_url(server).set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    return database
+
+
+def open_pool(folder: Path, url: str) -> Pool:
+    settings = PoolSettings(data_dir=folder, database_url=url, store_url=str(folder / "checkpoints"))
     fake = FakeProvider(FakeConfig(), folder, time.time)
     return Pool(settings, clock=lambda: NOW, providers={"fake": fake})
 
@@ -91,9 +121,9 @@ def seed(pool: Pool, experiments: int, active: int) -> None:
         conn.execute(db.attempts.insert(), attempts)
 
 
-def reconcile_per_attempt(size: int, repeat: int) -> tuple[float, float]:
-    with tempfile.TemporaryDirectory(prefix="gpupool-bench-") as tmp:
-        pool = open_pool(Path(tmp))
+def reconcile_per_attempt(database: Callable, size: int, repeat: int) -> tuple[float, float]:
+    with tempfile.TemporaryDirectory(prefix="gpupool-bench-") as tmp, database(Path(tmp)) as url:
+        pool = open_pool(Path(tmp), url)
         seed(pool, size, size)
         scheduler = Scheduler(pool)
         clock = iter(range(1, 1_000_000))
@@ -102,9 +132,9 @@ def reconcile_per_attempt(size: int, repeat: int) -> tuple[float, float]:
     return seconds, seconds / size
 
 
-def status_page(experiments: int, repeat: int, limit: int = 50) -> float:
-    with tempfile.TemporaryDirectory(prefix="gpupool-bench-") as tmp:
-        pool = open_pool(Path(tmp))
+def status_page(database: Callable, experiments: int, repeat: int, limit: int = 50) -> float:
+    with tempfile.TemporaryDirectory(prefix="gpupool-bench-") as tmp, database(Path(tmp)) as url:
+        pool = open_pool(Path(tmp), url)
         seed(pool, experiments, min(experiments, 100))
 
         def page() -> None:
@@ -120,21 +150,31 @@ def status_page(experiments: int, repeat: int, limit: int = 50) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="100,1000", help="active attempts, comma-separated")
-    parser.add_argument("--experiments", default="100,2000", help="experiments for status")
+    parser.add_argument("--experiments", default="100,10000", help="experiments for status")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--postgres", default=os.environ.get("GPUPOOL_TEST_POSTGRES_URL"),
+                        help="a PostgreSQL server URL to measure beside SQLite "
+                             "(default: $GPUPOOL_TEST_POSTGRES_URL)")
     args = parser.parse_args()
+    backends: dict[str, Callable] = {"SQLite": sqlite_database}
+    if args.postgres:
+        backends["PostgreSQL"] = postgres_database(args.postgres)
     sizes = [int(s) for s in args.sizes.split(",")]
-    results = [(n, *reconcile_per_attempt(n, args.repeat)) for n in sizes]
-    base = results[0][2]
-    table("reconcile_once with N active attempts over 100 accounts (fake provider, SQLite)", [
-        (str(n), f"{total * 1000:.0f} ms", f"{each * 1e6:.0f} µs", f"{each / base:.2f}")
-        for n, total, each in results
-    ], ("attempts", "step", "per attempt", f"per attempt x N={sizes[0]}"))
+    rows = []
+    for backend, database in backends.items():
+        results = [(n, *reconcile_per_attempt(database, n, args.repeat)) for n in sizes]
+        base = results[0][2]
+        rows += [(backend, str(n), f"{total * 1000:.0f} ms", f"{each * 1e6:.0f} µs",
+                  f"{each / base:.2f}") for n, total, each in results]
+    table("reconcile_once with N active attempts over 100 accounts (fake provider)", rows,
+          ("database", "attempts", "step", "per attempt", f"per attempt x N={sizes[0]}"))
     counts = [int(s) for s in args.experiments.split(",")]
-    pages = [(n, status_page(n, args.repeat)) for n in counts]
-    table("`gpupool status` first page (50 rows) with N experiments in the database", [
-        (str(n), f"{s * 1000:.1f} ms", f"{s / pages[0][1]:.2f}") for n, s in pages
-    ], ("experiments", "page", f"x N={counts[0]}"))
+    rows = []
+    for backend, database in backends.items():
+        pages = [(n, status_page(database, n, args.repeat)) for n in counts]
+        rows += [(backend, str(n), f"{s * 1000:.1f} ms", f"{s / pages[0][1]:.2f}") for n, s in pages]
+    table("`gpupool status` first page (50 rows) with N experiments in the database", rows,
+          ("database", "experiments", "page", f"x N={counts[0]}"))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
-"""Driving the scheduler: APScheduler calls ``reconcile_once`` on an interval, under a lease so
-that two schedulers sharing one database never place the same work twice.
+"""Driving the scheduler: APScheduler calls ``reconcile_once`` on an interval. Schedulers sharing
+one database split the work: each claims its share of the experiments (row locks that skip
+locked rows, with a ttl), and the one holding the placement lease also places pending ones, so
+no work is done twice and quota is decided in one place.
 
-The lease is also the record that a scheduler runs: its owner names the host, the process, the
-role (``daemon`` or a foreground ``run``/``watch``) and when it started, so ``gpupool status``
-can say whether anything is moving the experiments on, and since when. The lease holder also
-sends the pool's notifications (gpupool.notify) after each step.
+The placement lease is also the record that a scheduler runs: its owner names the host, the
+process, the role (``daemon`` or a foreground ``run``/``watch``) and when it started, so
+``gpupool status`` can say whether anything is moving the experiments on, and since when. The
+lease holder (only it, so nothing is sent twice) also sends the pool's notifications
+(gpupool.notify) after each step.
 """
 
 from __future__ import annotations
@@ -95,17 +98,23 @@ class Driver:
         self.notifier = notifier if notifier is not None else Notifier.for_pool(pool)
 
     def step(self) -> Report | None:
-        """One reconcile step; None when another scheduler holds the lease."""
+        """One reconcile step over this scheduler's share of the work: the experiments it
+        claimed, plus placement while it holds the placement lease. None when it got neither
+        (the other schedulers on the database hold all the work)."""
         with self._lock:
             now = self.pool.clock()
-            self.holds_lease = self.pool.state.acquire_lease(LEASE, self.owner, now, self.ttl,
-                                                             holder_dead=holder_is_dead)
-            if not self.holds_lease:
+            state = self.pool.state
+            self.holds_lease = state.acquire_lease(LEASE, self.owner, now, self.ttl,
+                                                   holder_dead=holder_is_dead)
+            claimed = state.claim_experiments(self.owner, now, self.ttl, placing=self.holds_lease,
+                                              holder_dead=holder_is_dead)
+            if not self.holds_lease and not claimed:
                 return None
-            report = self.scheduler.reconcile_once(now)
+            report = self.scheduler.reconcile_once(now, claimed=claimed, place=self.holds_lease)
         for problem in report.problems:
             log.warning(problem)
-        self._notify(now)
+        if self.holds_lease:  # one sender, however many schedulers share the database
+            self._notify(now)
         if self.on_report is not None:
             self.on_report(report)
         return report
@@ -120,7 +129,9 @@ class Driver:
             log.exception("sending notifications failed; they are retried next step")
 
     def release(self) -> None:
+        """Hand the placement lease and every claim back, so other schedulers go on at once."""
         self.pool.state.release_lease(LEASE, self.owner)
+        self.pool.state.release_claims(self.owner)
 
     def start_background(self) -> object:
         """An APScheduler BackgroundScheduler running ``step`` every poll interval."""

@@ -31,6 +31,10 @@ experiments = sa.Table(
     sa.Column("wait_reason", sa.Text),
     sa.Column("not_before", sa.Float),
     sa.Column("message", sa.Text),
+    # Which scheduler handles the experiment, until when (epoch seconds): several daemons on
+    # one database share the work by claiming rows (gpupool.state.State.claim_experiments).
+    sa.Column("claimed_by", sa.String(128)),
+    sa.Column("claim_expires", sa.Float),
 )
 
 attempts = sa.Table(
@@ -106,16 +110,44 @@ leases = sa.Table(
 )
 
 
+POSTGRES_DRIVER = "postgresql+psycopg"  # psycopg 3, from the `postgres` extra
+
+
 def create_engine(url: str) -> sa.Engine:
-    """An engine for ``url``; SQLite files get WAL, a busy timeout and enforced foreign keys."""
-    parsed = make_url(url)
+    """An engine for ``url``: SQLite files get WAL, a busy timeout and enforced foreign keys;
+    a plain ``postgresql://`` URL uses psycopg 3. Raises ``StateError`` for a URL that does not
+    parse or whose driver is not installed."""
+    parsed = _parse(url)
     if parsed.get_backend_name() != "sqlite":
-        return sa.create_engine(url, pool_pre_ping=True)
+        return _server_engine(parsed)
     if parsed.database and parsed.database != ":memory:":
         _ensure_parent(Path(parsed.database))
-    engine = sa.create_engine(url, connect_args={"timeout": 30})
+    engine = sa.create_engine(parsed, connect_args={"timeout": 30})
     sa.event.listen(engine, "connect", _sqlite_pragmas)
     return engine
+
+
+def _parse(url: str) -> sa.URL:
+    try:
+        parsed = make_url(url)
+    except sa.exc.ArgumentError:
+        raise StateError("database_url is not a database URL (e.g. sqlite:///path/state.db or "
+                         "postgresql://user@host/db)") from None
+    if parsed.drivername == "postgresql":  # SQLAlchemy would pick psycopg2; we ship psycopg 3
+        parsed = parsed.set(drivername=POSTGRES_DRIVER)
+    return parsed
+
+
+def _server_engine(parsed: sa.URL) -> sa.Engine:
+    """A database server's engine; connections are checked before use, since a server (or the
+    network to it) may have dropped them while the daemon slept."""
+    try:
+        return sa.create_engine(parsed, pool_pre_ping=True)
+    except (ImportError, sa.exc.NoSuchModuleError) as err:
+        raise StateError(
+            f"cannot use database {parsed.render_as_string(hide_password=True)}: {err}; "
+            "for PostgreSQL install gpupool[postgres]"
+        ) from None
 
 
 def _ensure_parent(path: Path) -> None:

@@ -7,6 +7,7 @@ scheduler killed at any point is restarted and simply reconciles again.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,18 +38,32 @@ class Scheduler:
         self.pool = pool
         self.state = pool.state
 
-    def reconcile_once(self, now: float) -> Report:
+    def reconcile_once(self, now: float, *, claimed: Collection[str] | None = None,
+                       place: bool = True) -> Report:
+        """One step. ``claimed``: only these experiments (this scheduler's share, when several
+        share a database; None: all); ``place``: whether to place pending ones (only the holder
+        of the placement lease does, so quota and concurrency are decided in one place)."""
         report = Report()
+
+        def mine(experiment_id: str) -> bool:
+            return claimed is None or experiment_id in claimed
+
         for orphan in self.state.orphaned_experiments():
+            if not mine(orphan.id):
+                continue
             self.state.move_experiment(orphan.id, ExperimentState.PENDING, now,
                                        event="no active attempt found; placing again")
         for attempt in self.state.attempts(active=True):
+            if not mine(attempt.experiment_id):
+                continue
             try:
                 self._reconcile_attempt(attempt, now, report)
             except GpupoolError as err:
                 report.problems.append(f"{attempt.id}: {err}")
                 self.state.add_event(now, attempt.experiment_id, attempt.id, "problem", str(err))
-        for experiment in self.state.experiments([ExperimentState.PENDING]):
+        for experiment in self.state.experiments([ExperimentState.PENDING]) if place else []:
+            if not mine(experiment.id):
+                continue
             if experiment.not_before is not None and experiment.not_before > now:
                 report.waiting[experiment.id] = experiment.wait_reason or "waiting"
                 continue

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
-from gpupool import db
+from gpupool import claims, db
 from gpupool.errors import IllegalTransition, NotFound, StateError
 from gpupool.states import ATTEMPT_MOVES, EXPERIMENT_MOVES, AttemptState, ExperimentState
 
@@ -67,6 +68,9 @@ class Attempt:
         if self.started_at is None:
             return 0.0
         return max(0.0, (self.ended_at or now) - self.started_at)
+
+
+CLAIM_COLUMNS = ("claimed_by", "claim_expires")  # the schedulers' business, not the experiment's
 
 
 class State:
@@ -306,17 +310,19 @@ class State:
 
     def acquire_lease(self, name: str, owner: str, now: float, ttl: float,
                       holder_dead: Callable[[str], bool] | None = None) -> bool:
-        """Take or renew the named lease; False while another owner holds an unexpired one
-        (unless ``holder_dead(owner)`` says that owner is known to be gone)."""
+        """Take or renew the named lease for ``ttl`` seconds; False while another owner holds an
+        unexpired one (unless ``holder_dead(owner)`` says that owner is known to be gone), and
+        False at once while another scheduler is taking or renewing it: the row is locked with
+        ``FOR UPDATE SKIP LOCKED``, so no scheduler ever waits on another (PostgreSQL; SQLite
+        serializes writers and ignores the clause)."""
         table = db.leases
         with self.engine.begin() as conn:
-            row = conn.execute(table.select().where(table.c.name == name).with_for_update()).first()
-            if row is None:
-                try:
-                    conn.execute(table.insert().values(name=name, owner=owner, expires_at=now + ttl))
-                except sa.exc.IntegrityError:
-                    return False
+            if _insert_lease_if_absent(conn, name, owner, now + ttl):
                 return True
+            row = conn.execute(table.select().where(table.c.name == name)
+                               .with_for_update(skip_locked=True)).first()
+            if row is None:  # locked by a scheduler taking or renewing it right now
+                return False
             if row.owner != owner and row.expires_at > now:
                 if holder_dead is None or not holder_dead(row.owner):
                     return False
@@ -327,6 +333,57 @@ class State:
     def release_lease(self, name: str, owner: str) -> None:
         with self.engine.begin() as conn:
             conn.execute(db.leases.delete().where(db.leases.c.name == name, db.leases.c.owner == owner))
+
+    # -- claims: several schedulers sharing the work ------------------------------------------
+
+    def claim_experiments(self, owner: str, now: float, ttl: float, *, placing: bool,
+                          holder_dead: Callable[[str], bool] | None = None) -> set[str]:
+        """Claim this scheduler's share of the work for ``ttl`` seconds and return the ids.
+
+        Each live scheduler (one that claimed within its ``ttl``; ``holder_dead`` may say one is
+        gone sooner) gets an even share of the RUNNING experiments (and of those ended with an
+        attempt still active, e.g. cancelled while its session ran), keeping its own first, then
+        taking unclaimed or expired ones; beyond its share it lets go, so a scheduler that joins
+        gets work. The one ``placing`` (it holds the placement lease, so quota and concurrency
+        are decided in one place) also claims every PENDING experiment; the others let go of
+        theirs. The rows wanted are locked with ``FOR UPDATE SKIP LOCKED`` and claimed only if
+        still free then: a row another scheduler is claiming (or changing) right now is
+        skipped, never waited on, and never claimed by two.
+        """
+        table = db.experiments
+        live_attempt = sa.select(db.attempts.c.experiment_id).where(
+            db.attempts.c.state.in_(db.ACTIVE_STATES))
+        work = sa.or_(  # an attempt of a cancelled experiment still has to be stopped and charged
+            table.c.state.in_([ExperimentState.RUNNING.value, ExperimentState.PENDING.value]),
+            table.c.id.in_(live_attempt))
+        with self.engine.begin() as conn:
+            live = claims.renew_presence(conn, owner, now, ttl, holder_dead)
+            rows = conn.execute(
+                sa.select(table.c.id, table.c.state, table.c.claimed_by, table.c.claim_expires)
+                .where(work).order_by(table.c.created_at, table.c.id)).all()
+            running = sum(1 for r in rows if r.state != ExperimentState.PENDING.value)
+            share = -(-running // live)  # ceil: together the live schedulers cover them all
+            take, drop, dead = claims.share_of(rows, owner, now, share, placing, holder_dead)
+            if take:  # lock only the rows wanted, and only if still free once locked
+                claimable = sa.or_(table.c.claimed_by.is_(None), table.c.claimed_by == owner,
+                                   table.c.claim_expires <= now, table.c.claimed_by.in_(dead))
+                take = list(conn.execute(sa.select(table.c.id).where(table.c.id.in_(take), claimable)
+                                         .with_for_update(skip_locked=True)).scalars())
+                conn.execute(table.update().where(table.c.id.in_(take))
+                             .values(claimed_by=owner, claim_expires=now + ttl))
+            if drop:
+                conn.execute(table.update().where(table.c.id.in_(drop), table.c.claimed_by == owner)
+                             .values(claimed_by=None, claim_expires=None))
+        return set(take)
+
+    def release_claims(self, owner: str) -> None:
+        """Let go of every claim and the presence of ``owner`` (a scheduler stopping cleanly),
+        so the others take its experiments over at their next step rather than after the ttl."""
+        table = db.experiments
+        with self.engine.begin() as conn:
+            conn.execute(table.update().where(table.c.claimed_by == owner)
+                         .values(claimed_by=None, claim_expires=None))
+            conn.execute(db.leases.delete().where(db.leases.c.name == claims.presence_name(owner)))
 
 
 def _transition(
@@ -342,6 +399,20 @@ def _transition(
     )
     if result.rowcount != 1:
         raise IllegalTransition(kind, ident, f"{current.value} (changed concurrently)", target.value)
+
+
+def _insert_lease_if_absent(conn: sa.Connection, name: str, owner: str, expires_at: float) -> bool:
+    """Create the lease row unless it exists (``ON CONFLICT DO NOTHING``, no error to recover
+    from: on PostgreSQL a failed INSERT would abort the whole transaction); True if created."""
+    dialects: dict[str, Any] = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
+    insert = dialects.get(conn.dialect.name)
+    if insert is None:  # another engine: the portable way, racing only into "not acquired"
+        if conn.execute(sa.select(db.leases.c.name).where(db.leases.c.name == name)).first():
+            return False
+        conn.execute(db.leases.insert().values(name=name, owner=owner, expires_at=expires_at))
+        return True
+    statement = insert(db.leases).values(name=name, owner=owner, expires_at=expires_at)
+    return conn.execute(statement.on_conflict_do_nothing(index_elements=["name"])).rowcount == 1
 
 
 def _event(conn: sa.Connection, now: float, experiment_id: str | None, attempt_id: str | None,
@@ -364,7 +435,7 @@ def _unique_prefix(conn: sa.Connection, prefix: str) -> Any:
 
 
 def _experiment(row: Any) -> Experiment:
-    data = dict(row._mapping)
+    data = {k: v for k, v in row._mapping.items() if k not in CLAIM_COLUMNS}
     data["spec"] = json.loads(data["spec"])
     data["state"] = ExperimentState(data["state"])
     return Experiment(**data)

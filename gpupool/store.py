@@ -76,6 +76,7 @@ class CheckpointStore:
         return sorted(manifests, key=lambda m: (m.step, m.created, m.name), reverse=True)
 
     def _checkpoint_dirs(self) -> builtins.list[str]:
+        self._forget_listing()
         try:
             entries = self.fs.ls(self.root, detail=False)
         except FileNotFoundError:
@@ -85,6 +86,7 @@ class CheckpointStore:
 
     def _read_manifest(self, name: str) -> Manifest | None:
         path = self._path(name, MANIFEST)
+        self._forget_listing(name)
         try:
             with self.fs.open(path, "rb") as handle:
                 manifest = Manifest.from_json(handle.read())
@@ -98,8 +100,15 @@ class CheckpointStore:
             return None
         return manifest
 
+    def _forget_listing(self, *parts: str) -> None:
+        """Drop the filesystem's cached listing of a folder: object stores (s3fs, gcsfs) keep
+        listings in memory, and another machine may have published or deleted a checkpoint
+        since; a stale listing would resume from an old checkpoint (no-op for local files)."""
+        self.fs.invalidate_cache(self._path(*parts))
+
     def verify(self, manifest: Manifest) -> None:
         """Raise ``CorruptCheckpoint`` unless every file has the size and sha256 listed."""
+        self._forget_listing(manifest.name)
         for entry in manifest.files:
             path = self._path(manifest.name, entry.path)
             try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,3 +112,102 @@ class FakeProvider(Provider):
         if existing:  # idempotent: collected before a crash
             return existing
         return [store.import_local(root / manifest.name, manifest)]
+
+
+# -- a fake provider shared by several processes ---------------------------------------------
+
+class JournalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    folder: str  # where the sessions and the journal live, shared by every process
+    seconds: float = 1.0  # each session's length, in real seconds
+    steps: int = 10  # steps each session makes
+    yields: int = 1  # the first N sessions of an experiment yield; the next one completes
+
+
+class JournalProvider(Provider):
+    """Sessions kept as files, so several ``gpupool daemon`` processes (and the test) see the
+    same sessions. ``submit`` creates a session file with O_EXCL and appends a ``started`` line
+    to ``journal.log``: a session started twice would show there. Register it for a subprocess
+    with ``register_entry_point`` (gpupool finds providers through entry points)."""
+
+    name = "journal"
+    Config = JournalConfig
+    config: JournalConfig
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.config.folder)
+
+    def check_credentials(self) -> tuple[bool, str]:
+        return True, "fake"
+
+    def _session_file(self, attempt_id: str) -> Path:
+        return self.folder / "sessions" / f"{attempt_id}.json"
+
+    def _journal(self, line: str) -> None:
+        with open(self.folder / "journal.log", "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")  # one short O_APPEND write: whole lines from every process
+
+    def submit(self, launch: Launch) -> Submission:
+        seq = int(launch.attempt_id.rsplit("-a", 1)[1])
+        record = {"start": launch.now, "end": launch.now + self.config.seconds,
+                  "restore_step": launch.restore.step if launch.restore else 0,
+                  "outcome": "yielded" if seq <= self.config.yields else "succeeded"}
+        path = self._session_file(launch.attempt_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(path, "x", encoding="utf-8") as handle:
+                json.dump(record, handle)
+        except FileExistsError:  # a scheduler killed after submitting asks again: same session
+            self._journal(f"resubmitted {launch.attempt_id} {os.getpid()}")
+            return Submission(remote_id=launch.attempt_id)
+        self._journal(f"started {launch.attempt_id} {record['start']} {record['end']} {os.getpid()}")
+        return Submission(remote_id=launch.attempt_id, message="journal session")
+
+    def _session(self, attempt_id: str) -> dict:
+        return json.loads(self._session_file(attempt_id).read_text(encoding="utf-8"))
+
+    def poll(self, attempt: Attempt, now: float) -> PollResult:
+        session = self._session(attempt.id)
+        if session.get("cancelled"):
+            return PollResult(AttemptState.CANCELLED, message="cancelled")
+        if now < session["end"]:
+            return PollResult(AttemptState.RUNNING, step=session["restore_step"], heartbeat=now,
+                              started_at=session["start"])
+        return PollResult(AttemptState(session["outcome"]), started_at=session["start"],
+                          step=session["restore_step"] + self.config.steps,
+                          message=f"journal {session['outcome']}")
+
+    def cancel(self, attempt: Attempt) -> None:
+        session = self._session(attempt.id)
+        self._session_file(attempt.id).write_text(json.dumps(dict(session, cancelled=True)))
+
+    def logs(self, attempt: Attempt) -> str:
+        return f"log of {attempt.id}\n"
+
+    def collect(self, attempt: Attempt, store: CheckpointStore) -> list[Manifest]:
+        existing = [m for m in store.list() if m.attempt == attempt.id]
+        if existing:  # idempotent: collected before a crash
+            return existing
+        session = self._session(attempt.id)
+        step = session["restore_step"] + self.config.steps
+        staging = Path(tempfile.mkdtemp())
+        (staging / "state.bin").write_bytes(f"{attempt.id}:{step}".encode())
+        root = Path(tempfile.mkdtemp())
+        manifest = publish_local(staging, root, step=step, experiment=attempt.experiment_id,
+                                 attempt=attempt.id, provider=self.name)
+        published = store.import_local(root / manifest.name, manifest)
+        self._journal(f"collected {attempt.id} {os.getpid()}")
+        return [published]
+
+
+def register_entry_point(site: Path) -> Path:
+    """A distribution's metadata under ``site`` declaring ``journal`` as a gpupool provider;
+    put ``site`` on PYTHONPATH (and sys.path) and gpupool finds it like any installed one."""
+    info = site / "gpupool_test_fakes-0.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: gpupool-test-fakes\nVersion: 0\n")
+    (info / "entry_points.txt").write_text(
+        "[gpupool.providers]\njournal = tests.fakes:JournalProvider\n")
+    return site

@@ -13,10 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 import yaml
 from click.testing import CliRunner
 
 import gpupool.store as store_module
+from gpupool import db
 from gpupool.cli import cli
 from gpupool.daemon import Driver
 from gpupool.manifest import Manifest, publish_local
@@ -28,6 +30,10 @@ from gpupool.state import Attempt
 from gpupool.states import AttemptState, ExperimentState
 from gpupool.store import CheckpointStore
 from tests.fakes import FakeProvider, Script
+from tests.services import Databases
+
+# Every test runs on each state backend (tests/conftest.py: SQLite, PostgreSQL).
+pytestmark = pytest.mark.usefixtures("pool_database")
 
 T0 = 1_800_000_000.0
 Y, L, S = AttemptState.YIELDED, AttemptState.LOST, AttemptState.SUCCEEDED
@@ -62,7 +68,7 @@ class BigCheckpoints(FakeProvider):
 
 def make(tmp: Path, provider: FakeProvider, **spec: object) -> tuple[Pool, str]:
     pool = Pool(PoolSettings(data_dir=tmp / "data"), clock=lambda: T0, providers={provider.name: provider})
-    (tmp / "code").mkdir(exist_ok=True)
+    (tmp / "code").mkdir(parents=True, exist_ok=True)
     fields = {"name": "exp", "run": "python train.py", "workdir": tmp / "code",
               "providers": [provider.name], "checkpoint": {"interval": 600, "keep_last": 2}}
     fields.update(spec)
@@ -132,8 +138,9 @@ class CrashPlan:
             setattr(provider, name, after)
 
 
-def run_with_crash(tmp: Path, plan: CrashPlan, monkeypatch: pytest.MonkeyPatch) -> dict:
+def run_with_crash(tmp: Path, plan: CrashPlan, monkeypatch: pytest.MonkeyPatch, database: str) -> dict:
     provider = BigCheckpoints("kaggle", three_sessions())
+    monkeypatch.setenv("GPUPOOL_DATABASE_URL", database)  # each run on a fresh database
     pool, ident = make(tmp, provider)
     store = pool.store_for(ident)
     with monkeypatch.context() as patch:
@@ -168,19 +175,19 @@ def check_finished_exactly_once(pool: Pool, ident: str, provider: FakeProvider, 
         store.verify(manifest)
 
 
-def test_crash_inside_relays_and_after_each_provider_call(tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_crash_inside_relays_and_after_each_provider_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          databases: Databases) -> None:
     """Kill the scheduler in every store copy (after 0, 1, ..., all bytes), every manifest
     write, every pruning delete, and right after every provider call of a three-session run;
     restart it each time; the experiment finishes with nothing lost, doubled or charged twice."""
-    counts = run_with_crash(tmp_path / "dry", CrashPlan("none", 0), monkeypatch)
+    counts = run_with_crash(tmp_path / "dry", CrashPlan("none", 0), monkeypatch, databases.new())
     plans = [CrashPlan("stream", n, cut) for n in range(1, counts["stream"] + 1)
              for cut in CUTS]
     plans += [CrashPlan("manifest", n) for n in range(1, counts["manifest"] + 1)]
     plans += [CrashPlan("delete", n) for n in range(1, counts["delete"] + 1)]
     plans += [CrashPlan("provider", n) for n in range(1, counts["provider"] + 1)]
     for i, plan in enumerate(plans):
-        run_with_crash(tmp_path / str(i), plan, monkeypatch)
+        run_with_crash(tmp_path / str(i), plan, monkeypatch, databases.new())
         assert plan.fired, f"crash point {plan.kind} #{plan.nth} never reached"
     tried = len(plans)
     print(f"\ncrash points tried: {tried} here ({counts['stream']} copies x {len(CUTS)} cuts, "
@@ -239,6 +246,37 @@ def test_second_driver_is_refused_while_the_first_holds_the_lease(tmp_path: Path
     first.release()
     assert second.step() is not None  # released: the other takes over, places nothing twice
     assert len(pool.state.attempts(ident)) == 1 and provider.submits == 1
+
+
+class CountingNotifier:
+    def __init__(self) -> None:
+        self.checks = 0
+
+    def check(self, now: float) -> None:
+        self.checks += 1
+
+
+def test_schedulers_split_the_work_and_only_the_lease_holder_notifies(tmp_path: Path) -> None:
+    provider = FakeProvider("kaggle", Script([(S, 3600, 10)] * 4))
+    pool, ident = make(tmp_path, provider)
+    spec = ExperimentSpec.model_validate(pool.state.experiment(ident).spec)
+    idents = [ident] + [pool.submit(spec).id for _ in range(3)]
+    other = Pool(PoolSettings(data_dir=tmp_path / "data"), clock=lambda: T0 + 5,
+                 providers={"kaggle": provider})
+    notices = CountingNotifier(), CountingNotifier()
+    first = Driver(pool, owner="host-a:1:aa", notifier=notices[0])  # type: ignore[arg-type]
+    second = Driver(other, owner="host-b:2:bb", notifier=notices[1])  # type: ignore[arg-type]
+    assert first.step() is not None and len(provider.sessions) == 4  # placed all four
+    assert second.step() is None  # the first's claims are live; it lets go of half next step
+    first.step()
+    report = second.step()
+    assert report is not None and not second.holds_lease
+    with pool.state.engine.connect() as conn:
+        owners = conn.execute(sa.select(db.experiments.c.claimed_by)).scalars().all()
+    assert sorted(owners) == ["host-a:1:aa"] * 2 + ["host-b:2:bb"] * 2  # each experiment: one
+    assert provider.submits == 4  # nothing placed twice
+    assert notices[0].checks == 2 and notices[1].checks == 0  # one sender of notifications
+    assert all(len(pool.state.attempts(i)) == 1 for i in idents)
 
 
 def test_two_daemon_processes_started_together_never_double_place(tmp_path: Path) -> None:

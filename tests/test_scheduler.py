@@ -14,6 +14,9 @@ from gpupool.spec import ExperimentSpec
 from gpupool.states import AttemptState, ExperimentState
 from tests.fakes import FakeProvider, Script
 
+# Every test runs on each state backend (tests/conftest.py: SQLite, PostgreSQL).
+pytestmark = pytest.mark.usefixtures("pool_database")
+
 T0 = 1_800_000_000.0
 Y, L, F, S = AttemptState.YIELDED, AttemptState.LOST, AttemptState.FAILED, AttemptState.SUCCEEDED
 
@@ -21,7 +24,7 @@ Y, L, F, S = AttemptState.YIELDED, AttemptState.LOST, AttemptState.FAILED, Attem
 def make(tmp_path: Path, *providers: FakeProvider, **spec: object) -> tuple[Pool, Scheduler, str]:
     pool = Pool(PoolSettings(data_dir=tmp_path / "data"), clock=lambda: T0,
                 providers={p.name: p for p in providers})
-    (tmp_path / "code").mkdir(exist_ok=True)
+    (tmp_path / "code").mkdir(parents=True, exist_ok=True)
     fields = {"name": "exp", "run": "python train.py", "workdir": tmp_path / "code",
               "providers": [p.name for p in providers], "checkpoint": {"interval": 600}}
     fields.update(spec)

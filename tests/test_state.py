@@ -30,8 +30,9 @@ def db_file(tmp_path) -> Path:
 
 
 @pytest.fixture
-def state(db_file) -> State:
-    st = State(f"sqlite:///{db_file}")
+def state(database_url) -> State:
+    """A fresh state on each backend (tests/conftest.py: SQLite, then PostgreSQL)."""
+    st = State(database_url)
     yield st
     st.close()
 
@@ -43,7 +44,9 @@ def new_experiment(state: State, name: str = "exp", now: float = T0):
 # -- schema --------------------------------------------------------------------------------
 
 
-def test_schema_created_on_first_use_with_wal_and_alembic(state, db_file):
+def test_sqlite_schema_created_on_first_use_with_wal_and_alembic(db_file):
+    state = State(f"sqlite:///{db_file}")
+    state.close()
     assert db_file.exists()  # parent directories were created too
     with sqlite3.connect(db_file) as conn:
         tables = {r[0] for r in conn.execute("select name from sqlite_master where type='table'")}
@@ -52,20 +55,22 @@ def test_schema_created_on_first_use_with_wal_and_alembic(state, db_file):
         version = conn.execute("select version_num from alembic_version").fetchall()
         assert len(version) == 1 and version[0][0]
         assert conn.execute("pragma journal_mode").fetchone()[0].lower() == "wal"
+    state = State(f"sqlite:///{db_file}")
     with state.engine.connect() as conn:
         assert conn.exec_driver_sql("pragma busy_timeout").scalar() >= 1000
         assert conn.exec_driver_sql("pragma foreign_keys").scalar() == 1
+    state.close()
 
 
-def test_reopening_keeps_data_and_does_not_remigrate(db_file):
-    first = State(f"sqlite:///{db_file}")
+def test_reopening_keeps_data_and_does_not_remigrate(database_url):
+    first = State(database_url)
     exp = new_experiment(first)
     first.close()
-    second = State(f"sqlite:///{db_file}")
+    second = State(database_url)
     try:
         assert second.experiment(exp.id) == exp
-        with sqlite3.connect(db_file) as conn:
-            assert conn.execute("select count(*) from alembic_version").fetchone()[0] == 1
+        with second.engine.connect() as conn:
+            assert conn.exec_driver_sql("select count(*) from alembic_version").scalar() == 1
     finally:
         second.close()
 
@@ -254,8 +259,8 @@ def test_release_lease_only_by_owner(state):
     assert state.acquire_lease("scheduler", "b", T0 + 2, ttl=30)
 
 
-def test_two_state_objects_share_one_lease(db_file, state):
-    other = State(f"sqlite:///{db_file}")
+def test_two_state_objects_share_one_lease(database_url, state):
+    other = State(database_url)
     try:
         assert state.acquire_lease("daemon", "one", T0, ttl=60)
         assert not other.acquire_lease("daemon", "two", T0 + 1, ttl=60)
@@ -307,3 +312,84 @@ def test_same_name_twice_picks_the_newest(state):
     newer = new_experiment(state, "same", now=T0 + 5)
     assert older.id != newer.id
     assert state.experiment("same").id == newer.id
+
+
+# -- claims: several schedulers on one database --------------------------------------------
+
+
+def running_experiments(state: State, count: int) -> list[str]:
+    made = []
+    for i in range(count):
+        exp = new_experiment(state, f"run-{i}", now=T0 + i)
+        state.create_attempt(exp.id, "kaggle", "default", T0 + i)
+        made.append(exp.id)
+    return made
+
+
+def test_schedulers_split_the_running_experiments_and_a_newcomer_gets_its_share(state):
+    made = running_experiments(state, 6)
+    a = state.claim_experiments("a", T0, ttl=30, placing=False)
+    assert a == set(made)  # alone: all of them
+    b = state.claim_experiments("b", T0 + 1, ttl=30, placing=False)
+    assert b == set()  # a's claims are live; a lets go of the excess at its next step
+    a = state.claim_experiments("a", T0 + 2, ttl=30, placing=False)
+    b = state.claim_experiments("b", T0 + 3, ttl=30, placing=False)
+    assert len(a) == len(b) == 3 and not a & b
+    c = state.claim_experiments("c", T0 + 4, ttl=30, placing=False)
+    a = state.claim_experiments("a", T0 + 5, ttl=30, placing=False)
+    b = state.claim_experiments("b", T0 + 6, ttl=30, placing=False)
+    c = state.claim_experiments("c", T0 + 7, ttl=30, placing=False)
+    assert sorted(map(len, (a, b, c))) == [2, 2, 2] and a | b | c == set(made)
+    assert not (a & b or b & c or a & c)
+
+
+def test_claims_of_a_silent_or_dead_scheduler_are_taken_over(state):
+    made = running_experiments(state, 2)
+    assert state.claim_experiments("a", T0, ttl=30, placing=False) == set(made)
+    assert state.claim_experiments("b", T0 + 10, ttl=30, placing=False) == set()
+    assert state.claim_experiments("b", T0 + 31, ttl=30, placing=False) == set(made)  # a expired
+    assert state.claim_experiments("a", T0 + 32, ttl=30, placing=False) == set()
+    dead = {"b"}.__contains__  # b's process is known to be gone: no need to wait for its ttl
+    assert state.claim_experiments("a", T0 + 33, ttl=30, placing=False, holder_dead=dead) == set(made)
+
+
+def test_only_the_placing_scheduler_claims_pending_experiments(state):
+    pending = [new_experiment(state, f"p-{i}", now=T0 + i).id for i in range(3)]
+    assert state.claim_experiments("a", T0, ttl=30, placing=False) == set()
+    assert state.claim_experiments("b", T0, ttl=30, placing=True) == set(pending)
+    assert state.claim_experiments("b", T0 + 1, ttl=30, placing=False) == set()  # lost the lease
+    assert state.claim_experiments("a", T0 + 2, ttl=30, placing=True) == set(pending)
+
+
+def test_release_claims_hands_the_work_over_at_once(state):
+    made = running_experiments(state, 2)
+    state.claim_experiments("a", T0, ttl=30, placing=True)
+    state.release_claims("a")
+    assert state.claim_experiments("b", T0 + 1, ttl=30, placing=False) == set(made)
+    assert all(not hasattr(e, "claimed_by") for e in state.experiments())  # not the experiment's
+
+
+def test_claims_and_leases_skip_rows_locked_by_another_scheduler(database_url, state):
+    """PostgreSQL: a row another scheduler holds locked is skipped, never waited on."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite has no row locks: it serializes writers instead")
+    made = running_experiments(state, 2)
+    state.acquire_lease("scheduler", "a", T0, ttl=30)
+    with state.engine.connect() as other:
+        busy = other.begin()
+        other.execute(sa.select(db.experiments.c.id).where(db.experiments.c.id == made[0])
+                      .with_for_update())
+        other.execute(sa.select(db.leases.c.name).where(db.leases.c.name == "scheduler")
+                      .with_for_update())
+        assert state.claim_experiments("b", T0 + 40, ttl=30, placing=False) == {made[1]}
+        assert state.acquire_lease("scheduler", "b", T0 + 40, ttl=30) is False  # expired, but locked
+        busy.rollback()
+    assert state.acquire_lease("scheduler", "b", T0 + 41, ttl=30) is True
+
+
+def test_a_cancelled_experiment_whose_session_still_runs_is_still_claimed(state):
+    """Its attempt must still be polled, stopped and charged by some scheduler."""
+    exp = new_experiment(state)
+    state.create_attempt(exp.id, "kaggle", "default", T0)
+    state.move_experiment(exp.id, ExperimentState.CANCELLED, T0 + 1)
+    assert state.claim_experiments("a", T0 + 2, ttl=30, placing=False) == {exp.id}

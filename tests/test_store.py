@@ -62,10 +62,21 @@ def memory_url() -> Iterator[str]:
     assert not any(k.startswith(f"/{bucket}") for k in fs.store)
 
 
-@pytest.fixture(params=["memory", "local"])
-def store(request, tmp_path, memory_url) -> CheckpointStore:
-    url = memory_url if request.param == "memory" else str(tmp_path / "store")
-    return CheckpointStore(url, on_corrupt=Reports())
+def open_store(kind: str, request: pytest.FixtureRequest, tmp_path: Path, name: str = "store",
+               **options: object) -> CheckpointStore:
+    """A fresh store of ``kind``: "memory", "local", or "s3" (moto's S3 server, through s3fs:
+    no rename there, so the manifest written last is the only commit point)."""
+    if kind == "s3":
+        server = request.getfixturevalue("s3")
+        return CheckpointStore(f"s3://{server.bucket()}/{name}", **server.options, **options)
+    if kind == "memory":  # one per test, removed after it by the memory_url fixture
+        return CheckpointStore(request.getfixturevalue("memory_url"), **options)
+    return CheckpointStore(str(tmp_path / name), **options)
+
+
+@pytest.fixture(params=["memory", "local", "s3"])
+def store(request, tmp_path) -> CheckpointStore:
+    return open_store(request.param, request, tmp_path, on_corrupt=Reports())
 
 
 def add(store: CheckpointStore, tmp_path: Path, step: int, files: dict[str, bytes] | None = None) -> Manifest:
@@ -339,11 +350,20 @@ def test_download_verifies(store, tmp_path):
         store.download(ckpt, tmp_path / "restore2")
 
 
-@pytest.mark.parametrize("direction", ["memory->local", "local->memory"])
-def test_relay_copies_and_verifies(tmp_path, memory_url, direction):
-    mem = CheckpointStore(memory_url)
-    local = CheckpointStore(str(tmp_path / "local-store"))
-    source, dest = (mem, local) if direction == "memory->local" else (local, mem)
+RELAYS = ["memory->local", "local->memory", "s3->local", "local->s3"]
+
+
+def relay_pair(direction: str, request: pytest.FixtureRequest,
+               tmp_path: Path) -> tuple[CheckpointStore, CheckpointStore]:
+    """(source, destination) stores for a relay written as "kind->kind"."""
+    source, dest = direction.split("->")
+    return (open_store(source, request, tmp_path, "source"),
+            open_store(dest, request, tmp_path, "dest"))
+
+
+@pytest.mark.parametrize("direction", RELAYS)
+def test_relay_copies_and_verifies(request, tmp_path, direction):
+    source, dest = relay_pair(direction, request, tmp_path)
     ckpt = add(source, tmp_path, 5)
     assert dest.copy_from(source, ckpt) == ckpt
     assert dest.latest() == ckpt
@@ -353,11 +373,9 @@ def test_relay_copies_and_verifies(tmp_path, memory_url, direction):
     assert dest.copy_from(source, ckpt) == ckpt  # already there: a no-op
 
 
-@pytest.mark.parametrize("direction", ["memory->local", "local->memory"])
-def test_relay_of_tampered_source_leaves_nothing(tmp_path, memory_url, direction):
-    mem = CheckpointStore(memory_url)
-    local = CheckpointStore(str(tmp_path / "local-store"))
-    source, dest = (mem, local) if direction == "memory->local" else (local, mem)
+@pytest.mark.parametrize("direction", RELAYS)
+def test_relay_of_tampered_source_leaves_nothing(request, tmp_path, direction):
+    source, dest = relay_pair(direction, request, tmp_path)
     ckpt = add(source, tmp_path, 5)
     flip_byte(source, ckpt.name, "state.bin")  # changed after the manifest was written
     with pytest.raises(CorruptCheckpoint) as info:
@@ -367,14 +385,44 @@ def test_relay_of_tampered_source_leaves_nothing(tmp_path, memory_url, direction
     assert not dest.fs.exists(dest._path(ckpt.name))
 
 
-def test_relay_of_missing_source_file(tmp_path, memory_url):
-    source = CheckpointStore(memory_url)
-    dest = CheckpointStore(str(tmp_path / "dest"))
+@pytest.mark.parametrize("direction", ["memory->local", "s3->local"])
+def test_relay_of_missing_source_file(request, tmp_path, direction):
+    source, dest = relay_pair(direction, request, tmp_path)
     ckpt = add(source, tmp_path, 1)
     source.fs.rm(source._path(ckpt.name, "sub/extra.txt"))
     with pytest.raises(CorruptCheckpoint, match="missing"):
         dest.copy_from(source, ckpt)
     assert dest.list() == []
+
+
+def test_s3_checkpoint_published_elsewhere_is_seen_at_once(request, tmp_path):
+    """Another machine (its own s3fs client) publishes a newer checkpoint: a scheduler that
+    listed the store before must not resume from the old one out of its listing cache, and a
+    checkpoint deleted elsewhere must not stay "latest"."""
+    server = request.getfixturevalue("s3")
+    here = open_store("s3", request, tmp_path)
+    elsewhere = CheckpointStore(here.url, **server.options, skip_instance_cache=True)
+    older = add(here, tmp_path, 1)
+    assert here.latest() == older
+    newer = add(elsewhere, tmp_path, 2)
+    assert here.latest() == newer
+    assert [m.name for m in here.list()] == [newer.name, older.name]
+    elsewhere.delete(newer.name)
+    assert here.latest() == older
+
+
+def test_s3_upload_cut_midway_is_never_visible(request, tmp_path):
+    """S3 has no rename: a checkpoint whose copy died mid-file (the object left as far as it
+    got, no manifest) or whose manifest write died is not listed, and "latest" stays put."""
+    store = open_store("s3", request, tmp_path)
+    good = add(store, tmp_path, 1)
+    torn = f"{PREFIX}{2:012d}-0000000000000-0badc0de"
+    with pytest.raises(RuntimeError), store.fs.open(store._path(torn, "state.bin"), "wb") as handle:
+        handle.write(b"x" * 1024)
+        raise RuntimeError("the relay died here")
+    assert [m.name for m in store.list()] == [good.name]
+    overwrite(store, torn, MANIFEST, b'{"name": "' + torn.encode())  # half a manifest
+    assert store.latest() == good
 
 
 def test_import_local_of_changed_directory_publishes_nothing(store, tmp_path):
@@ -388,7 +436,7 @@ def test_import_local_of_changed_directory_publishes_nothing(store, tmp_path):
 
 def test_check_writable_passes_and_leaves_no_probe(store):
     store.check_writable()
-    leftovers = [p for p in store.fs.ls(store.root, detail=False) if ".probe-" in str(p)]
+    leftovers = [p for p in store.fs.find(store.root) if ".probe-" in str(p)]  # S3 has no folders
     assert leftovers == []
 
 
