@@ -15,7 +15,10 @@ EXCLUDE_DIRS = {".git", "__pycache__", ".venv", "venv", "gpupool-session", ".ipy
                 ".mypy_cache", ".pytest_cache", ".ruff_cache"}
 MAX_BUNDLE_BYTES = 200 * 1024 * 1024
 RUNTIME_MODULES = ("__init__.py", "errors.py", "runtime.py", "manifest.py", "torch.py", "bootstrap.py",
-                   "snapshot.py")
+                   "snapshot.py",
+                   # framework callbacks, imported only by scripts that use them
+                   "integrations/__init__.py", "integrations/_pacing.py", "integrations/transformers.py",
+                   "integrations/lightning.py")
 
 
 def _workdir_files(workdir: Path, exclude: Iterable[str] = ()) -> Iterator[Path]:

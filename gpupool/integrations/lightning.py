@@ -187,9 +187,9 @@ def collect_rng_states() -> dict[str, Any]:
         import numpy as np
     except ImportError:  # pragma: no cover - numpy comes with the supported environments
         return states
-    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    states["numpy"] = {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached": float(cached)}
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+    states["numpy"] = {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                       "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)}
     return states
 
 

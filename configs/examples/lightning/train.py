@@ -46,7 +46,8 @@ def make_loader() -> DataLoader:
     x = torch.randn(SAMPLES, 16, generator=g)
     y = torch.sin(x @ torch.randn(16, 1, generator=g))
     if STATEFUL:  # see the README: exact within the cut epoch, not after it
-        
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
         return StatefulDataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True, num_workers=WORKERS)
     return DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True, num_workers=WORKERS)
 
