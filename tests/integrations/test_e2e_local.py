@@ -12,18 +12,20 @@ import pytest
 import yaml
 
 from gpupool.spec import load_experiment
-from gpupool.states import ExperimentState
+from gpupool.states import AttemptState, ExperimentState
 from tests.helpers import ROOT, drive_until_done
 from tests.integrations.sessions import HARNESS, run_session
 from tests.test_byo_e2e import make_pool, pulled_outputs
 
 EXAMPLES = ROOT / "configs" / "examples"
 # The harness waits at steps 4 and 8 until the session must stop: the cap's deadline, whatever
-# the machine's speed, ends those two sessions there. A cap must leave time for the imports.
+# the machine's speed, ends those two sessions there. A cap must leave time for the imports
+# (torch + transformers take ~20 s of wall time on a loaded 2-core machine); a session whose
+# imports outlast it is stopped before training and lost, which only adds a hop.
 CASES = {
     "hf": ("hf-trainer", {"TOTAL_STEPS": "12", "SAVE_STEPS": "4", "BATCH": "4", "SEQ_LEN": "16"},
-           40.0, "model.safetensors"),
-    "lightning": ("lightning", {"MAX_EPOCHS": "3", "SAMPLES": "64", "BATCH": "8"}, 20.0, "model.pt"),
+           60.0, "model.safetensors"),
+    "lightning": ("lightning", {"MAX_EPOCHS": "3", "SAMPLES": "64", "BATCH": "8"}, 40.0, "model.pt"),
 }
 
 
@@ -35,7 +37,7 @@ def framework_experiment(tmp: Path, which: str) -> Path:
     shutil.copy(HARNESS, work / "harness.py")
     spec = yaml.safe_load((EXAMPLES / example / "experiment.yaml").read_text())
     spec.update(workdir=str(work), providers=["local"], run=f"python harness.py {which} train.py",
-                limits={"max_hops": 20, "retries_on_error": 2})
+                limits={"max_hops": 30, "retries_on_error": 2})
     spec["env"] = {**spec.get("env", {}), **env, "GATE_WAIT_AT": "4,8", "OMP_NUM_THREADS": "1"}
     spec["checkpoint"].update(interval="1h", settle="0.3s")  # snapshots come from the callback
     path = tmp / "experiment.yaml"
@@ -62,11 +64,12 @@ def test_session_caps_force_two_hops_and_the_pulled_model_is_exact(tmp_path, whi
 
     pool = make_pool(tmp_path, session_seconds=cap, deadline_margin=2.0)
     experiment = pool.submit(load_experiment(framework_experiment(tmp_path, which)))
-    done = drive_until_done(pool, experiment.id, timeout=600)
+    done = drive_until_done(pool, experiment.id, timeout=1200)
     assert done.state == ExperimentState.SUCCEEDED, done.message
-    assert done.hops >= 2
     attempts = pool.state.attempts(experiment.id)
-    assert all(a.checkpoint_in for a in attempts[1:]), "every later session resumed"
+    yields = [a for a in attempts if a.state == AttemptState.YIELDED]
+    assert len(yields) >= 2 and done.hops >= 2, [(a.state, a.end_reason) for a in attempts]
+    assert attempts[-1].checkpoint_in, "the last session resumed from a snapshot"
 
     files = pulled_outputs(pool, experiment.id, tmp_path / "pulled")
     assert f"final/{weights_file}" in files
