@@ -14,8 +14,10 @@ from gpupool.errors import SpecError
 EXCLUDE_DIRS = {".git", "__pycache__", ".venv", "venv", "gpupool-session", ".ipynb_checkpoints",
                 ".mypy_cache", ".pytest_cache", ".ruff_cache"}
 MAX_BUNDLE_BYTES = 200 * 1024 * 1024
+# Files, or packages shipped whole; the integrations (framework callbacks) are imported only
+# by scripts that use them.
 RUNTIME_MODULES = ("__init__.py", "errors.py", "runtime.py", "manifest.py", "torch", "bootstrap.py",
-                   "snapshot.py")  # files, or packages shipped whole
+                   "snapshot.py", "integrations")
 
 
 def _workdir_files(workdir: Path, exclude: Iterable[str] = ()) -> Iterator[Path]:
