@@ -17,7 +17,7 @@ MAX_BUNDLE_BYTES = 200 * 1024 * 1024
 # Files, or packages shipped whole; the integrations (framework callbacks) are imported only
 # by scripts that use them.
 RUNTIME_MODULES = ("__init__.py", "errors.py", "runtime.py", "manifest.py", "torch", "bootstrap.py",
-                   "snapshot.py", "integrations")
+                   "snapshot.py", "integrations", "session_inputs.py")
 
 
 def _workdir_files(workdir: Path, exclude: Iterable[str] = ()) -> Iterator[Path]:

@@ -79,7 +79,7 @@ def run(ctx: click.Context, experiment_file: Path, detach: bool, wait_anyway: bo
     spec = load_experiment(experiment_file)
     pool = _open_pool(ctx)
     _preflight(pool, spec, wait_anyway)
-    experiment = pool.submit(spec)
+    experiment = pool.submit(spec, experiment_file)
     console = _console()
     console.print(f"submitted [bold]{experiment.id}[/] ({spec.name}), providers: {', '.join(spec.providers)}")
     driver = Driver(pool, role="run")

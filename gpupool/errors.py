@@ -13,6 +13,7 @@
     │   ├── CredentialsError          credentials missing, invalid, expired or revoked
     │   ├── ProviderUnavailable       no capacity now: the scheduler should try elsewhere
     │   ├── CancelFailed              a session could not be stopped; the person must act
+    │   ├── InputUnavailable          an experiment's input is gone or wrong: the attempt fails
     │   └── RateLimited               the service asked us to slow down (``retry_after``)
     └── RuntimeErrorInSession         misuse of gpupool.runtime inside a training script
 """
@@ -98,6 +99,11 @@ class CancelFailed(ProviderError):
     def __init__(self, provider: str, message: str, action: str = ""):
         self.action = action
         super().__init__(provider, message + (f"; {action}" if action else ""))
+
+
+class InputUnavailable(ProviderError):
+    """An input cannot be brought into the session (deleted dataset, wrong sha256, unreadable
+    file). Retrying elsewhere cannot help, so the scheduler fails the attempt with this reason."""
 
 
 class RateLimited(ProviderError):

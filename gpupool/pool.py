@@ -9,6 +9,7 @@ from pathlib import Path
 
 from gpupool.bundle import pack_workdir
 from gpupool.errors import ConfigError, SpecError
+from gpupool.inputs import input_problems, raise_problems
 from gpupool.manifest import Manifest
 from gpupool.provider import Provider, available_providers, load_provider_class
 from gpupool.settings import PoolSettings
@@ -64,10 +65,14 @@ class Pool:
         self.state.add_event(self.clock(), experiment_id, None, "corrupt-checkpoint",
                              f"checkpoint {name} skipped: {why}")
 
-    def submit(self, spec: ExperimentSpec) -> Experiment:
-        """Record a new experiment with a snapshot of its code; the scheduler places it."""
+    def submit(self, spec: ExperimentSpec, source: Path | None = None) -> Experiment:
+        """Record a new experiment with a snapshot of its code; the scheduler places it.
+
+        Raises SpecError (exit 2, with lines from ``source``, the experiment file) when an
+        input cannot be brought to one of its providers."""
         for name in spec.providers:
             load_provider_class(name)  # unknown provider names fail here, not at placement
+        self.check_inputs(spec, source)
         self.store_root.check_writable()
         now = self.clock()
         bundle_dir = self.data_dir / "bundles"
@@ -76,3 +81,13 @@ class Pool:
         spec_data = json.loads(spec.model_dump_json())
         experiment = self.state.create_experiment(spec.name, spec_data, str(staging), now)
         return experiment
+
+    def check_inputs(self, spec: ExperimentSpec, source: Path | None = None) -> None:
+        """Every input against this machine and every configured provider the spec lists."""
+        problems = input_problems(spec)
+        if not problems:
+            for name in spec.providers:
+                provider = self.try_provider(name)
+                if provider is not None and provider.enabled:
+                    problems += provider.check_inputs(spec)
+        raise_problems(problems, source)

@@ -100,6 +100,7 @@ class Provider(abc.ABC):
     name: ClassVar[str]
     status_map: ClassVar[dict[str, AttemptState]] = {}
     unsupported: ClassVar[dict[str, str]] = {}
+    input_kinds: ClassVar[frozenset[str]] = frozenset()  # inputs: sources it can bring in
     Config: ClassVar[type[BaseModel]]
 
     def __init__(self, config: BaseModel, data_dir: Path, clock: Clock):
@@ -164,6 +165,14 @@ class Provider(abc.ABC):
     def quota_window_start(self, now: float) -> float:
         """Start of the window the ledger sums over (the Kaggle week, a rolling day...)."""
         return 0.0
+
+    def check_inputs(self, spec: ExperimentSpec) -> list[tuple[tuple[Any, ...], str]]:
+        """Problems with ``spec.inputs`` for this provider, as (field location, message); run
+        before anything is placed. The default refuses the kinds not in ``input_kinds``."""
+        return [(("inputs", name, item.kind),
+                 f"{self.name} cannot bring {item.kind} inputs into a session yet; "
+                 f"remove {self.name} from providers or use another kind of source")
+                for name, item in spec.inputs.items() if item.kind not in self.input_kinds]
 
     # -- attempts ------------------------------------------------------------------------
 

@@ -11,7 +11,14 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gpupool.errors import CheckpointError, GpupoolError, ProviderError, ProviderUnavailable, RateLimited
+from gpupool.errors import (
+    CheckpointError,
+    GpupoolError,
+    InputUnavailable,
+    ProviderError,
+    ProviderUnavailable,
+    RateLimited,
+)
 from gpupool.manifest import Manifest
 from gpupool.placement import Candidate, Place, backoff_seconds, checkpoint_interval, choose
 from gpupool.pool import Pool
@@ -271,6 +278,9 @@ class Scheduler:
         )
         try:
             submission = provider.submit(launch)
+        except InputUnavailable as err:  # elsewhere or later cannot help: fail, don't loop
+            self._end(attempt, AttemptState.FAILED, str(err), now)
+            return True  # no other placement in this step (retries_on_error bounds the rest)
         except (ProviderUnavailable, ProviderError) as err:
             until = err.until if isinstance(err, ProviderUnavailable) else None
             self._end(attempt, AttemptState.UNAVAILABLE, str(err), now, until=until)

@@ -11,6 +11,11 @@ Shaped after SkyPilot's task YAML::
     checkpoint: {interval: 10m, keep_last: 3}
     limits: {max_hops: 20, retries_on_error: 2, gpu_hours: 40}
     env: {EPOCHS: "20"}
+    inputs:                     # data; each at $GPUPOOL_INPUT_<NAME> in the session
+      train: {local: data/train}            # uploaded once per content, used in place locally
+      corpus: {kaggle: alice/corpus@3}      # an existing Kaggle dataset, attached (no transfer)
+      vocab: {url: "https://example.org/vocab.txt", sha256: "<64 hex>"}
+      shards: {drive: "<Drive file or folder id>"}
 """
 
 from __future__ import annotations
@@ -111,6 +116,73 @@ class Limits(_Strict):
     gpu_hours: float | None = Field(None, gt=0, description="budget summed over attempts")
 
 
+INPUT_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+KAGGLE_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*/[A-Za-z0-9][A-Za-z0-9_-]{2,49}(@[1-9][0-9]*)?$")
+INPUT_KINDS = ("local", "kaggle", "drive", "url")
+LOOPBACK_HTTP = r"http://(127\.0\.0\.1|localhost)(:[0-9]+)?/\S*"  # a local mirror, tests
+
+
+class InputSpec(_Strict):
+    """One named input: exactly one source, after SkyPilot's ``file_mounts`` (see gpupool.inputs
+    for where it appears in a session). A bare string is a local path."""
+
+    local: Path | None = Field(None, description="file or folder, relative to the experiment file")
+    kaggle: str | None = Field(None, description="an existing dataset: owner/slug[@version]")
+    drive: str | None = Field(None, description="a Drive file or folder id, or a path in My Drive")
+    url: str | None = Field(None, description="https:// address fetched in the session")
+    sha256: str | None = Field(None, description="the url's expected content hash (64 hex digits)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return {"local": value} if isinstance(value, str) else value
+
+    @field_validator("local")
+    @classmethod
+    def _local(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        base = (info.context or {}).get("base_dir")
+        return (Path(base) / value).resolve() if value is not None and base is not None else value
+
+    @field_validator("kaggle")
+    @classmethod
+    def _kaggle(cls, value: str | None) -> str | None:
+        if value is not None and not KAGGLE_REF.fullmatch(value):
+            raise ValueError("must be a Kaggle dataset as owner/slug or owner/slug@version")
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(LOOPBACK_HTTP + r"|https://[^\s/]+/\S*", value):
+            raise ValueError("must be an https:// address (http:// only on this machine)")
+        return value
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha256(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+            raise ValueError("must be 64 hexadecimal digits (a sha256)")
+        return value.lower() if value else value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> InputSpec:
+        given = [kind for kind in INPUT_KINDS if getattr(self, kind) is not None]
+        if len(given) != 1:
+            raise ValueError("needs exactly one source: local, kaggle, drive or url "
+                             f"(given: {', '.join(given) or 'none'})")
+        if self.sha256 is not None and self.url is None:
+            raise ValueError("sha256 applies to url inputs only (other kinds are hashed by gpupool)")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(kind for kind in INPUT_KINDS if getattr(self, kind) is not None)
+
+    @property
+    def source(self) -> str:
+        return str(getattr(self, self.kind))
+
+
 class ExperimentSpec(_Strict):
     name: str
     workdir: Path = Path(".")
@@ -122,6 +194,7 @@ class ExperimentSpec(_Strict):
     limits: Limits = Limits()
     env: dict[str, str] = Field(default_factory=dict)
     outputs: list[str] = Field(default_factory=list, description="folders collected from every session")
+    inputs: dict[str, InputSpec] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod
@@ -182,6 +255,16 @@ class ExperimentSpec(_Strict):
             return {str(k): str(v) for k, v in value.items()}
         return value
 
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _input_names(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            bad = [str(k) for k in value if not INPUT_NAME.fullmatch(str(k))]
+            if bad:
+                raise ValueError(f"not valid input names (letters, digits, _; not starting with a "
+                                 f"digit; they name GPUPOOL_INPUT_<NAME>): {', '.join(bad)}")
+        return value
+
     @field_validator("workdir")
     @classmethod
     def _workdir(cls, value: Path, info: ValidationInfo) -> Path:
@@ -202,6 +285,10 @@ def load_experiment(path: str | Path, *, check_workdir: bool = True) -> Experime
     if check_workdir and not spec.workdir.is_dir():
         raise SpecError(str(path), [(locate(text, ("workdir",)), f"{spec.workdir} is not a directory")])
     problems = [(locate(text, loc), why) for loc, why in folder_problems(spec, check_workdir)]
+    if check_workdir:
+        from gpupool.inputs import input_problems
+
+        problems += [(locate(text, loc), why) for loc, why in input_problems(spec)]
     if problems:
         raise SpecError(str(path), problems)
     return spec

@@ -16,12 +16,13 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gpupool.durations import Seconds
-from gpupool.errors import ProviderError
+from gpupool.errors import InputUnavailable, ProviderError
+from gpupool.inputs import env_name, fetch_url
 from gpupool.manifest import Manifest, ManifestError, list_local, verify_local
 from gpupool.provider import (
     Availability,
@@ -35,6 +36,7 @@ from gpupool.provider import (
 from gpupool.states import AttemptState
 
 if TYPE_CHECKING:
+    from gpupool.spec import ExperimentSpec
     from gpupool.state import Attempt
     from gpupool.store import CheckpointStore
 
@@ -65,6 +67,7 @@ class LocalProvider(Provider):
     name = "local"
     Config = LocalConfig
     config: LocalConfig
+    input_kinds = frozenset({"local", "url"})
 
     def __init__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
@@ -110,6 +113,43 @@ class LocalProvider(Provider):
 
     def accepts_cpu(self) -> bool:
         return not self.detected_gpus() and self.config.cpu_fallback
+
+    # -- inputs ----------------------------------------------------------------------------
+
+    def check_inputs(self, spec: ExperimentSpec) -> list[tuple[tuple[Any, ...], str]]:
+        """Kinds it cannot bring, and url inputs fetched (once, cached) and verified now."""
+        problems = super().check_inputs(spec)
+        for name, item in spec.inputs.items():
+            if item.url is not None:
+                try:
+                    self.fetch(item.url, item.sha256)
+                except InputUnavailable as err:
+                    problems.append((("inputs", name, "sha256" if item.sha256 else "url"),
+                                     str(err).removeprefix("inputs: ")))
+        return problems
+
+    def fetch(self, url: str, sha256: str | None) -> Path:
+        """``url`` in this provider's download cache (tests replace ``open_url``)."""
+        return fetch_url(url, sha256, self.data_dir / "inputs" / "url", self.open_url)
+
+    open_url = None  # the default transport (urllib); a test sets a function
+
+    def _input_env(self, spec: ExperimentSpec) -> dict[str, str]:
+        """``GPUPOOL_INPUT_<NAME>``: local inputs in place, url inputs from the cache.
+
+        Raises InputUnavailable when a local input is gone since the experiment was checked."""
+        env = {}
+        for name, item in spec.inputs.items():
+            if item.local is not None:
+                if not item.local.exists():
+                    raise InputUnavailable(self.name, f"input {name!r}: {item.local} no longer exists")
+                env[env_name(name)] = str(item.local)
+            elif item.url is not None:
+                env[env_name(name)] = str(self.fetch(item.url, item.sha256))
+            else:
+                raise InputUnavailable(self.name, f"input {name!r}: {item.kind} inputs cannot "
+                                                  "be brought to a local session yet")
+        return env
 
     # -- attempts --------------------------------------------------------------------------
 
@@ -159,6 +199,7 @@ class LocalProvider(Provider):
     def _env(self, launch: Launch, session: Path, restore: str | None) -> dict[str, str]:
         env = runtime_env(launch, provider=self.name, session_dir=str(session),
                           restore_dir=restore, deadline=None)  # the supervisor sets it at start
+        env.update(self._input_env(launch.spec))
         python_dir = str(Path(self.config.python).parent)
         env["PATH"] = os.pathsep.join([python_dir, os.environ.get("PATH", "")])
         if not self.detected_gpus():

@@ -63,8 +63,10 @@ def gpu_kind(accelerator: str | None) -> str | None:
 
 
 def save_request(*, owner: str, slug: str, script: str, dataset: str, private: bool,
-                 accelerator: str | None, internet: bool, timeout_seconds: int) -> Any:
-    """The ``ApiSaveKernelRequest`` (kernel-metadata.json's fields) that pushes and runs it."""
+                 accelerator: str | None, internet: bool, timeout_seconds: int,
+                 input_sources: list[str] | None = None) -> Any:
+    """The ``ApiSaveKernelRequest`` (kernel-metadata.json's fields) that pushes and runs it;
+    ``input_sources`` are the experiment's input datasets ("owner/slug[/version]")."""
     from kagglesdk.kernels.types.kernels_api_service import ApiSaveKernelRequest
 
     request = ApiSaveKernelRequest()
@@ -73,7 +75,7 @@ def save_request(*, owner: str, slug: str, script: str, dataset: str, private: b
     request.is_private = private
     request.enable_gpu = accelerator is not None
     request.enable_internet = internet
-    request.dataset_data_sources = [f"{owner}/{dataset}"]
+    request.dataset_data_sources = [f"{owner}/{dataset}", *(input_sources or [])]
     request.session_timeout_seconds = timeout_seconds
     if accelerator:
         request.machine_shape = accelerator
@@ -88,12 +90,14 @@ def render_script(attempt_id: str) -> str:
 
 def marker(attempt_id: str, *, bundle: str, runtime: str, checkpoint: str | None,
            checkpoint_name: str | None, setup: str | None, run: str, env: dict[str, str],
-           session_seconds: float, margin: float) -> dict[str, Any]:
-    """The marker file's content: which inputs are whose, and how to run the session."""
+           session_seconds: float, margin: float,
+           inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The marker file's content: which inputs are whose, and how to run the session;
+    ``inputs`` is the experiment's data plan (see gpupool.session_inputs.prepare)."""
     return {
         "attempt": attempt_id, "bundle": bundle, "runtime": runtime, "checkpoint": checkpoint,
         "checkpoint_name": checkpoint_name, "setup": setup, "run": run, "env": env,
-        "session_seconds": session_seconds, "margin": margin,
+        "session_seconds": session_seconds, "margin": margin, "inputs": inputs or {},
     }
 
 
@@ -125,6 +129,14 @@ def find_inputs(root):
     sys.exit(f"gpupool: no {MARKER} for attempt {ATTEMPT} under {root}")
 
 
+def locate_dataset(inputs_root, ref):
+    owner, slug = ref.split("/")[:2]
+    for path in (inputs_root / "datasets" / owner / slug, inputs_root / slug):
+        if path.is_dir():
+            return path
+    return None
+
+
 def extract(archive, target):
     target.mkdir(parents=True, exist_ok=True)
     with tarfile.open(archive, "r:*") as tar:
@@ -139,7 +151,7 @@ def main():
     scratch = Path(tempfile.mkdtemp(prefix="gpupool-"))
     runtime = extract(inputs / config["runtime"], scratch / "runtime")
     sys.path.insert(0, str(runtime))
-    from gpupool import bootstrap
+    from gpupool import bootstrap, session_inputs
     from gpupool.manifest import read_local, verify_local
 
     session = kaggle / "working" / SUBDIR
@@ -152,6 +164,11 @@ def main():
         restore = extract(inputs / config["checkpoint"], scratch / "restore") / config["checkpoint_name"]
         verify_local(restore, read_local(restore))
         env["GPUPOOL_RESTORE_DIR"] = str(restore)
+    try:
+        env.update(session_inputs.prepare(config.get("inputs", {}),
+                                          lambda ref: locate_dataset(kaggle / "input", ref), scratch))
+    except session_inputs.InputProblem as err:
+        sys.exit(f"gpupool: {err}")
     session_config = {
         "session_dir": str(session), "bundle": str(inputs / config["bundle"]),
         "setup": config.get("setup"), "run": config["run"], "hard_end": hard_end,

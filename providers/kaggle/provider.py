@@ -45,6 +45,7 @@ from . import outputs
 from .client import KaggleRemote, KernelStatus, OutcomeUnknown, RemoteNotFound, detail
 from .config import KAGGLE_CAP_SECONDS, KaggleConfig
 from .credentials import HINT, Credentials, find_credentials
+from .inputs import InputPlan, InputShipper
 from .datasets import CHECKPOINT, CODE, RUNTIME, ensure_dataset, stage_inputs
 from .janitor import Janitor, Leftover
 from .kernel import (
@@ -60,6 +61,7 @@ from .records import Records
 
 if TYPE_CHECKING:
     from gpupool.manifest import Manifest
+    from gpupool.spec import ExperimentSpec
     from gpupool.state import Attempt
     from gpupool.store import CheckpointStore
 
@@ -77,6 +79,7 @@ class KaggleProvider(Provider):
     Config = KaggleConfig
     config: KaggleConfig
     status_map = STATUS_MAP
+    input_kinds = frozenset({"local", "kaggle", "url"})
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -86,6 +89,7 @@ class KaggleProvider(Provider):
         self._checked: tuple[float, bool, str] | None = None
         self._quota: tuple[float, Quota] | None = None
         self._janitor: Janitor | None = None
+        self._shipper: InputShipper | None = None
         self.records = Records(self.data_dir)
 
     # -- credentials and the client ---------------------------------------------------------
@@ -96,6 +100,13 @@ class KaggleProvider(Provider):
             self._remote = KaggleRemote(find_credentials(self.config.credentials), self.config,
                                         sleep=lambda s: self.sleep(s))
         return self._remote
+
+    @property
+    def shipper(self) -> InputShipper:
+        if self._shipper is None:
+            self._shipper = InputShipper(self.remote, self.config, self.owner, self.data_dir,
+                                         clock=self._monotonic)
+        return self._shipper
 
     @property
     def janitor(self) -> Janitor:
@@ -132,6 +143,18 @@ class KaggleProvider(Provider):
             return False, f"credentials from {source}, but Kaggle did not answer: {detail(err)}"
         left = (quota.remaining_seconds or 0) / 3600
         return True, f"user {owner} (credentials from {source}); {left:.1f} GPU-hours left this week"
+
+    def check_inputs(self, spec: ExperimentSpec) -> list[tuple[tuple[Any, ...], str]]:
+        """Also: every Kaggle input exists and is readable with this account. When Kaggle
+        cannot be asked now, the check is left to the attempt (it fails with the reason)."""
+        problems = super().check_inputs(spec)
+        if problems or not any(item.kaggle for item in spec.inputs.values()):
+            return problems
+        try:
+            return self.shipper.check(spec)
+        except GpupoolError as err:
+            log.warning("kaggle: cannot check the Kaggle inputs now (%s)", detail(err))
+            return []
 
     # -- what Kaggle offers -----------------------------------------------------------------
 
@@ -176,12 +199,13 @@ class KaggleProvider(Provider):
         adopted = self._adopt(launch.attempt_id, owner, slug, "found kernel {ref} pushed earlier")
         if adopted is not None:
             return adopted
+        plan = self.shipper.prepare(launch.spec)  # before anything is created for the attempt
         staging = self.data_dir / "staging" / launch.attempt_id
-        files = lambda: stage_inputs(launch, staging, self._marker(launch))  # noqa: E731
+        files = lambda: stage_inputs(launch, staging, self._marker(launch, plan))  # noqa: E731
         try:
             ensure_dataset(self.remote, self.config, owner, dataset_slug(slug), files,
                            clock=self._monotonic)
-            return self._push(launch, owner, slug)
+            return self._push(launch, owner, slug, plan)
         except GpupoolError:
             # Nothing runs for this attempt: delete what it created (the dataset holds a copy
             # of the checkpoint and counts against the private-storage quota).
@@ -190,10 +214,11 @@ class KaggleProvider(Provider):
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def _push(self, launch: Launch, owner: str, slug: str) -> Submission:
+    def _push(self, launch: Launch, owner: str, slug: str, plan: InputPlan) -> Submission:
         request = save_request(
             owner=owner, slug=slug, script=render_script(launch.attempt_id),
             dataset=dataset_slug(slug), private=not self.config.public,
+            input_sources=plan.sources,
             accelerator=self._accelerator(launch), internet=self.config.enable_internet,
             timeout_seconds=int(min(KAGGLE_CAP_SECONDS, self.config.session_seconds + 300)))
         try:
@@ -241,7 +266,7 @@ class KaggleProvider(Provider):
     def _accelerator(self, launch: Launch) -> str | None:
         return self.config.accelerator if launch.spec.resources.wants_gpu else None
 
-    def _marker(self, launch: Launch) -> dict[str, Any]:
+    def _marker(self, launch: Launch, plan: InputPlan) -> dict[str, Any]:
         env = runtime_env(launch, provider=self.name, session_dir="", restore_dir=None,
                           deadline=None)
         env.pop("GPUPOOL_SESSION_DIR", None)  # set inside the kernel, like the deadline
@@ -251,7 +276,7 @@ class KaggleProvider(Provider):
                       checkpoint_name=restore.name if restore else None,
                       setup=launch.spec.setup, run=launch.spec.run, env=env,
                       session_seconds=self.planned_session_seconds(launch) or self.config.session_seconds,
-                      margin=self.config.margin)
+                      margin=self.config.margin, inputs=plan.items)
 
     def poll(self, attempt: Attempt, now: float) -> PollResult:
         record = self._record_of(attempt)

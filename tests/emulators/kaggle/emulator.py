@@ -253,6 +253,27 @@ class KaggleEmulator:
             dataset.versions.append(DatasetVersion(len(dataset.versions) + 1, dict(files)))
             return dataset
 
+    def uploads(self) -> list[str]:
+        """Names of the files uploaded so far, one per StartBlobUpload (from the request log)."""
+        with self.lock:
+            return [r.json.get("name", "") for r in self.requests
+                    if r.endpoint == "StartBlobUpload" and r.json]
+
+    def uploaded_bytes(self) -> int:
+        """Bytes received by blob PUTs (resumed parts included), from the request log."""
+        with self.lock:
+            return sum(len(r.body) for r in self.requests if r.endpoint == "upload")
+
+    def dataset_writes(self) -> list[str]:
+        """"owner/slug" of every CreateDataset / CreateDatasetVersion call received."""
+        with self.lock:
+            writes = []
+            for r in self.requests:
+                if r.endpoint in ("CreateDataset", "CreateDatasetVersion") and r.json:
+                    slug = r.json.get("slug") or r.json.get("datasetSlug", "")
+                    writes.append(f"{r.json.get('ownerSlug', '')}/{slug}")
+            return writes
+
     def kernel(self, ref: str) -> Kernel:
         owner, slug = ref.split("/")
         return self.kernels[(owner, slug)]

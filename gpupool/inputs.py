@@ -1,0 +1,309 @@
+"""An experiment's data (``inputs:``): checking sources, hashing content, fetching URLs.
+
+Where an input appears in a session, per provider (the path is also in ``GPUPOOL_INPUT_<NAME>``,
+the name upper-cased):
+
+* local: a local input is used in place (its own path); a url input is fetched once into
+  ``<data_dir>/inputs/url/`` and verified against its sha256.
+* kaggle: a local input is a private dataset named by its content hash (uploaded once per
+  content, see ``providers/kaggle/inputs.py``), unpacked read-only under the kernel's scratch
+  folder and verified; a kaggle input is attached as a dataset source (read-only under
+  ``/kaggle/input``); a url input is fetched in the kernel and verified.
+
+Content hashes are sha256 over every file's relative path, size and sha256. The per-file
+hashes are cached by absolute path, size and mtime, so an unchanged input is never re-read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import tarfile
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from gpupool.errors import InputUnavailable, SpecError
+from gpupool.session_inputs import CONTENT_FILE, ENV_PREFIX
+
+if TYPE_CHECKING:
+    from gpupool.spec import ExperimentSpec, InputSpec
+
+PROGRESS_BYTES = 8 * 1024 * 1024  # show progress for anything larger
+CHUNK = 1024 * 1024
+
+OpenUrl = Callable[[str], IO[bytes]]
+Problem = tuple[tuple[Any, ...], str]  # (location in the experiment file, message)
+
+
+def env_name(name: str) -> str:
+    """The session's environment variable holding input ``name``'s path."""
+    return ENV_PREFIX + name.upper()
+
+
+# -- checks that need no provider ---------------------------------------------------------
+
+def input_problems(spec: ExperimentSpec) -> list[Problem]:
+    """What is wrong with ``spec.inputs`` on this machine: missing local paths, two inputs at
+    one path (the same source, one folder inside another, or names that differ only in case)."""
+    problems: list[Problem] = []
+    for name, item in spec.inputs.items():
+        if item.local is not None and not item.local.exists():
+            problems.append((("inputs", name, "local"), f"{item.local} does not exist"))
+    problems += _clashes(spec.inputs)
+    return problems
+
+
+def _clashes(inputs: dict[str, InputSpec]) -> list[Problem]:
+    problems: list[Problem] = []
+    seen: dict[str, str] = {}
+    for name, item in inputs.items():
+        other = seen.get(env_name(name))
+        if other is not None:
+            problems.append((("inputs", name), f"same session path and variable as {other!r} "
+                                               f"({env_name(name)}); rename one"))
+        seen[env_name(name)] = name
+    names = list(inputs)
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            if _overlap(inputs[first], inputs[second]):
+                problems.append((("inputs", second), f"is at the same place as input {first!r} "
+                                                     f"({inputs[second].source}); give it once"))
+    return problems
+
+
+def _overlap(a: InputSpec, b: InputSpec) -> bool:
+    if a.kind != b.kind:
+        return False
+    if a.local is not None and b.local is not None:
+        return a.local == b.local or a.local in b.local.parents or b.local in a.local.parents
+    return a.source.split("@")[0] == b.source.split("@")[0]
+
+
+def raise_problems(problems: list[Problem], source: Path | None) -> None:
+    """Raise SpecError (exit 2) naming each problem's field, with its line when the experiment
+    file is known."""
+    if not problems:
+        return
+    from gpupool.yamlfile import locate
+
+    text = source.read_text(encoding="utf-8") if source is not None and source.exists() else ""
+    raise SpecError(str(source or "experiment"),
+                    [(locate(text, loc) if text else ".".join(map(str, loc)), what)
+                     for loc, what in problems])
+
+
+# -- content hashing ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str  # relative, posix
+    size: int  # bytes
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Content:
+    """A local input's files and their hashes; ``sha256`` names the whole content."""
+
+    root: Path
+    is_dir: bool
+    files: tuple[FileEntry, ...]
+    sha256: str
+
+    @property
+    def size(self) -> int:
+        return sum(entry.size for entry in self.files)
+
+    def source_of(self, entry: FileEntry) -> Path:
+        return self.root / entry.path if self.is_dir else self.root
+
+    def listing(self) -> dict[str, Any]:
+        """What CONTENT_FILE holds: the session verifies every byte it unpacks against it."""
+        return {"sha256": self.sha256, "is_dir": self.is_dir,
+                "files": [[e.path, e.size, e.sha256] for e in self.files]}
+
+
+class HashCache:
+    """sha256 of files by absolute path, trusted while size and mtime (ns) are unchanged.
+
+    Kept as one JSON file (written atomically); an unreadable cache is treated as empty."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.hashed_bytes = 0  # bytes actually read by this object (0 when all cached)
+        try:
+            self._entries: dict[str, list[Any]] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self._entries = {}
+
+    def lookup(self, path: Path, stat: os.stat_result) -> str | None:
+        entry = self._entries.get(str(path))
+        if entry and entry[0] == stat.st_size and entry[1] == stat.st_mtime_ns:
+            return str(entry[2])
+        return None
+
+    def store(self, path: Path, stat: os.stat_result, sha256: str) -> None:
+        self._entries[str(path)] = [stat.st_size, stat.st_mtime_ns, sha256]
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".partial")
+        tmp.write_text(json.dumps(self._entries))
+        os.replace(tmp, self.path)
+
+
+def hash_content(root: Path, cache: HashCache) -> Content:
+    """Hash the file or folder at ``root``, reading only files the cache does not know.
+
+    Raises InputUnavailable when ``root`` is gone or unreadable."""
+    root = Path(root).resolve()
+    try:
+        listing = list(_walk(root))
+    except OSError as err:
+        raise InputUnavailable("inputs", f"cannot read {root}: {err}") from None
+    stale = [(rel, path, st) for rel, path, st in listing if cache.lookup(path, st) is None]
+    with progress_bar(f"hashing {root.name}", sum(st.st_size for _, _, st in stale)) as advance:
+        for _rel, path, st in stale:
+            cache.store(path, st, _sha256_file(path, advance))
+            cache.hashed_bytes += st.st_size
+    files = tuple(FileEntry(rel, st.st_size, cache.lookup(path, st) or "") for rel, path, st in listing)
+    if stale:
+        cache.save()
+    digest = hashlib.sha256()
+    for entry in files:
+        digest.update(f"{entry.path}\0{entry.size}\0{entry.sha256}\n".encode())
+    return Content(root, root.is_dir(), files, digest.hexdigest())
+
+
+def _walk(root: Path) -> Iterator[tuple[str, Path, os.stat_result]]:
+    if not root.is_dir():
+        yield root.name, root, root.stat()
+        return
+    for folder, dirs, names in os.walk(root):
+        dirs.sort()
+        for name in sorted(names):
+            path = Path(folder) / name
+            if not path.is_symlink():
+                yield path.relative_to(root).as_posix(), path, path.stat()
+
+
+def _sha256_file(path: Path, advance: Callable[[int], None]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+            advance(len(chunk))
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def progress_bar(label: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar (size, rate, ETA) on stderr for more than PROGRESS_BYTES; yields
+    ``advance(bytes)``. rich is imported only when a bar is shown."""
+    if total <= PROGRESS_BYTES:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    columns = ("{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+# -- packing for upload ---------------------------------------------------------------------
+
+def pack_content(content: Content, target: Path) -> Path:
+    """An uncompressed tar of the input's files (relative paths; a single file by its name);
+    every file is re-hashed while it is packed, so a file changed since hashing is refused,
+    not shipped. Its listing (``Content.listing()``) travels beside it as CONTENT_FILE.
+
+    Raises InputUnavailable when a file changed or vanished meanwhile."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".partial")
+    with tarfile.open(tmp, "w") as tar, progress_bar(f"packing {content.root.name}",
+                                                     content.size) as advance:
+        for entry in content.files:
+            _add_file(tar, content, entry, advance)
+    os.replace(tmp, target)
+    return target
+
+
+def _add_file(tar: tarfile.TarFile, content: Content, entry: FileEntry,
+              advance: Callable[[int], None]) -> None:
+    path = content.source_of(entry)
+    info = tarfile.TarInfo(entry.path)
+    info.size, info.mode, info.mtime = entry.size, 0o444, 0
+    try:
+        with open(path, "rb") as handle:
+            reader = _HashingReader(handle, advance)
+            tar.addfile(info, reader)
+    except (OSError, tarfile.TarError) as err:
+        raise InputUnavailable("inputs", f"cannot read {path}: {err}") from None
+    if reader.digest.hexdigest() != entry.sha256:
+        raise InputUnavailable("inputs", f"{path} changed while it was being packed; run again")
+
+
+class _HashingReader(io.RawIOBase):
+    def __init__(self, handle: IO[bytes], advance: Callable[[int], None]):
+        self.handle, self.advance, self.digest = handle, advance, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.handle.read(size)
+        self.digest.update(data)
+        self.advance(len(data))
+        return data
+
+
+# -- urls -----------------------------------------------------------------------------------
+
+def fetch_url(url: str, sha256: str | None, cache_dir: Path,
+              open_url: OpenUrl | None = None) -> Path:
+    """Download ``url`` once into ``cache_dir`` (kept while its sha256 still matches) and
+    verify it; returns the file. ``open_url`` is the transport (tests pass their own).
+
+    Raises InputUnavailable when it cannot be fetched or does not match ``sha256``."""
+    key = hashlib.sha256(url.encode()).hexdigest()[:24]
+    target = Path(cache_dir) / key / (Path(url.split("?")[0]).name or "download")
+    record = target.with_name(".sha256")
+    if target.exists() and record.exists() and sha256 in (None, record.read_text()):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    digest = _download(url, partial, open_url or _urlopen)
+    if sha256 is not None and digest != sha256:
+        partial.unlink(missing_ok=True)
+        raise InputUnavailable("inputs", f"{url} has sha256 {digest}, not the {sha256} "
+                                         "the experiment file gives")
+    os.replace(partial, target)
+    record.write_text(digest)
+    return target
+
+
+def _download(url: str, partial: Path, open_url: OpenUrl) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open_url(url) as response, open(partial, "wb") as out:
+            total = int(getattr(response, "headers", {}).get("Content-Length") or 0)
+            with progress_bar(f"fetching {partial.name}", total) as advance:
+                while chunk := response.read(CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+                    advance(len(chunk))
+    except OSError as err:  # urllib's URLError and HTTPError are OSErrors
+        partial.unlink(missing_ok=True)
+        raise InputUnavailable("inputs", f"cannot fetch {url}: {err}") from None
+    return digest.hexdigest()
+
+
+def _urlopen(url: str) -> IO[bytes]:
+    return urllib.request.urlopen(url, timeout=60)  # type: ignore[no-any-return]
