@@ -133,7 +133,7 @@ def test_changed_content_is_uploaded_again(emu: KaggleEmulator, tmp_path: Path) 
 
 def test_existing_kaggle_dataset_is_attached_without_any_upload(
         emu: KaggleEmulator, tmp_path: Path) -> None:
-    emu.add_dataset("bob/corpus-set", {"train.csv": b"x,y\n1,2\n"})
+    emu.add_dataset("bob/corpus-set", {"train.csv": b"x,y\n1,2\n"}, private=False)
     emu.add_dataset("bob/corpus-set", {"train.csv": b"x,y\n3,4\n5,6\n"})  # version 2
     pool = make_pool(tmp_path)
     path = experiment_file(tmp_path, {"corpus": {"kaggle": "bob/corpus-set@1"}})
@@ -159,7 +159,7 @@ def test_missing_kaggle_dataset_fails_before_placement_with_its_line(
 
 def test_dataset_deleted_after_submit_fails_the_attempt_not_a_retry_loop(
         emu: KaggleEmulator, tmp_path: Path) -> None:
-    emu.add_dataset("bob/corpus-set", {"train.csv": b"1"})
+    emu.add_dataset("bob/corpus-set", {"train.csv": b"1"}, private=False)
     pool = make_pool(tmp_path)
     path = experiment_file(tmp_path, {"corpus": {"kaggle": "bob/corpus-set"}})
     experiment = pool.submit(load_experiment(path), path)
@@ -206,13 +206,13 @@ def test_url_input_is_fetched_and_verified_in_the_kernel(
 
 def test_marker_and_push_name_every_input(emu: KaggleEmulator, tmp_path: Path) -> None:
     make_data(tmp_path / "data", {"a.bin": b"abc"})
-    emu.add_dataset("bob/corpus-set", {"t.csv": b"1"})
+    emu.add_dataset("bob/corpus-set", {"t.csv": b"1"}, private=False)
     pool = make_pool(tmp_path)
     path = experiment_file(tmp_path, {"train": "data", "corpus": {"kaggle": "bob/corpus-set"}})
     assert run(pool, path).state == ExperimentState.SUCCEEDED
     push = next(r.json for r in emu.requests if r.endpoint == "SaveKernel")
     sources = push["datasetDataSources"]
     assert "bob/corpus-set" in sources and any("-in-" in s for s in sources) and len(sources) == 3
-    marker = next(json.loads(v.files["gpupool-input.json"]) for d in emu.datasets.values()
-                  for v in d.versions if "gpupool-input.json" in v.files)
+    marker = next(json.loads(blob.data) for blob in emu.blobs.values()
+                  if blob.name == "gpupool-input.json")  # the attempt's dataset is cleaned up
     assert set(marker["inputs"]) == {"train", "corpus"}
