@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import tarfile
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from gpupool.errors import InputUnavailable, SpecError
-from gpupool.session_inputs import CONTENT_FILE, ENV_PREFIX
+from gpupool.session_inputs import ENV_PREFIX
 
 if TYPE_CHECKING:
     from gpupool.spec import ExperimentSpec, InputSpec
@@ -62,7 +63,7 @@ def input_problems(spec: ExperimentSpec) -> list[Problem]:
 def _clashes(inputs: dict[str, InputSpec]) -> list[Problem]:
     problems: list[Problem] = []
     seen: dict[str, str] = {}
-    for name, item in inputs.items():
+    for name in inputs:
         other = seen.get(env_name(name))
         if other is not None:
             problems.append((("inputs", name), f"same session path and variable as {other!r} "
@@ -205,13 +206,12 @@ def _sha256_file(path: Path, advance: Callable[[int], None]) -> str:
 @contextlib.contextmanager
 def progress_bar(label: str, total: int) -> Iterator[Callable[[int], None]]:
     """A rich progress bar (size, rate, ETA) on stderr for more than PROGRESS_BYTES; yields
-    ``advance(bytes)``. rich is imported only when a bar is shown."""
-    if total <= PROGRESS_BYTES:
+    ``advance(bytes)``. rich is imported only when a bar is shown (not when stderr is a file)."""
+    if total <= PROGRESS_BYTES or not sys.stderr.isatty():
         yield lambda n: None
         return
     from rich.console import Console
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TimeRemainingColumn,
-                               TransferSpeedColumn)
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
     columns = ("{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                TimeRemainingColumn())

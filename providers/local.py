@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gpupool.durations import Seconds
 from gpupool.errors import InputUnavailable, ProviderError
-from gpupool.inputs import env_name, fetch_url
+from gpupool.inputs import OpenUrl, env_name, fetch_url
 from gpupool.manifest import Manifest, ManifestError, list_local, verify_local
 from gpupool.provider import (
     Availability,
@@ -68,6 +68,7 @@ class LocalProvider(Provider):
     Config = LocalConfig
     config: LocalConfig
     input_kinds = frozenset({"local", "url"})
+    open_url: OpenUrl | None = None  # how url inputs are fetched: None is urllib; tests swap it
 
     def __init__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
@@ -131,8 +132,6 @@ class LocalProvider(Provider):
     def fetch(self, url: str, sha256: str | None) -> Path:
         """``url`` in this provider's download cache (tests replace ``open_url``)."""
         return fetch_url(url, sha256, self.data_dir / "inputs" / "url", self.open_url)
-
-    open_url = None  # the default transport (urllib); a test sets a function
 
     def _input_env(self, spec: ExperimentSpec) -> dict[str, str]:
         """``GPUPOOL_INPUT_<NAME>``: local inputs in place, url inputs from the cache.

@@ -197,7 +197,7 @@ def test_local_session_reads_inputs_in_place(tmp_path: Path) -> None:
     path = write(tmp_path, {"train": "data", "vocab": {
         "url": "https://example.org/vocab.txt", "sha256": hashlib.sha256(body).hexdigest()}})
     pool = make_pool(tmp_path)
-    pool.provider("local").open_url = Opener(body)  # type: ignore[attr-defined]
+    pool.provider("local").open_url = Opener(body)  # type: ignore[attr-defined,assignment]
     experiment = pool.submit(load_experiment(path), path)
     done = drive_until_done(pool, experiment.id, timeout=120)
     assert done.state == ExperimentState.SUCCEEDED
@@ -239,3 +239,9 @@ def test_local_input_deleted_later_fails_the_attempt_with_the_reason(tmp_path: P
     assert done.state == ExperimentState.FAILED
     attempts = pool.state.attempts(experiment.id)
     assert len(attempts) == 1 and "no longer exists" in (attempts[0].end_reason or "")
+
+
+@pytest.mark.parametrize("name", ["experiment.yaml", "kaggle-dataset.yaml", "drive.yaml"])
+def test_examples_are_valid(name: str) -> None:
+    spec = load_experiment(Path(__file__).parents[1] / "configs" / "examples" / "inputs" / name)
+    assert spec.inputs and spec.workdir.name == "code"

@@ -45,8 +45,8 @@ from . import outputs
 from .client import KaggleRemote, KernelStatus, OutcomeUnknown, RemoteNotFound, detail
 from .config import KAGGLE_CAP_SECONDS, KaggleConfig
 from .credentials import HINT, Credentials, find_credentials
-from .inputs import InputPlan, InputShipper
 from .datasets import CHECKPOINT, CODE, RUNTIME, ensure_dataset, stage_inputs
+from .inputs import InputPlan, InputShipper
 from .janitor import Janitor, Leftover
 from .kernel import (
     STATUS_MAP,
