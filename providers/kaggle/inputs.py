@@ -28,7 +28,7 @@ from gpupool.session_inputs import CONTENT_FILE
 
 from .client import KaggleRemote
 from .config import KaggleConfig
-from .datasets import create, wait_ready
+from .datasets import FAILED_STATUSES, create, wait_ready
 
 if TYPE_CHECKING:
     from gpupool.spec import ExperimentSpec, InputSpec
@@ -59,9 +59,14 @@ class InputShipper:
         self.cache = HashCache(self.data_dir / "inputs" / "hashes.json")
 
     def check(self, spec: ExperimentSpec) -> list[tuple[tuple[Any, ...], str]]:
-        """Kaggle inputs that do not exist or that this account cannot read."""
+        """Kaggle inputs that do not exist or that this account cannot read; url inputs when
+        kernels have no internet."""
         problems: list[tuple[tuple[Any, ...], str]] = []
         for name, item in spec.inputs.items():
+            if item.url is not None and not self.config.enable_internet:
+                problems.append((("inputs", name, "url"), "Kaggle kernels run without internet "
+                                 "here (providers.kaggle.enable_internet: false); use a local "
+                                 "or kaggle input instead"))
             if item.kaggle is not None and self._status(item.kaggle) is None:
                 problems.append((("inputs", name, "kaggle"),
                                  f"Kaggle dataset {item.kaggle} does not exist or is not readable "
@@ -100,7 +105,11 @@ class InputShipper:
         A create that fails leaves no dataset behind: files are uploaded as blobs first and the
         dataset exists only once the create call succeeds."""
         slug = content_slug(self.config.slug_prefix, content.sha256)
-        if self.remote.dataset_status(self.owner, slug) is None:
+        status = self.remote.dataset_status(self.owner, slug)
+        if status in FAILED_STATUSES:  # an earlier upload Kaggle could not process: redo it
+            self.remote.delete_dataset(self.owner, slug)
+            status = None
+        if status is None:
             self._upload(content, slug)
         wait_ready(self.remote, self.config, self.owner, slug, self.clock)
         return f"{self.owner}/{slug}"

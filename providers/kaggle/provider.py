@@ -148,7 +148,7 @@ class KaggleProvider(Provider):
         """Also: every Kaggle input exists and is readable with this account. When Kaggle
         cannot be asked now, the check is left to the attempt (it fails with the reason)."""
         problems = super().check_inputs(spec)
-        if problems or not any(item.kaggle for item in spec.inputs.values()):
+        if problems or not spec.inputs:
             return problems
         try:
             return self.shipper.check(spec)

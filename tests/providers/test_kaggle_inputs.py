@@ -26,7 +26,7 @@ from gpupool.spec import load_experiment
 from gpupool.state import Experiment
 from gpupool.states import AttemptState, ExperimentState
 from providers.kaggle import KaggleProvider
-from tests.emulators.kaggle import KaggleEmulator
+from tests.emulators.kaggle import Fault, KaggleEmulator
 from tests.helpers import drive_until_done
 from tests.test_inputs import CHECK_SCRIPT, make_data
 
@@ -216,3 +216,26 @@ def test_marker_and_push_name_every_input(emu: KaggleEmulator, tmp_path: Path) -
     marker = next(json.loads(blob.data) for blob in emu.blobs.values()
                   if blob.name == "gpupool-input.json")  # the attempt's dataset is cleaned up
     assert set(marker["inputs"]) == {"train", "corpus"}
+
+
+def test_content_dataset_kaggle_failed_to_process_is_uploaded_again(
+        emu: KaggleEmulator, tmp_path: Path) -> None:
+    make_data(tmp_path / "data", {"a.bin": b"abc"})
+    pool = make_pool(tmp_path)
+    assert run(pool, experiment_file(tmp_path, {"train": "data"})).state == ExperimentState.SUCCEEDED
+    emu.inject("GetDatasetStatus", Fault.status("FAILED"))  # the content dataset's next check
+    again = run(pool, experiment_file(tmp_path, {"train": "data"}, name="after-failure"))
+    assert again.state == ExperimentState.SUCCEEDED
+    assert input_uploads(emu).count("data.tar") == 2
+    assert [r.endpoint for r in emu.requests].count("DeleteDataset") >= 1
+
+
+def test_url_input_refused_up_front_when_kernels_have_no_internet(
+        emu: KaggleEmulator, tmp_path: Path) -> None:
+    pool = make_pool(tmp_path)
+    pool.provider("kaggle").config.enable_internet = False  # type: ignore[attr-defined]
+    path = experiment_file(tmp_path, {"words": {"url": "https://example.org/words.txt"}})
+    with pytest.raises(SpecError) as caught:
+        pool.submit(load_experiment(path), path)
+    where, what = caught.value.problems[0]
+    assert where.startswith("inputs.words.url (line ") and "without internet" in what
