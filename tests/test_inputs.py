@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -245,3 +247,19 @@ def test_local_input_deleted_later_fails_the_attempt_with_the_reason(tmp_path: P
 def test_examples_are_valid(name: str) -> None:
     spec = load_experiment(Path(__file__).parents[1] / "configs" / "examples" / "inputs" / name)
     assert spec.inputs and spec.workdir.name == "code"
+
+
+def test_cli_run_reports_bad_inputs_with_exit_2_and_no_traceback(tmp_path: Path) -> None:
+    path = write(tmp_path, {"train": "missing-folder", "shards": {"drive": "1AbC"}})
+    env = {**os.environ, "GPUPOOL_DATA_DIR": str(tmp_path / "data")}
+    env.pop("GPUPOOL_CONFIG", None)
+    result = subprocess.run([sys.executable, "-m", "gpupool", "run", "--detach", str(path)],
+                            env=env, text=True, capture_output=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "inputs.train.local (line" in result.stderr and "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    path = write(tmp_path, {"shards": {"drive": "1AbC"}})
+    result = subprocess.run([sys.executable, "-m", "gpupool", "run", "--detach", str(path)],
+                            env=env, text=True, capture_output=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "inputs.shards.drive (line" in result.stderr and "local cannot bring" in result.stderr
