@@ -280,6 +280,7 @@ def prepare(drive, p, work):
         tar.extractall(work / "runtime", filter="data")
     sys.path.insert(0, str(work / "runtime"))
     env = dict(p["SESSION_ENV"])
+    env.update(bring_inputs(drive, p.get("INPUTS") or {}, work / "gpupool-inputs"))
     session_dir = work / "session"
     env["GPUPOOL_SESSION_DIR"] = str(session_dir)
     restored = restore(drive, folder, p.get("RESTORE_NAME"), work)
@@ -291,6 +292,43 @@ def prepare(drive, p, work):
     return {"session_dir": str(session_dir), "bundle": str(work / "bundle.tar.gz"),
             "setup": p.get("SETUP"), "run": p["RUN"], "hard_end": hard_end,
             "runtime_path": str(work / "runtime"), "env": env}
+
+
+def bring_inputs(drive, plan, root):
+    """Copy every input onto the VM's disk through the Drive API (not the FUSE mount), verify
+    it, make it read-only; returns ``{GPUPOOL_INPUT_<NAME>: path}``. Raises
+    ``session_inputs.InputProblem`` naming an input that is missing or wrong."""
+    from gpupool import session_inputs
+
+    env = {}
+    for name, item in plan.items():
+        target = Path(root) / name
+        if item["kind"] == "drive_content":
+            drive.download_tree(item["id"], target)
+            ready = session_inputs.prepare({name: {"kind": "dataset", "ref": item["id"],
+                                                   "packed": True}},
+                                           _always(target), root)
+            path = Path(next(iter(ready.values())))
+        elif item["kind"] == "drive" and item.get("is_dir"):
+            drive.download_tree(item["id"], target)
+            path = target
+        elif item["kind"] == "drive":
+            path = drive.download(item["id"], target / item["title"])
+        elif item["kind"] == "url":
+            path = session_inputs.fetch(item["url"], item.get("sha256"), target)
+        else:
+            raise session_inputs.InputProblem(f"input {name!r}: unknown kind {item['kind']!r}")
+        for file in [target, *target.rglob("*")]:
+            if file.is_file():
+                file.chmod(0o444)
+        env[session_inputs.ENV_PREFIX + name.upper()] = str(path)
+        print(f"[gpupool] input {name} ready at {path}", flush=True)
+    return env
+
+
+def _always(folder):
+    """``locate`` for session_inputs.prepare: the input was just downloaded to ``folder``."""
+    return lambda ref: folder
 
 
 def restore_source(drive, folder, name):

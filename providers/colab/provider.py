@@ -33,9 +33,11 @@ from gpupool.states import AttemptState
 from . import drive as gdrive
 from . import notebook
 from .config import ColabConfig
+from .inputs import DriveInputs
 from .ledger import AttemptRecords, Cooldowns
 
 if TYPE_CHECKING:
+    from gpupool.spec import ExperimentSpec
     from gpupool.state import Attempt
     from gpupool.store import CheckpointStore
 
@@ -60,6 +62,7 @@ class ColabProvider(Provider):
         "failed": AttemptState.FAILED,
         "stopped": AttemptState.CANCELLED,
     }
+    input_kinds = frozenset({"local", "drive", "url"})
     unsupported = {"unattended start": "Colab's free tier needs a person to open and run "
                                        "each attempt's notebook"}
 
@@ -84,6 +87,20 @@ class ColabProvider(Provider):
                 options["sleep"] = self.sleep
             self._drive = gdrive.Drive(auth, **options)
         return self._drive
+
+    def inputs(self) -> DriveInputs:
+        return DriveInputs(self.drive(), self.config.folder, self.data_dir)
+
+    def check_inputs(self, spec: ExperimentSpec) -> list[tuple[tuple[Any, ...], str]]:
+        """Also: every Drive input exists and is readable by the signed-in account. When
+        Drive cannot be asked now, the check is left to the attempt (it fails with the reason)."""
+        problems = super().check_inputs(spec)
+        if problems or not any(item.drive for item in spec.inputs.values()):
+            return problems
+        try:
+            return self.inputs().check(spec)
+        except GpupoolError:
+            return []
 
     def attempts_folder(self) -> str:
         return self.drive().folder_path(self.config.folder, "attempts")
@@ -155,6 +172,7 @@ class ColabProvider(Provider):
             if launch.restore is not None:
                 self._upload_restore(launch, folder, Path(tmp) / "restore")
         params = self._parameters(launch, folder)
+        params["INPUTS"] = self.inputs().prepare(launch.spec)
         body = notebook.dumps(notebook.render(params, experiment=launch.spec.name))
         title = f"gpupool-{launch.spec.name}-{launch.attempt_id}.ipynb"
         created = drive.put(folder, title, body, gdrive.COLAB_MIME)
