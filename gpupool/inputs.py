@@ -9,6 +9,9 @@ the name upper-cased):
   content, see ``providers/kaggle/inputs.py``), unpacked read-only under the kernel's scratch
   folder and verified; a kaggle input is attached as a dataset source (read-only under
   ``/kaggle/input``); a url input is fetched in the kernel and verified.
+* colab: a local input is a Drive folder per content (``providers/colab/inputs.py``); it and
+  a drive input are copied onto the VM through the Drive API, verified and made read-only; a
+  url input is fetched in the notebook and verified.
 
 Content hashes are sha256 over every file's relative path, size and sha256. The per-file
 hashes are cached by absolute path, size and mtime, so an unchanged input is never re-read.
