@@ -45,6 +45,7 @@ def main() -> None:
         step = gt.load_training_state(session.restore_dir, **state).step
         print(f"resumed from step {step}", flush=True)
 
+    loss = None  # a session resumed from the last step trains no further
     while step < TOTAL_STEPS:
         rows = torch.randint(0, x.shape[0], (BATCH,), generator=batches).to(device)
         loss = nn.functional.mse_loss(model(x[rows]), y[rows])
@@ -62,8 +63,9 @@ def main() -> None:
 
     with session.checkpoint(step, final=True) as folder:
         gt.save_training_state(folder, step=step, **state)
-    session.complete(step, loss=loss.item())
-    print(f"done: step {step}, loss {loss.item():.4f}", flush=True)
+    metrics = {"loss": loss.item()} if loss is not None else {}
+    session.complete(step, **metrics)
+    print(f"done: step {step}, {metrics}", flush=True)
 
 
 if __name__ == "__main__":
