@@ -35,6 +35,7 @@ CURSOR_FILE = "notify-cursor.json"
 class Message:
     title: str
     body: str
+    to: tuple[str, ...] = ()  # apprise URLs of the one person it is for (an account's owner)
 
 
 Send = Callable[[Message], bool]  # True when every service took it
@@ -71,9 +72,11 @@ class Notifier:
     ``send`` is the seam for tests; by default apprise with the pool's ``notify`` URLs."""
 
     def __init__(self, pool: Pool, send: Send, *, cursor_file: Path | None = None,
-                 max_age: float = MAX_AGE_SECONDS):
+                 max_age: float = MAX_AGE_SECONDS,
+                 send_to: Callable[[list[str]], Send] = apprise_sender):
         self.pool = pool
         self.send = send
+        self.send_to = send_to  # builds a sender for a message's own ``to`` URLs
         self.cursor_file = cursor_file or Path(pool.settings.data_dir) / CURSOR_FILE
         self.max_age = max_age
         self.cursor = self._load_cursor()
@@ -82,7 +85,11 @@ class Notifier:
     def for_pool(cls, pool: Pool) -> Notifier | None:
         """A notifier for the pool's ``notify`` URLs, or None when there are none."""
         urls = list(pool.settings.notify)
-        return cls(pool, apprise_sender(urls)) if urls else None
+        if urls:
+            return cls(pool, apprise_sender(urls))
+        if _members_notified(pool):  # only members' own URLs: nothing goes to the pool's
+            return cls(pool, lambda message: True)
+        return None
 
     def check(self, now: float) -> list[Message]:
         """Send a message for each notable event since the last check; returns those sent."""
@@ -90,13 +97,19 @@ class Notifier:
         for event in self._new_events():
             message = self.message_for(event) if now - event["at"] <= self.max_age else None
             if message is not None:
-                if self.send(message):
+                if self._deliver(message):
                     sent.append(message)
                 else:  # the services' own retries are spent; do not block the scheduler on them
                     log.warning("a notification (%s) was not delivered to every service",
                                 message.title)
             self._save_cursor(event["id"])
         return sent
+
+    def _deliver(self, message: Message) -> bool:
+        delivered = self.send(message)
+        if message.to:
+            delivered = self.send_to(list(message.to))(message) and delivered
+        return delivered
 
     def message_for(self, event: dict[str, Any]) -> Message | None:
         """The message an event deserves, or None for the many that need nobody."""
@@ -129,9 +142,12 @@ class Notifier:
         if not needs_person or not attempt.url:
             return None
         name = self.pool.state.experiment(attempt.experiment_id).name
-        return Message(f"gpupool: open this notebook for {name}",
-                       f"{attempt.provider} session {attempt.seq} of {name} waits for you: open "
-                       f"{attempt.url}, choose a GPU runtime and press Run all.")
+        owner = provider.owner_of(attempt.account)  # a team's member: the one who can open it
+        whose = f" in {owner}'s account ({attempt.account})" if owner else ""
+        return Message(f"gpupool: {owner + ', o' if owner else 'O'}pen this notebook for {name}",
+                       f"{attempt.provider} session {attempt.seq} of {name}{whose} waits for you: "
+                       f"open {attempt.url}, choose a GPU runtime and press Run all.",
+                       to=tuple(provider.notify_urls(attempt.account)))
 
     # -- where it got to -------------------------------------------------------------------
 
@@ -162,3 +178,9 @@ class Notifier:
         staging = self.cursor_file.with_suffix(".tmp")
         staging.write_text(json.dumps({"last_event_id": event_id}))
         os.replace(staging, self.cursor_file)
+
+
+def _members_notified(pool: Pool) -> bool:
+    """Whether some provider account in the pool file names its owner's own notify URLs."""
+    return any(entry.get("notify") for section in pool.settings.providers.values()
+               for entry in (section.get("accounts") or {}).values())

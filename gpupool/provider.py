@@ -108,15 +108,24 @@ class Provider(abc.ABC):
         self.data_dir = Path(data_dir)
         self.clock = clock
 
+    account_owner: str | None = None  # the person whose account this is, when the pool names one
+    account_notify: list[str] = []  # apprise URLs reaching that person (never shown: secrets)
+
     @classmethod
     def from_section(cls, section: dict[str, Any], data_dir: Path, clock: Clock) -> Provider:
+        """The adapter for ``providers.<name>``: one adapter, or one per account listed under
+        ``accounts`` (see ``TeamAccounts``). Raises ``SpecError`` naming each bad field."""
         try:
             config = cls.Config.model_validate(section)
         except ValidationError as err:
             problems = [(f"providers.{cls.name}." + ".".join(map(str, e["loc"])), e["msg"])
                         for e in err.errors()]
             raise SpecError("pool configuration", problems) from None
-        return cls(config, data_dir, clock)
+        if not getattr(config, "accounts", None):
+            return cls(config, data_dir, clock)
+        from gpupool.accounts import team_of
+
+        return team_of(cls, config, data_dir, clock)
 
     # -- what the provider offers --------------------------------------------------------
 
@@ -125,7 +134,20 @@ class Provider(abc.ABC):
         return bool(getattr(self.config, "enabled", True))
 
     def accounts(self) -> list[str]:
+        """The accounts attempts may run on: ``default`` unless the section lists members'."""
         return ["default"]
+
+    def check_account(self, account: str) -> tuple[bool, str]:
+        """(usable, hint) for one account's credentials; one account: ``check_credentials``."""
+        return self.check_credentials()
+
+    def owner_of(self, account: str) -> str | None:
+        """The person an account belongs to, as the pool file names them (None: not named)."""
+        return self.account_owner
+
+    def notify_urls(self, account: str) -> list[str]:
+        """Apprise URLs reaching the account's owner (from the pool file; they carry secrets)."""
+        return list(self.account_notify)
 
     def max_concurrent(self, account: str) -> int | None:
         return getattr(self.config, "max_concurrent", None)

@@ -225,14 +225,17 @@ class Scheduler:
             if provider is None or not provider.enabled:
                 views.append(Candidate(name, "default", configured=False))
                 continue
-            for account in provider.accounts():
+            accounts = [a for a in provider.accounts() if spec.allows_account(name, a)]
+            if not accounts:  # the experiment names members' accounts the pool does not list
+                views.append(Candidate(name, ",".join(spec.accounts[name]), configured=False))
+            for account in accounts:
                 views.append(self._candidate(provider, account, health, active, now))
         return views
 
     def _candidate(
         self, provider: Provider, account: str, health: dict, active: dict, now: float
     ) -> Candidate:
-        ok, hint = provider.check_credentials()
+        ok, hint = provider.check_account(account)
         cooldown = health.get((provider.name, account), {})
         available = provider.availability(account, now)
         charged = self.state.charged_seconds(provider.name, account, provider.quota_window_start(now))

@@ -190,6 +190,9 @@ class ExperimentSpec(_Strict):
     run: str
     resources: Resources = Resources()
     providers: list[str] = Field(default_factory=lambda: ["local"], min_length=1)
+    accounts: dict[str, list[str]] = Field(
+        default_factory=dict, description="per provider, the only members' accounts it may use "
+        "(e.g. {kaggle: [alice]}); a provider not named here may use any of the pool's")
     checkpoint: CheckpointPolicy = CheckpointPolicy()
     limits: Limits = Limits()
     env: dict[str, str] = Field(default_factory=dict)
@@ -239,6 +242,23 @@ class ExperimentSpec(_Strict):
     def state_folders(self) -> list[str]:
         """The checkpoint and output folders: the run's state, never shipped as code."""
         return ([self.checkpoint.path] if self.checkpoint.path else []) + list(self.outputs)
+
+    @field_validator("accounts")
+    @classmethod
+    def _accounts(cls, value: dict[str, list[str]], info: ValidationInfo) -> dict[str, list[str]]:
+        listed = info.data.get("providers") or []
+        for provider, names in value.items():
+            if provider not in listed:
+                raise ValueError(f"{provider!r} is not in providers ({', '.join(listed)})")
+            if not names:
+                raise ValueError(f"{provider}: name at least one account, or leave it out")
+            if len(set(names)) != len(names):
+                raise ValueError(f"{provider}: lists an account twice")
+        return value
+
+    def allows_account(self, provider: str, account: str) -> bool:
+        """Whether attempts may run on ``provider``'s ``account`` (``accounts`` limits it)."""
+        return account in self.accounts.get(provider, [account])
 
     @field_validator("env", mode="before")
     @classmethod

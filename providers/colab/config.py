@@ -5,13 +5,26 @@ from __future__ import annotations
 from pathlib import Path
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from gpupool.accounts import AccountSection, check_account_names, one_account_per_person
 
 from gpupool.durations import Seconds
 
 CONFIG_DIR = Path(platformdirs.user_config_dir("gpupool")) / "colab"
 DEFAULT_CLIENT_SECRETS = CONFIG_DIR / "client_secrets.json"
 DEFAULT_CREDENTIALS = CONFIG_DIR / "credentials.json"
+
+
+class ColabAccount(AccountSection):
+    """One team member's Google account: their saved Drive sign-in. Its notebooks go to their
+    Drive, and they are the person who opens and runs them (the one notified)."""
+
+    credentials_file: Path = Field(description="that member's saved sign-in (gpupool auth colab "
+                                   "writes it on their machine)")
+    client_secrets: Path | None = Field(None, description="their OAuth client, if not the section's")
+    folder: str | None = Field(None, description="folder in their My Drive (default: the section's)")
+    estimated_gpu_hours_per_day: float | None = Field(None, gt=0)
 
 
 class ColabConfig(BaseModel):
@@ -37,3 +50,21 @@ class ColabConfig(BaseModel):
     request_timeout: Seconds = Field(60, gt=0,
                                      description="seconds before a stalled Drive request is retried")
     gpu_probe: str = Field("nvidia-smi -L", description="command that succeeds when a GPU is there")
+    accounts: dict[str, ColabAccount] = Field(
+        default_factory=dict, description="a team's members' own Google accounts, by a short "
+        "name; empty: the one signed in with gpupool auth colab (account 'default')")
+
+    @field_validator("accounts")
+    @classmethod
+    def _one_account_per_person(cls, accounts: dict[str, ColabAccount]) -> dict[str, ColabAccount]:
+        check_account_names(accounts)
+        one_account_per_person(accounts, lambda entry: str(
+            Path(getattr(entry, "credentials_file")).expanduser().resolve()))
+        return accounts
+
+    @model_validator(mode="after")
+    def _members_own_credentials(self) -> ColabConfig:
+        if self.accounts and "credentials_file" in self.model_fields_set:
+            raise ValueError("with accounts listed, give credentials_file under each account "
+                             "(each member's own sign-in)")
+        return self

@@ -4,11 +4,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from gpupool.accounts import AccountSection, check_account_names, one_account_per_person
 
 from gpupool.durations import Seconds
 
 KAGGLE_CAP_SECONDS = 12 * 3600  # Kaggle's hard limit for a GPU session
+KAGGLE_GPU_SESSIONS = 2  # Kaggle's "maximum batch GPU session count" per account
+
+
+class KaggleAccount(AccountSection):
+    """One team member's Kaggle account: their token, and who they are."""
+
+    credentials: Path | None = Field(None, description="that member's kaggle.json, or the folder "
+                                     "holding it (a KAGGLE_CONFIG_DIR)")
+    username: str | None = Field(None, description="their Kaggle user; default: from the token")
+    max_concurrent: int | None = Field(None, ge=1, le=KAGGLE_GPU_SESSIONS,
+                                       description="GPU sessions at once on this account")
+    weekly_gpu_hours: float | None = Field(None, gt=0, description="quota assumed when the API fails")
 
 
 class KaggleConfig(BaseModel):
@@ -29,7 +43,8 @@ class KaggleConfig(BaseModel):
     session_seconds: Seconds = Field(9 * 3600, gt=0, le=KAGGLE_CAP_SECONDS,
                                    description="plan sessions this long (Kaggle cuts at 12 h)")
     deadline_margin: Seconds | None = Field(None, ge=0, description="stop this long before the end")
-    max_concurrent: int = Field(2, ge=1, description="Kaggle runs 2 GPU sessions at a time")
+    max_concurrent: int = Field(KAGGLE_GPU_SESSIONS, ge=1, le=KAGGLE_GPU_SESSIONS,
+                                description="Kaggle runs 2 GPU sessions at a time per account")
     weekly_gpu_hours: float = Field(30.0, gt=0, description="quota assumed when the API fails")
     request_timeout: Seconds = Field(60.0, gt=0, description="seconds per HTTP request")
     download_timeout: Seconds = Field(300.0, gt=0, description="seconds of silence in a download")
@@ -46,9 +61,40 @@ class KaggleConfig(BaseModel):
                                       "dataset on Kaggle after collecting it (they use your "
                                       "private storage); default: delete them")
     startup_seconds: Seconds = Field(180.0, ge=0, description="queue and image start, for planning")
+    accounts: dict[str, KaggleAccount] = Field(
+        default_factory=dict, description="a team's members' own accounts, by a short name; "
+        "empty: the one account found as the kaggle client finds it (account 'default')")
+
+    @field_validator("accounts")
+    @classmethod
+    def _one_account_per_person(cls, accounts: dict[str, KaggleAccount]) -> dict[str, KaggleAccount]:
+        check_account_names(accounts)
+        one_account_per_person(accounts, _identity)
+        missing = [name for name, entry in accounts.items() if entry.credentials is None]
+        if len(accounts) > 1 and missing:
+            raise ValueError(f"{', '.join(map(repr, missing))}: each member's own credentials "
+                             "(their kaggle.json) are needed")
+        return accounts
+
+    @model_validator(mode="after")
+    def _members_own_credentials(self) -> KaggleConfig:
+        if self.accounts and {"credentials", "username"} & self.model_fields_set:
+            raise ValueError("with accounts listed, give credentials and username under each "
+                             "account (they are each member's own)")
+        return self
 
     @property
     def margin(self) -> float:
         if self.deadline_margin is not None:
             return self.deadline_margin
         return min(900.0, 0.1 * self.session_seconds)
+
+
+def _identity(entry: AccountSection) -> object:
+    """The login an account uses: its username if given, else its credentials file."""
+    assert isinstance(entry, KaggleAccount)
+    if entry.username:
+        return ("user", entry.username.lower())
+    if entry.credentials is not None:
+        return ("file", str(Path(entry.credentials).expanduser().resolve()))
+    return None

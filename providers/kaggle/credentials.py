@@ -42,7 +42,10 @@ class Credentials:
 def find_credentials(explicit: Path | None = None) -> Credentials:
     """The first credentials found; ``CredentialsError`` (with a hint) when there are none."""
     if explicit is not None:
-        found = _from_json(Path(explicit).expanduser())
+        path = Path(explicit).expanduser()
+        if path.is_dir():  # a KAGGLE_CONFIG_DIR-style folder: its kaggle.json
+            path = path / "kaggle.json"
+        found = _from_json(path)
         if found is None:
             raise CredentialsError("kaggle", f"no username/key in {explicit}; {HINT}")
         return found

@@ -91,16 +91,17 @@ def _push_target(emu: KaggleEmulator, user: str, body: dict[str, Any]) -> tuple[
     return _split_ref(user, body["slug"])
 
 
-def _refusal(emu: KaggleEmulator, body: dict[str, Any], gpu: bool) -> str:
-    """The `error` text of a push Kaggle turns down, or "" when it is accepted."""
+def _refusal(emu: KaggleEmulator, user: str, body: dict[str, Any], gpu: bool) -> str:
+    """The `error` text of a push Kaggle turns down, or "" when it is accepted. Quota and the
+    GPU session limit are the pushing user's own."""
     cfg = emu.config
     if body.get("kernelExecutionType") == "QUICK_SAVE" or not gpu:
         return ""
-    if emu.gpu_seconds_used() >= cfg.gpu_quota_seconds:
+    if emu.gpu_seconds_used(user) >= emu.gpu_quota_seconds(user):
         return (
             f"GPU quota exceeded: your weekly GPU quota refreshes at {iso(cfg.quota_refresh_time)}"
         )
-    live = sum(1 for s in emu.sessions.values() if s.gpu and s.live)
+    live = sum(1 for s in emu.sessions.values() if s.gpu and s.live and s.owner == user)
     if live >= cfg.max_gpu_sessions:
         return f"Maximum batch GPU session count of {cfg.max_gpu_sessions} reached"
     return ""
@@ -144,7 +145,7 @@ def save_kernel(emu: KaggleEmulator, user: str, body: dict[str, Any]) -> dict[st
         if not body.get(required):
             raise ApiError(400, f"{required} is required")
     gpu = _is_gpu(body)
-    refusal = _refusal(emu, body, gpu)
+    refusal = _refusal(emu, user, body, gpu)
     if refusal:
         return {"error": refusal}
     kernel = _kernel_for_push(emu, owner, slug, body)
@@ -228,7 +229,7 @@ def get_accelerator_quota_statistics(
     cfg = emu.config
     return {
         "quotaRefreshTime": iso(cfg.quota_refresh_time),
-        "gpuQuota": _quota(round(emu.gpu_seconds_used(), 3), cfg.gpu_quota_seconds),
+        "gpuQuota": _quota(round(emu.gpu_seconds_used(user), 3), emu.gpu_quota_seconds(user)),
         "tpuQuota": _quota(0, cfg.tpu_quota_seconds),
     }
 

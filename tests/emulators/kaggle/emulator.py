@@ -52,6 +52,9 @@ class KaggleEmulator:
         self.requests: list[RecordedRequest] = []
         self.faults: dict[str, deque[Fault]] = defaultdict(deque)
         self.gpu_seconds_finished = 0.0  # GPU time of ended sessions; a test may preset it
+        # Other users (add_user): each has its own week of GPU time, and its own session limit.
+        self.user_gpu_seconds_finished: dict[str, float] = {}
+        self.user_gpu_quota_seconds: dict[str, float] = {}
         self.lock = threading.RLock()
         self.stopping = threading.Event()
         self._ids = itertools.count(1)
@@ -219,15 +222,42 @@ class KaggleEmulator:
         done = [s for s in kernel.sessions if s.status == "COMPLETE"] if kernel else []
         return done[-1] if done else None
 
-    def gpu_seconds_used(self) -> float:
+    def add_user(self, username: str, key: str, *, gpu_quota_seconds: float | None = None) -> None:
+        """Another Kaggle user (a team member) with its own key, and its own weekly GPU quota
+        (default: ``config.gpu_quota_seconds``); quota and session limits are per user."""
+        with self.lock:
+            self.credentials[username] = key
+            if gpu_quota_seconds is not None:
+                self.user_gpu_quota_seconds[username] = gpu_quota_seconds
+
+    def gpu_quota_seconds(self, user: str | None = None) -> float:
+        """The weekly GPU quota of ``user`` (default: the emulator's first user)."""
+        return self.user_gpu_quota_seconds.get(user or self.username, self.config.gpu_quota_seconds)
+
+    def gpu_seconds_used(self, user: str | None = None) -> float:
+        """GPU time ``user`` (default: the first user) spent this week, running sessions included."""
+        user = user or self.username
         with self.lock:
             now = time.monotonic()
             running = sum(
                 now - s.started
                 for s in self.sessions.values()
-                if s.gpu and s.started is not None and s.ended is None
+                if s.gpu and s.started is not None and s.ended is None and s.owner == user
             )
-            return self.gpu_seconds_finished + running
+            return self._finished(user) + running
+
+    def _finished(self, user: str) -> float:
+        if user == self.username:
+            return self.gpu_seconds_finished
+        return self.user_gpu_seconds_finished.get(user, 0.0)
+
+    def charge_finished(self, user: str, seconds: float) -> None:
+        """Add an ended session's GPU time to its owner's week."""
+        with self.lock:
+            if user == self.username:
+                self.gpu_seconds_finished += seconds
+            else:
+                self.user_gpu_seconds_finished[user] = self._finished(user) + seconds
 
     # ------------------------------------------------------------ conveniences for tests
 

@@ -197,7 +197,7 @@ def _reason_to_stop(emu: KaggleEmulator, session: Session, limit: float) -> str:
         return "stopped"
     if time.monotonic() - session.started >= limit:
         return "limit"
-    if session.gpu and emu.gpu_seconds_used() >= emu.config.gpu_quota_seconds:
+    if session.gpu and emu.gpu_seconds_used(session.owner) >= emu.gpu_quota_seconds(session.owner):
         return "quota"
     return ""
 
@@ -279,5 +279,5 @@ def _finish(
     with emu.lock:
         session.ended = time.monotonic()
         if session.gpu and session.started is not None:
-            emu.gpu_seconds_finished += session.ended - session.started
+            emu.charge_finished(session.owner, session.ended - session.started)
         session.status = status
