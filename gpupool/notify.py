@@ -144,7 +144,7 @@ class Notifier:
         name = self.pool.state.experiment(attempt.experiment_id).name
         owner = provider.owner_of(attempt.account)  # a team's member: the one who can open it
         whose = f" in {owner}'s account ({attempt.account})" if owner else ""
-        return Message(f"gpupool: {owner + ', o' if owner else 'O'}pen this notebook for {name}",
+        return Message(f"gpupool: {owner + ', ' if owner else ''}open this notebook for {name}",
                        f"{attempt.provider} session {attempt.seq} of {name}{whose} waits for you: "
                        f"open {attempt.url}, choose a GPU runtime and press Run all.",
                        to=tuple(provider.notify_urls(attempt.account)))
