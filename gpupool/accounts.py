@@ -9,7 +9,7 @@ credentials; the core then places, charges, cools down and reports per (provider
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,7 +51,7 @@ class AccountSection(BaseModel):
 ACCOUNT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # fits the state tables' account column
 
 
-def check_account_names(accounts: dict[str, AccountSection]) -> None:
+def check_account_names(accounts: Mapping[str, AccountSection]) -> None:
     """Raise ``ValueError`` for an account name the state tables cannot hold."""
     for name in accounts:
         if not re.fullmatch(ACCOUNT_NAME, name):
@@ -59,14 +59,14 @@ def check_account_names(accounts: dict[str, AccountSection]) -> None:
                              "(at most 64, starting with a letter or digit)")
 
 
-def one_account_per_person(accounts: dict[str, AccountSection],
+def one_account_per_person(accounts: Mapping[str, AccountSection],
                            identity: Callable[[AccountSection], object] | None = None) -> None:
     """Raise ``ValueError`` (pydantic reports it at the section) when two accounts belong to the
     same person, or share one identity (the same credentials): the free tiers' terms allow one
     account per provider per person, and one login listed twice would double its sessions."""
     seen: dict[object, str] = {}
     for account, entry in accounts.items():
-        keys = [("owner", entry.owner.strip().lower())]
+        keys: list[tuple[str, object]] = [("owner", entry.owner.strip().lower())]
         ident = identity(entry) if identity is not None else None
         if ident is not None:
             keys.append(("credentials", ident))
@@ -117,13 +117,23 @@ class TeamAccounts(Provider):
 
     def check_credentials(self) -> tuple[bool, str]:
         """Usable when every member's credentials are; the hint names each account."""
-        checks = {account: member.check_credentials() for account, member in self.members.items()}
+        checks = {account: self.check_account(account) for account in self.members}
         hint = "; ".join(f"{account} ({self.owner_of(account)}): {text}"
                          for account, (_, text) in checks.items())
         return all(ok for ok, _ in checks.values()), hint
 
     def check_account(self, account: str) -> tuple[bool, str]:
-        return self.member(account).check_credentials()
+        """A member's own check; an account that signs in as an earlier one's person is refused
+        (two entries for one login would double that person's sessions)."""
+        member = self.member(account)
+        login = member.login()
+        for other, earlier in self.members.items():
+            if other == account:
+                break
+            if login is not None and earlier.login() == login:
+                return False, (f"account {account!r} signs in as {login}, like account {other!r}: "
+                               "each person brings one account; remove one of them")
+        return member.check_credentials()
 
     def max_concurrent(self, account: str) -> int | None:
         return self.member(account).max_concurrent(account)
@@ -186,8 +196,9 @@ def team_class(cls: type[Provider]) -> type[TeamAccounts]:
 
 def team_of(cls: type[Provider], config: BaseModel, data_dir: Path, clock: Clock) -> TeamAccounts:
     """One ``cls`` adapter per account listed in ``config.accounts``, behind one ``TeamAccounts``."""
+    listed: Mapping[str, AccountSection] = getattr(config, "accounts", {})
     members: dict[str, Provider] = {}
-    for account, entry in getattr(config, "accounts").items():
+    for account, entry in listed.items():
         member = cls(account_config(config, entry), data_dir / "accounts" / account, clock)
         member.account_owner, member.account_notify = entry.owner, list(entry.notify)
         members[account] = member

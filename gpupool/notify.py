@@ -139,7 +139,7 @@ class Notifier:
             return None
         provider = self.pool.try_provider(attempt.provider)
         needs_person = provider is not None and "unattended start" in type(provider).unsupported
-        if not needs_person or not attempt.url:
+        if provider is None or not needs_person or not attempt.url:
             return None
         name = self.pool.state.experiment(attempt.experiment_id).name
         owner = provider.owner_of(attempt.account)  # a team's member: the one who can open it

@@ -145,6 +145,11 @@ class Provider(abc.ABC):
         """The person an account belongs to, as the pool file names them (None: not named)."""
         return self.account_owner
 
+    def login(self) -> str | None:
+        """Who the credentials sign in as (a user name), when it is known without a request;
+        a team's pool refuses a second account that signs in as the same person."""
+        return None
+
     def notify_urls(self, account: str) -> list[str]:
         """Apprise URLs reaching the account's owner (from the pool file; they carry secrets)."""
         return list(self.account_notify)

@@ -268,3 +268,18 @@ def test_each_member_is_checked_with_their_own_token(kaggle: KaggleEmulator, tmp
     assert ok and "alice (Alice Liddell)" in hint and "bob (Bob Marley)" in hint
     assert "alice-key" not in hint + hint_alice and "bob-key" not in hint + hint_bob
     pool.close()
+
+
+def test_one_login_listed_twice_is_used_once(kaggle: KaggleEmulator, tmp_path: Path) -> None:
+    """Two entries whose files both hold alice's key: the second is refused, never placed."""
+    config = team_pool_file(tmp_path)
+    kaggle_json(tmp_path / "bob-kaggle", "alice", "alice-key")  # "bob" brought alice's token
+    pool = open_pool(config)
+    ok, hint = pool.provider("kaggle").check_account("bob")
+    assert not ok and "signs in as alice, like account 'alice'" in hint
+    assert "alice-key" not in hint
+    exps = [pool.submit(experiment(name)) for name in ("exp-a", "exp-b", "exp-c")]
+    Scheduler(pool).reconcile_once(NOW)
+    assert {a.account for e in exps for a in pool.state.attempts(e.id)} == {"alice"}
+    assert [s.owner for s in kaggle.sessions.values()] == ["alice"]
+    pool.close()

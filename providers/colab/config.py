@@ -8,7 +8,6 @@ import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gpupool.accounts import AccountSection, check_account_names, one_account_per_person
-
 from gpupool.durations import Seconds
 
 CONFIG_DIR = Path(platformdirs.user_config_dir("gpupool")) / "colab"
@@ -58,8 +57,7 @@ class ColabConfig(BaseModel):
     @classmethod
     def _one_account_per_person(cls, accounts: dict[str, ColabAccount]) -> dict[str, ColabAccount]:
         check_account_names(accounts)
-        one_account_per_person(accounts, lambda entry: str(
-            Path(getattr(entry, "credentials_file")).expanduser().resolve()))
+        one_account_per_person(accounts, _sign_in)
         return accounts
 
     @model_validator(mode="after")
@@ -68,3 +66,9 @@ class ColabConfig(BaseModel):
             raise ValueError("with accounts listed, give credentials_file under each account "
                              "(each member's own sign-in)")
         return self
+
+
+def _sign_in(entry: AccountSection) -> object:
+    """The Google sign-in an account uses: its saved credentials file."""
+    assert isinstance(entry, ColabAccount)
+    return str(Path(entry.credentials_file).expanduser().resolve())

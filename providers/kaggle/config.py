@@ -7,7 +7,6 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gpupool.accounts import AccountSection, check_account_names, one_account_per_person
-
 from gpupool.durations import Seconds
 
 KAGGLE_CAP_SECONDS = 12 * 3600  # Kaggle's hard limit for a GPU session

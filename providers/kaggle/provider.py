@@ -121,6 +121,14 @@ class KaggleProvider(Provider):
             self._owner = self.config.username or creds.username or self.remote.introspect_username()
         return self._owner
 
+    def login(self) -> str | None:
+        """The Kaggle user of the configured credentials (read locally; None if none found)."""
+        try:
+            return (self.config.username or find_credentials(self.config.credentials).username
+                    or None)
+        except CredentialsError:
+            return None
+
     def check_credentials(self) -> tuple[bool, str]:
         now = self.clock()
         if self._checked is not None and now - self._checked[0] < CHECK_TTL:
