@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from gpupool.errors import GpupoolError
 from gpupool.pool import Pool
+from gpupool.provider import Provider
 from gpupool.spec import ExperimentSpec
 
 # Providers whose credentials `gpupool auth NAME` sets up.
@@ -45,15 +46,30 @@ def check_provider(pool: Pool, spec: ExperimentSpec, name: str) -> ProviderCheck
     if not provider.enabled:
         return ProviderCheck(name, False, "disabled in the pool configuration",
                              f"set providers.{name}.enabled: true in {where}")
-    try:
-        ok, hint = provider.check_credentials()
-    except GpupoolError as err:
-        ok, hint = False, str(err)
-    reason = _first_line(hint).removeprefix(f"{name}: ")  # the line already names the provider
+    accounts = [a for a in provider.accounts() if spec.allows_account(name, a)]
+    if not accounts:
+        return ProviderCheck(name, False, f"the pool lists no account {', '.join(spec.accounts[name])}",
+                             f"list it under providers.{name}.accounts in {where}, or change "
+                             f"accounts.{name} in the experiment file")
+    ok, reason = _check_accounts(provider, name, accounts)
     if not ok:
         return ProviderCheck(name, False, reason, _fix(name, where))
     on_cpu = spec.resources.wants_gpu and bool(getattr(provider, "accepts_cpu", lambda: False)())
     return ProviderCheck(name, True, reason, on_cpu=on_cpu)
+
+
+def _check_accounts(provider: Provider, name: str, accounts: list[str]) -> tuple[bool, str]:
+    """Usable when one of the accounts the experiment may use is; each account is named when
+    the pool lists members' accounts."""
+    answers = []
+    for account in accounts:
+        try:
+            ok, hint = provider.check_account(account)
+        except GpupoolError as err:
+            ok, hint = False, str(err)
+        hint = _first_line(hint).removeprefix(f"{name}: ")  # the line already names the provider
+        answers.append((ok, hint if accounts == ["default"] else f"{account}: {hint}"))
+    return any(ok for ok, _ in answers), "; ".join(hint for _, hint in answers)
 
 
 def _fix(name: str, where: str) -> str:

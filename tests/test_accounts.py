@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from gpupool.cli import cli
 from gpupool.errors import SpecError
 from gpupool.pool import Pool
+from gpupool.preflight import check_providers
 from gpupool.scheduler import Scheduler
 from gpupool.settings import load_settings
 from gpupool.spec import ExperimentSpec, load_experiment
@@ -282,4 +283,21 @@ def test_one_login_listed_twice_is_used_once(kaggle: KaggleEmulator, tmp_path: P
     Scheduler(pool).reconcile_once(NOW)
     assert {a.account for e in exps for a in pool.state.attempts(e.id)} == {"alice"}
     assert [s.owner for s in kaggle.sessions.values()] == ["alice"]
+    pool.close()
+
+
+def test_preflight_counts_the_accounts_the_experiment_may_use(kaggle: KaggleEmulator,
+                                                              tmp_path: Path) -> None:
+    """One member's broken token does not stop the team; an experiment limited to it is told."""
+    config = team_pool_file(tmp_path)
+    kaggle_json(tmp_path / "bob-kaggle", "bob", "not-bobs-key")
+    pool = open_pool(config)
+    [anyone] = check_providers(pool, experiment("exp-any"))
+    assert anyone.usable and anyone.reason.startswith("alice: user alice")
+    assert "bob: credentials from" in anyone.reason and "do not work" in anyone.reason
+    [only_bob] = check_providers(pool, experiment("exp-bob", accounts={"kaggle": ["bob"]}))
+    assert not only_bob.usable and only_bob.fix == "gpupool auth kaggle"
+    [carol] = check_providers(pool, experiment("exp-carol", accounts={"kaggle": ["carol"]}))
+    assert not carol.usable and carol.reason == "the pool lists no account carol"
+    assert "providers.kaggle.accounts" in (carol.fix or "")
     pool.close()
