@@ -115,6 +115,10 @@ class TeamAccounts(Provider):
     def notify_urls(self, account: str) -> list[str]:
         return self.member(account).notify_urls(account)
 
+    def authorize(self, **options: object) -> str:
+        """``gpupool auth`` signs in one person: raise ``ConfigError`` saying how members do."""
+        raise ConfigError(team_sign_in_hint(self.name, self.accounts(), "credentials_file"))
+
     def check_credentials(self) -> tuple[bool, str]:
         """Usable when every member's credentials are; the hint names each account."""
         checks = {account: self.check_account(account) for account in self.members}
@@ -192,6 +196,14 @@ def team_class(cls: type[Provider]) -> type[TeamAccounts]:
             "name": cls.name, "Config": cls.Config, "status_map": cls.status_map,
             "unsupported": cls.unsupported, "__module__": cls.__module__})
     return _TEAM_CLASSES[cls]
+
+
+def team_sign_in_hint(provider: str, accounts: list[str], field: str) -> str:
+    """What to do instead of ``gpupool auth`` on a pool that lists members' accounts."""
+    return (f"this pool lists members' {provider} accounts ({', '.join(accounts)}): each member "
+            f"runs `gpupool auth {provider}` on their own machine, with a pool file of their own "
+            f"that lists no accounts, and the team's pool file points "
+            f"providers.{provider}.accounts.<name>.{field} at the file it saved")
 
 
 def team_of(cls: type[Provider], config: BaseModel, data_dir: Path, clock: Clock) -> TeamAccounts:

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from gpupool.cli import cli
+from gpupool.cli import cli, main
 from gpupool.errors import SpecError
 from gpupool.pool import Pool
 from gpupool.preflight import check_providers
@@ -301,3 +301,21 @@ def test_preflight_counts_the_accounts_the_experiment_may_use(kaggle: KaggleEmul
     assert not carol.usable and carol.reason == "the pool lists no account carol"
     assert "providers.kaggle.accounts" in (carol.fix or "")
     pool.close()
+
+
+@pytest.mark.parametrize(("provider", "field"), [("kaggle", "credentials"),
+                                                  ("colab", "credentials_file")])
+def test_auth_on_a_teams_pool_says_how_members_sign_in(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        provider: str, field: str) -> None:
+    member = {"owner": "Ann", field: str(tmp_path / "ann.json")}
+    config = write_pool(tmp_path, {"accounts": {"ann": member}})
+    text = config.read_text().replace("kaggle:", f"{provider}:")
+    config.write_text(text)
+    monkeypatch.setattr("sys.argv", ["gpupool", "--config", str(config), "auth", provider])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "Traceback" not in err
+    assert f"lists members' {provider} accounts (ann)" in err
+    assert f"providers.{provider}.accounts.<name>.{field}" in err

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpupool.errors import CredentialsError
+from gpupool.accounts import team_sign_in_hint
+from gpupool.errors import ConfigError, CredentialsError
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,10 @@ def sign_in(provider: Any, *, username: str | None = None, key_file: Path | None
     """``gpupool auth kaggle``: ask for (or read) the key, check it against Kaggle with a private
     trial file, then move that file into place (0600). Returns what to tell the person.
 
-    ``prompt(text, hide_input=True)`` asks for the key without echoing it (click's prompt)."""
+    ``prompt(text, hide_input=True)`` asks for the key without echoing it (click's prompt).
+    Raises ``ConfigError`` for a team's pool: each member signs in with their own pool."""
+    if provider.accounts() != ["default"]:
+        raise ConfigError(team_sign_in_hint("kaggle", provider.accounts(), "credentials"))
     if key_file is not None:
         username, key = read_key_file(key_file)
     else:
