@@ -20,9 +20,16 @@ from gpupool.errors import (
     RateLimited,
 )
 from gpupool.manifest import Manifest
-from gpupool.placement import Candidate, Place, backoff_seconds, checkpoint_interval, choose
+from gpupool.placement import (
+    Candidate,
+    Place,
+    backoff_seconds,
+    checkpoint_interval,
+    choose,
+    reserved_seconds,
+)
 from gpupool.pool import Pool
-from gpupool.provider import Launch, PollResult, Provider
+from gpupool.provider import Launch, PollResult, Provider, Quota
 from gpupool.spec import ExperimentSpec
 from gpupool.state import Attempt, Experiment
 from gpupool.states import AttemptState, ExperimentState
@@ -247,19 +254,30 @@ class Scheduler:
             unavailable_until=cooldown.get("unavailable_until") or available.until,
             active=active.get((provider.name, account), 0),
             max_concurrent=provider.max_concurrent(account),
-            remaining_seconds=quota.remaining_seconds if quota else None,
+            remaining_seconds=self._beyond_running(quota, provider, account, now),
             quota_resets_at=quota.resets_at if quota else None,
             gpu_kinds=frozenset(kinds) if kinds is not None else None,
             cpu_only_ok=bool(getattr(provider, "accepts_cpu", lambda: False)()),
             startup_seconds=provider.startup_seconds(),
         )
 
-    def _quota_left(self, provider: Provider, account: str, now: float) -> float | None:
+    def _quota_left(self, provider: Provider, account: str, now: float,
+                    attempt_id: str | None = None) -> float | None:
         charged = self.state.charged_seconds(provider.name, account, provider.quota_window_start(now))
         quota = provider.quota(account, now, charged)
         if quota is None or quota.source == "estimate":
             return None  # a guess (Colab) must not cut a session short
-        return quota.remaining_seconds
+        return self._beyond_running(quota, provider, account, now, exclude=attempt_id)
+
+    def _beyond_running(self, quota: Quota | None, provider: Provider, account: str, now: float,
+                        exclude: str | None = None) -> float | None:
+        """The account's quota left once its running sessions spend what they may (seconds)."""
+        if quota is None or quota.remaining_seconds is None:
+            return None
+        running = [a for a in self.state.attempts(active=True)
+                   if (a.provider, a.account) == (provider.name, account) and a.id != exclude]
+        return max(0.0, quota.remaining_seconds
+                   - reserved_seconds(running, now, provider.session_seconds()))
 
     def _active_counts(self) -> dict[tuple[str, str], int]:
         counts: dict[tuple[str, str], int] = {}
@@ -277,7 +295,7 @@ class Scheduler:
             attempt_id=attempt.id, experiment_id=experiment.id, account=attempt.account, spec=spec,
             bundle=Path(experiment.bundle), store=store, restore=restore,
             checkpoint_interval=self.interval_for(spec, provider, restore), now=now,
-            quota_seconds=self._quota_left(provider, attempt.account, now),
+            quota_seconds=self._quota_left(provider, attempt.account, now, attempt.id),
         )
         try:
             submission = provider.submit(launch)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from tests.emulators.kaggle import KaggleEmulator
 
 HOUR = 3600.0
 ROOT = Path(__file__).resolve().parents[1]
-NOW = 1_800_000_000.0  # the scheduler's clock; Kaggle's own quota answers use real time
+NOW = time.time()  # the scheduler's fixed clock, near the emulator's (its quota week is real)
 
 
 @pytest.fixture(autouse=True)
@@ -119,6 +120,27 @@ def test_two_accounts_each_take_one_experiment(kaggle: KaggleEmulator, tmp_path:
     waiting = pool.state.experiment(third.id).wait_reason or ""
     assert "kaggle[alice]: 1 of 1 sessions in use" in waiting
     assert "kaggle[bob]: 1 of 1 sessions in use" in waiting
+    pool.close()
+
+
+def test_each_accounts_quota_allows_one_session(kaggle: KaggleEmulator, tmp_path: Path) -> None:
+    """5 h left on each account, 9 h sessions: a second session on one account would plan on
+    hours the first may spend, so the second experiment goes to the other member."""
+    kaggle.gpu_seconds_finished = 25 * HOUR  # alice: 5 h left of 30
+    kaggle.user_gpu_seconds_finished["bob"] = 15 * HOUR  # bob: 5 h left of 20
+    config = team_pool_file(tmp_path)  # max_concurrent: 2 each (Kaggle's own limit is 1 here)
+    pool = open_pool(config)
+    experiments = [pool.submit(experiment(n)) for n in ("exp-one", "exp-two", "exp-three")]
+    report = Scheduler(pool).reconcile_once(NOW)
+    assert not report.problems, report.problems
+
+    where = sorted(placed(pool, e.id) for e in experiments)
+    assert where == [[], [("kaggle", "alice")], [("kaggle", "bob")]]
+    assert sorted(s.owner for s in kaggle.sessions.values()) == ["alice", "bob"]  # no refusal
+    [third] = [e for e in experiments if not placed(pool, e.id)]
+    waiting = pool.state.experiment(third.id).wait_reason or ""
+    assert "kaggle[alice]: quota too small (0s left, resets in 7d" in waiting, waiting
+    assert "kaggle[bob]: quota too small (0s left, resets in 7d" in waiting, waiting
     pool.close()
 
 
@@ -319,3 +341,21 @@ def test_auth_on_a_teams_pool_says_how_members_sign_in(
     assert exited.value.code == 2 and "Traceback" not in err
     assert f"lists members' {provider} accounts (ann)" in err
     assert f"providers.{provider}.accounts.<name>.{field}" in err
+
+
+def test_reserved_seconds_counts_what_running_sessions_may_still_spend() -> None:
+    from types import SimpleNamespace
+
+    from gpupool.placement import reserved_seconds
+
+    def running(deadline=None, started=None, created=0.0):
+        return SimpleNamespace(deadline=deadline, started_at=started, created_at=created)
+
+    now = 10_000.0
+    assert reserved_seconds([], now, 3600) == 0
+    assert reserved_seconds([running(deadline=now + 600)], now, 3600) == 600
+    assert reserved_seconds([running(deadline=now - 5)], now, 3600) == 0  # past its deadline
+    assert reserved_seconds([running(started=now - 1000)], now, 3600) == 2600
+    assert reserved_seconds([running(created=now - 100)], now, 3600) == 3500  # not started yet
+    assert reserved_seconds([running(started=now - 1000)], now, None) == 0  # no cap: unknown
+    assert reserved_seconds([running(deadline=now + 60), running(started=now)], now, 100) == 160
