@@ -228,6 +228,8 @@ def write_pool(tmp: Path, kaggle: dict) -> Path:
     ({"a": {"owner": "Ann", "credentials": "a.json", "max_concurrent": 3}}, {}, "less than or equal to 2"),
     ({"a": {"credentials": "a.json"}}, {}, "Field required"),
     ({"a b": {"owner": "Ann", "credentials": "a.json"}}, {}, "account name 'a b'"),
+    ({"a": {"owner": "Ann", "credentials": "a.json", "notify": ["nonsense-secret"]}}, {},
+     "entries 0 are not notification URLs"),
 ])
 def test_bad_accounts_are_named_in_the_pool_file(tmp_path: Path, accounts: dict, section: dict,
                                                   says: str) -> None:
@@ -236,6 +238,7 @@ def test_bad_accounts_are_named_in_the_pool_file(tmp_path: Path, accounts: dict,
         load_settings(config)
     text = str(caught.value)
     assert says in text and "providers.kaggle" in text and "line" in text, text
+    assert "secret" not in text
 
 
 def test_one_account_form_is_account_default(tmp_path: Path) -> None:
