@@ -10,6 +10,8 @@ from typing import Any
 
 import click
 
+from gpupool.cli_life import complete_experiment_ids, news_lines, register
+from gpupool.cli_plan import register_plan
 from gpupool.errors import ConfigError, GpupoolError
 
 EXAMPLES = """
@@ -64,8 +66,10 @@ def cli(ctx: click.Context, config: Path | None) -> None:
 @click.option("--detach", is_flag=True, help="Submit and return at once (a `gpupool daemon` runs it).")
 @click.option("--wait", "wait_anyway", is_flag=True,
               help="Submit even when no provider can run it now, and wait for one.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Machine-readable: with --detach the submitted experiment, else JSON lines.")
 @click.pass_context
-def run(ctx: click.Context, experiment_file: Path, detach: bool, wait_anyway: bool) -> None:
+def run(ctx: click.Context, experiment_file: Path, detach: bool, wait_anyway: bool, as_json: bool) -> None:
     """Submit EXPERIMENT_FILE and follow it until it finishes.
 
     First says which providers it will use and why each other one is skipped, with the
@@ -78,41 +82,48 @@ def run(ctx: click.Context, experiment_file: Path, detach: bool, wait_anyway: bo
 
     spec = load_experiment(experiment_file)
     pool = _open_pool(ctx)
-    _preflight(pool, spec, wait_anyway)
+    _preflight(pool, spec, wait_anyway, to_stderr=as_json)
     experiment = pool.submit(spec, experiment_file)
-    console = _console()
+    console = _console(stderr=as_json)  # stdout stays pure JSON
     console.print(f"submitted [bold]{experiment.id}[/] ({spec.name}), providers: {', '.join(spec.providers)}")
     driver = Driver(pool, role="run")
     driver.step()
     if detach:
         driver.release()  # a daemon may take over at once; status must not see a dead holder
+        if as_json:
+            from gpupool.views import experiment_row
+
+            _print_json(experiment_row(pool, pool.state.experiment(experiment.id), time.time()))
+            return
         console.print(f"detached; `gpupool status {experiment.id}` shows progress, "
                       "and `gpupool daemon` must be running to carry it on")
         return
-    sys.exit(_follow(pool, driver, experiment.id, console))
+    sys.exit(_follow(pool, driver, experiment.id, console, as_json))
 
 
-def _preflight(pool: Any, spec: Any, wait_anyway: bool) -> None:
+def _preflight(pool: Any, spec: Any, wait_anyway: bool, to_stderr: bool = False) -> None:
     """Print which providers will be used and why others are skipped; with none usable,
     stop with exit 2 before anything is submitted (unless told to wait)."""
     from gpupool.preflight import check_providers, report_lines, usable
 
     checks = check_providers(pool, spec)
-    err = not usable(checks)
+    err = to_stderr or not usable(checks)
     click.echo(f"providers for {spec.name}:", err=err)
     for line in report_lines(checks):
         click.echo(line, err=err)
-    if err and not wait_anyway:
+    if not usable(checks) and not wait_anyway:
         raise ConfigError(f"no provider can run {spec.name} now ({', '.join(spec.providers)}); "
                           "fix one as shown above, or pass --wait to submit it and wait")
-    if err:
+    if not usable(checks):
         click.echo("  none is usable now; submitting anyway (--wait): it waits until one is", err=True)
 
 
 @cli.command()
-@click.argument("experiment_id")
+@click.argument("experiment_id", shell_complete=complete_experiment_ids)
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object per progress change, then the final state (no live line).")
 @click.pass_context
-def watch(ctx: click.Context, experiment_id: str) -> None:
+def watch(ctx: click.Context, experiment_id: str, as_json: bool) -> None:
     """Follow an experiment already submitted, scheduling it in the foreground.
 
     Use it after Ctrl-C on `gpupool run`, or after a crash: it picks up the running session
@@ -124,23 +135,22 @@ def watch(ctx: click.Context, experiment_id: str) -> None:
     experiment = pool.state.experiment(experiment_id)
     driver = Driver(pool, role="watch")
     driver.step()
-    sys.exit(_follow(pool, driver, experiment.id, _console()))
+    sys.exit(_follow(pool, driver, experiment.id, _console(), as_json))
 
 
-def _follow(pool: Any, driver: Any, experiment_id: str, console: Any) -> int:
-    from rich.live import Live
-
-    from gpupool.views import progress_line
+def _follow(pool: Any, driver: Any, experiment_id: str, console: Any, as_json: bool = False) -> int:
+    """Schedule in the background and show progress until the experiment ends: a live line on
+    a terminal, a plain timestamped line at a steady interval otherwise, JSON lines for --json."""
+    from gpupool.cli_life import follow_json, follow_live, follow_plain
 
     background = driver.start_background()
     try:
-        with Live(console=console, refresh_per_second=2, transient=True) as live:
-            while True:
-                experiment = pool.state.experiment(experiment_id)
-                live.update(progress_line(pool, experiment, time.time()))
-                if experiment.state.terminal:
-                    break
-                time.sleep(0.5)
+        if as_json:
+            follow_json(pool, experiment_id)
+        elif console.is_terminal:
+            follow_live(pool, experiment_id, console)
+        else:
+            follow_plain(pool, experiment_id)
     except KeyboardInterrupt:
         console.print(f"stopped following; sessions keep running: `gpupool watch {experiment_id}` "
                       "or `gpupool daemon` carries on")
@@ -148,6 +158,12 @@ def _follow(pool: Any, driver: Any, experiment_id: str, console: Any) -> int:
     finally:
         background.shutdown(wait=True)  # type: ignore[attr-defined]
         driver.release()
+    if as_json:
+        from gpupool.views import experiment_row
+
+        final = experiment_row(pool, pool.state.experiment(experiment_id), time.time())
+        click.echo(json.dumps(final, default=str))  # one object a line, as while following
+        return 0 if pool.state.experiment(experiment_id).state.value == "succeeded" else 1
     return _summary(pool, experiment_id, console)
 
 
@@ -156,15 +172,16 @@ def _summary(pool: Any, experiment_id: str, console: Any) -> int:
     colour = "green" if experiment.state.value == "succeeded" else "red"
     console.print(f"[{colour}]{experiment.id} {experiment.state.value}[/]: {experiment.message or ''}"
                   f" ({len(pool.state.attempts(experiment_id))} attempt(s), "
-                  f"{experiment.gpu_seconds / 3600:.2f} GPU-hours)")
+                  f"{experiment.gpu_seconds / 3600:.2f} GPU-hours)", soft_wrap=True)  # one line in logs
     return 0 if experiment.state.value == "succeeded" else 1
 
 
 @cli.command()
-@click.argument("experiment_id", required=False)
+@click.argument("experiment_id", required=False, shell_complete=complete_experiment_ids)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--limit", default=50, show_default=True, help="Experiments per page.")
-@click.option("--page", default=1, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Experiments per page.")
+@click.option("--page", type=click.IntRange(min=1), default=1, show_default=True)
 @click.pass_context
 def status(ctx: click.Context, experiment_id: str | None, as_json: bool, limit: int, page: int) -> None:
     """Show experiments, or one experiment with every attempt and its recent events."""
@@ -177,7 +194,7 @@ def status(ctx: click.Context, experiment_id: str | None, as_json: bool, limit: 
         experiment = pool.state.experiment(experiment_id)
         data = experiment_row(pool, experiment, now)
         data["attempts"] = [attempt_row(a, now) for a in pool.state.attempts(experiment.id)]
-        data["events"] = pool.state.events(experiment.id, limit=20)
+        data["events"] = pool.state.events(experiment.id, limit=20, exclude=["metrics"])
         data["scheduler"] = scheduler_row(pool, now)
         data.update(where_row(pool, experiment))
         _print_json(data) if as_json else _render_experiment(data)
@@ -196,10 +213,13 @@ def _render_experiments(rows: list[dict[str, Any]], total: int, page: int, limit
     from rich.table import Table
 
     table = Table(title=f"experiments ({total})", title_justify="left")
-    for column in ("id", "state", "provider", "step", "hops", "GPU h", "note"):
-        table.add_column(column)
+    width = max([len(r["id"]) for r in rows] + [2])
+    table.add_column("id", no_wrap=True, min_width=width)  # an ID cut short cannot be typed
+    for column in ("state", "provider", "step", "hops", "GPU h"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("note", overflow="fold")
     for row in rows:
-        note = row["url"] or row["waiting_for"] or row["message"] or ""
+        note = _one_line(row["url"] or row["waiting_for"] or row["fallback"] or row["message"] or "")
         if row["waiting_for"] and row["next_try_in"]:
             note += f" (next try in {row['next_try_in']})"
         table.add_row(row["id"], row["state"], row["provider"] or "-", str(row["step"] or "-"),
@@ -209,15 +229,26 @@ def _render_experiments(rows: list[dict[str, Any]], total: int, page: int, limit
         _console().print(f"page {page}; more with --page {page + 1}")
 
 
+def _one_line(text: str, limit: int = 100) -> str:
+    """A note for one table row: its first line, cut at ``limit`` characters (status ID shows all)."""
+    lines = text.strip().splitlines() or [""]
+    first = lines[0]
+    if len(first) > limit or len(lines) > 1:
+        return first[:limit].rstrip() + "… (more: gpupool status ID)"
+    return first
+
+
 def _render_experiment(data: dict[str, Any]) -> None:
     from rich.table import Table
 
     console = _console()
     console.print(f"[bold]{data['id']}[/] {data['state']} · step {data['step'] or 0} · "
                   f"{data['gpu_hours']:.2f} GPU-hours · {data['hops']} hop(s)")
-    for key in ("waiting_for", "url", "message", "last_checkpoint", "store", "outputs"):
+    for key in ("waiting_for", "url", "message", "fallback", "store", "outputs"):
         if data.get(key):
             console.print(f"  {key.replace('_', ' ')}: {data[key]}")
+    for line in news_lines(data):
+        console.print(f"  {line}")
     if data.get("waiting_until"):
         at = time.strftime("%a %H:%M:%S", time.localtime(data["waiting_until"]))
         console.print(f"  next try: in {data['next_try_in']} ({at})")
@@ -240,45 +271,50 @@ def _short(name: str | None) -> str:
 
 
 @cli.command()
-@click.argument("experiment_id")
-@click.option("-f", "--follow", is_flag=True, help="Keep printing until the attempt ends.")
-@click.option("--attempt", "seq", type=int, help="Attempt number (default: the latest).")
+@click.argument("experiment_id", shell_complete=complete_experiment_ids)
+@click.option("-f", "--follow", is_flag=True,
+              help="Keep printing, session after session, with gpupool's own events, until it ends.")
+@click.option("--attempt", "seq", type=click.IntRange(min=1),
+              help="Attempt number (default: the latest); with -f, follow from it on.")
 @click.pass_context
 def logs(ctx: click.Context, experiment_id: str, follow: bool, seq: int | None) -> None:
     """Print the log of an experiment's latest attempt (earlier ones with --attempt N)."""
     pool = _open_pool(ctx)
     experiment = pool.state.experiment(experiment_id)
+    if follow:
+        from gpupool.logfollow import follow_logs
+
+        follow_logs(pool, experiment.id, lambda text: click.echo(text, nl=False), first_seq=seq)
+        return
     attempts = pool.state.attempts(experiment.id)
     chosen = [a for a in attempts if seq is None or a.seq == seq]
     if not chosen:
         raise click.ClickException(f"{experiment.id} has no attempt {seq if seq else 'yet'}")
-    attempt = chosen[-1]
-    provider = pool.provider(attempt.provider)
-    shown = 0
-    while True:
-        text = provider.logs(attempt)
-        click.echo(text[shown:], nl=False)
-        shown = len(text)
-        attempt = pool.state.attempt(attempt.id)
-        if not follow or attempt.state.terminal:
-            return
-        time.sleep(1.0)
+    click.echo(pool.provider(chosen[-1].provider).logs(chosen[-1]), nl=False)
 
 
 @cli.command()
-@click.argument("experiment_id")
+@click.argument("experiment_id", shell_complete=complete_experiment_ids)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
-def cancel(ctx: click.Context, experiment_id: str) -> None:
-    """Cancel an experiment; its checkpoints are kept."""
+def cancel(ctx: click.Context, experiment_id: str, as_json: bool) -> None:
+    """Cancel an experiment; its checkpoints are kept (`gpupool resume ID` continues it)."""
     from gpupool.scheduler import Scheduler
+    from gpupool.views import experiment_row
 
     pool = _open_pool(ctx)
     experiment = Scheduler(pool).cancel(experiment_id, time.time())
-    _console().print(f"{experiment.id} {experiment.state.value}")
+    if as_json:
+        _print_json(experiment_row(pool, experiment, time.time()))
+        return
+    kept = f"kept: step {experiment.last_step} ({experiment.last_checkpoint}); " \
+        if experiment.last_checkpoint else "no checkpoint was saved; "
+    _console().print(f"{experiment.id} {experiment.state.value}; {kept}"
+                     f"`gpupool resume {experiment.id}` continues it")
 
 
 @cli.command()
-@click.argument("experiment_id")
+@click.argument("experiment_id", shell_complete=complete_experiment_ids)
 @click.option("--to", "target", type=click.Path(path_type=Path), help="Folder to write into "
               "(default: ./EXPERIMENT_ID).")
 @click.option("--checkpoint", "step", type=int, help="The checkpoint at this step (default: the latest).")
@@ -450,75 +486,8 @@ def _prompt_or_eof(question: str) -> str:
         raise EOFError(question) from None
 
 
-@cli.command()
-@click.argument("experiment_file", type=click.Path(path_type=Path))
-@click.option("--hours", type=float, help="GPU-hours of training needed (default: limits.gpu_hours).")
-@click.option("--colab-hours-per-day", type=float, default=12.0, show_default=True,
-              help="Hours a day you are around to open Colab notebooks (from 09:00).")
-@click.option("--loss-hours", multiple=True, metavar="PROVIDER=H",
-              help="Mean hours between unplanned session losses, e.g. colab=4.")
-@click.option("--save-seconds", type=float, default=10.0, show_default=True,
-              help="Training stall per checkpoint.")
-@click.option("--days", type=float, default=56.0, show_default=True, help="Virtual days simulated.")
-@click.option("--runs", type=click.IntRange(1, 100_000), default=200, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.pass_context
-def plan(ctx: click.Context, experiment_file: Path, hours: float | None, colab_hours_per_day: float,
-         loss_hours: tuple[str, ...], save_seconds: float, days: float, runs: int, seed: int,
-         as_json: bool) -> None:
-    """Forecast when EXPERIMENT_FILE would finish on your providers' quotas (a simulation)."""
-    from gpupool.plan import forecast, plan_model
-    from gpupool.settings import load_settings
-    from gpupool.spec import load_experiment
-
-    spec = load_experiment(experiment_file, check_workdir=False)
-    hours = hours or spec.limits.gpu_hours
-    if not hours:
-        raise click.UsageError("give --hours (or set limits.gpu_hours in the experiment file)")
-    now = time.time()
-    model = plan_model(spec, load_settings(ctx.obj.get("config")).providers,
-                       colab_hours_per_day=colab_hours_per_day, loss_hours=_pairs(loss_hours),
-                       save_seconds=save_seconds, utc_offset=time.localtime(now).tm_gmtoff,
-                       horizon_days=days)
-    result = forecast(spec, model, hours, now, runs=runs, seed=seed)
-    _print_json(result.as_dict()) if as_json else _render_plan(result)
-    if not result.can_finish:
-        sys.exit(1)
-
-
-def _pairs(items: tuple[str, ...]) -> dict[str, float]:
-    pairs = {}
-    for item in items:
-        name, _, value = item.partition("=")
-        try:
-            pairs[name.strip()] = float(value)
-        except ValueError:
-            raise click.BadParameter(f"{item!r} is not PROVIDER=HOURS", param_hint="--loss-hours") from None
-    return pairs
-
-
-def _render_plan(f: Any) -> None:
-    from rich.table import Table
-
-    console = _console()
-    if not f.can_finish:
-        console.print(f"[red]cannot finish[/] {f.work_hours:g} GPU-hours: {f.reason}")
-        return
-    when = lambda h: time.strftime("%a %d %b %H:%M", time.localtime(f.start + h * 3600))  # noqa: E731
-    hours = f.finish_hours
-    console.print(f"[bold]{f.work_hours:g} GPU-hours[/] finish around [bold]{when(hours['p50'])}[/] "
-                  f"(in {hours['p50']:.0f} h; p10–p90: {when(hours['p10'])} – {when(hours['p90'])})")
-    if f.finished < f.runs:
-        console.print(f"[yellow]{f.runs - f.finished} of {f.runs} runs did not finish: {f.reason}[/]")
-    table = Table(title=f"mean of {f.runs} runs", title_justify="left")
-    table.add_column("provider")
-    table.add_column("GPU h", justify="right")
-    for name, used in f.gpu_hours.items():
-        table.add_row(name, f"{used:.1f}")
-    console.print(table)
-    console.print(f"work lost to session ends: {f.lost_hours:.2f} h · hops: {f.hops:.1f} · "
-                  f"goodput: {f.goodput:.1%}")
+register(cli)
+register_plan(cli)
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ and call ``choose``; tests call it with tables of cases.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from gpupool.durations import format_duration
@@ -44,6 +44,8 @@ class Candidate:
 class Place:
     provider: str
     account: str
+    # why each provider preferred before it was not chosen (for `status`; not part of the decision)
+    passed_over: tuple[str, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ def choose(
         for candidate in options:
             why, until = refusal(candidate, resources, min_slice_seconds, now)
             if why is None:
-                return Place(candidate.provider, candidate.account)
+                return Place(candidate.provider, candidate.account, tuple(reasons))
             # A provider's own errors already start with its name ("kaggle: ..."): say it once.
             reasons.append(f"{_label(candidate)}: {why.removeprefix(candidate.provider + ': ')}")
             if until is not None:

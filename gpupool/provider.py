@@ -92,6 +92,9 @@ class PollResult:
     total: int | None = None  # the run's total steps, when the script reports it
     started_at: float | None = None
     message: str | None = None  # why it ended, or what it waits for
+    metrics: dict[str, float] | None = None  # the latest metrics the script reported
+    checkpoint: str | None = None  # the newest checkpoint this session published (its name)
+    checkpoint_at: float | None = None  # when it was published (epoch seconds, session clock)
 
 
 class Provider(abc.ABC):

@@ -29,6 +29,7 @@ from gpupool.placement import (
     reserved_seconds,
 )
 from gpupool.pool import Pool
+from gpupool.progress import FALLBACK_EVENT, record_session_news
 from gpupool.provider import Launch, PollResult, Provider, Quota
 from gpupool.spec import ExperimentSpec
 from gpupool.state import Attempt, Experiment
@@ -104,6 +105,7 @@ class Scheduler:
         except RateLimited:
             return  # ask again next step
         self._record_progress(attempt, result)
+        record_session_news(self.state, attempt, result, now)  # checkpoints, metrics: seen live
         if result.state == AttemptState.RUNNING and attempt.state == AttemptState.SUBMITTED:
             self.state.move_attempt(attempt.id, AttemptState.RUNNING, now, event="session started",
                                     started_at=result.started_at or now)
@@ -207,6 +209,9 @@ class Scheduler:
                 return
             provider = self.pool.provider(decision.provider)
             attempt = self.state.create_attempt(experiment.id, decision.provider, decision.account, now)
+            if decision.passed_over:  # a fallback: `status` says why
+                self.state.add_event(now, experiment.id, attempt.id, FALLBACK_EVENT,
+                                     f"on {decision.provider} because " + "; ".join(decision.passed_over))
             if self._submit(provider, self.state.experiment(experiment.id), attempt, now, report):
                 return
 
@@ -331,11 +336,13 @@ class Scheduler:
     def _cancel_attempt(self, attempt: Attempt, now: float) -> None:
         provider = self.pool.provider(attempt.provider)
         provider.cancel(attempt)
+        store = self.pool.store_for(attempt.experiment_id)
         try:
-            provider.collect(attempt, self.pool.store_for(attempt.experiment_id))
+            provider.collect(attempt, store)
         except GpupoolError as err:
             self.state.add_event(now, attempt.experiment_id, attempt.id, "problem", str(err))
-        self._end(attempt, AttemptState.CANCELLED, "cancelled by the user", now)
+        # what the session saved is the experiment's resume point (`gpupool resume`)
+        self._end(attempt, AttemptState.CANCELLED, "cancelled by the user", now, latest=store.latest())
 
 
 def _rate(attempt: Attempt, result: PollResult) -> float | None:

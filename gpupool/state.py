@@ -19,6 +19,8 @@ from gpupool import claims, db
 from gpupool.errors import IllegalTransition, NotFound, StateError
 from gpupool.states import ATTEMPT_MOVES, EXPERIMENT_MOVES, AttemptState, ExperimentState
 
+_KEPT_AFTER_END = frozenset({"gpu_seconds", "last_checkpoint", "last_step"})
+
 
 @dataclass(frozen=True)
 class Experiment:
@@ -220,6 +222,12 @@ class State:
             if not ExperimentState(current).terminal:
                 self._move_experiment(conn, attempt.experiment_id, next_state, now, event=why,
                                       **experiment_fields)
+                return
+            # ended already (cancelled first): still keep the session's time and checkpoint
+            kept = {k: v for k, v in experiment_fields.items() if k in _KEPT_AFTER_END}
+            if kept:
+                conn.execute(db.experiments.update().where(db.experiments.c.id == attempt.experiment_id)
+                             .values(updated_at=now, **kept))
 
     def orphaned_experiments(self) -> list[Experiment]:
         """RUNNING experiments with no active attempt (should not happen; healed by the scheduler)."""
@@ -302,9 +310,18 @@ class State:
         with self.engine.begin() as conn:
             _event(conn, now, experiment_id, attempt_id, kind, message)
 
-    def events(self, experiment_id: str, limit: int = 200) -> list[dict[str, Any]]:
+    def events(self, experiment_id: str, limit: int | None = 200, *, kinds: Iterable[str] | None = None,
+               exclude: Iterable[str] = (), after_id: int | None = None) -> list[dict[str, Any]]:
+        """An experiment's newest ``limit`` events (all when None), oldest first; only those of
+        ``kinds`` when given, none of ``exclude``, and only newer than event ``after_id``."""
         query = (db.events.select().where(db.events.c.experiment_id == experiment_id)
                  .order_by(db.events.c.id.desc()).limit(limit))
+        if kinds is not None:
+            query = query.where(db.events.c.kind.in_(list(kinds)))
+        if exclude:
+            query = query.where(db.events.c.kind.not_in(list(exclude)))
+        if after_id is not None:
+            query = query.where(db.events.c.id > after_id)
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(query).mappings()][::-1]
 

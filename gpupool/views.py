@@ -6,6 +6,7 @@ from typing import Any
 
 from gpupool.durations import format_duration
 from gpupool.pool import Pool
+from gpupool.progress import checkpoint_step, fallback_reason, latest_metrics, work_at_risk
 from gpupool.provider import Quota
 from gpupool.state import Attempt, Experiment
 
@@ -26,7 +27,10 @@ def experiment_row(pool: Pool, experiment: Experiment, now: float) -> dict[str, 
         "attempts": len(attempts),
         "hops": experiment.hops,
         "gpu_hours": round((experiment.gpu_seconds + (active.duration(now) if active else 0)) / 3600, 3),
-        "last_checkpoint": experiment.last_checkpoint,
+        "last_checkpoint": live_checkpoint(experiment, active),
+        "metrics": latest_metrics(pool.state, experiment.id),
+        "at_risk": work_at_risk(active, now) if active else None,
+        "fallback": fallback_reason(pool.state, active) if active else None,
         "waiting_for": experiment.wait_reason if waiting else None,
         "waiting_until": until,  # epoch seconds of the next placement try; None: every step
         "next_try_in": format_duration(until - now) if until is not None else None,
@@ -91,11 +95,32 @@ def progress_line(pool: Pool, experiment: Experiment, now: float) -> str:
         parts.append(f"{attempt.rate:.1f} steps/s")
         if attempt.total_steps and attempt.step is not None:
             parts.append(f"ETA {format_duration((attempt.total_steps - attempt.step) / attempt.rate)}")
-    if experiment.last_checkpoint:
-        parts.append(f"last checkpoint {experiment.last_checkpoint[5:17].lstrip('0') or '0'}")
+    parts += _news_parts(row, now)
     if attempt.url and attempt.state.value == "submitted":
         parts.append(f"open {attempt.url}")
     return " · ".join(parts)
+
+
+def live_checkpoint(experiment: Experiment, active: Attempt | None) -> str | None:
+    """The newest checkpoint: the running session's as soon as it is seen, else the
+    experiment's resume point."""
+    if active is not None and active.checkpoint_out:
+        return active.checkpoint_out
+    return experiment.last_checkpoint
+
+
+def _news_parts(row: dict[str, Any], now: float) -> list[str]:
+    """Loss (and other metrics), last checkpoint and the work at risk, for the live line."""
+    parts = []
+    metrics = {k: v for k, v in (row["metrics"] or {}).items() if k not in ("step", "time")}
+    parts += [f"{name} {value:.4g}" for name, value in list(metrics.items())[:3]]
+    if row["last_checkpoint"]:
+        parts.append(f"last checkpoint step {checkpoint_step(row['last_checkpoint'])}")
+    risk = row["at_risk"]
+    if risk is not None:
+        spent = f", ~{format_duration(risk['seconds'])}" if risk["seconds"] is not None else ""
+        parts.append(f"at risk {risk['steps']} steps{spent}")
+    return parts
 
 
 def quota_row(provider: str, account: str, quota: Quota | None, now: float) -> dict[str, Any]:

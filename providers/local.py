@@ -200,7 +200,9 @@ class LocalProvider(Provider):
                           restore_dir=restore, deadline=None)  # the supervisor sets it at start
         env.update(self._input_env(launch.spec))
         python_dir = str(Path(self.config.python).parent)
-        env["PATH"] = os.pathsep.join([python_dir, os.environ.get("PATH", "")])
+        # the experiment's own PATH entries are kept (after the python that runs it), not dropped
+        env["PATH"] = os.pathsep.join(p for p in [python_dir, launch.spec.env.get("PATH"),
+                                                  os.environ.get("PATH", "")] if p)
         if not self.detected_gpus():
             env.setdefault("CUDA_VISIBLE_DEVICES", "")
         return env
@@ -237,8 +239,11 @@ class LocalProvider(Provider):
             return PollResult(AttemptState.LOST, started_at=started, step=progress.get("step"),
                               message="the session's supervisor died without an exit status")
         state = AttemptState.RUNNING if started else AttemptState.SUBMITTED
+        saved = _last_event(session, "checkpoint")
         return PollResult(state, step=progress.get("step"), heartbeat=progress.get("time"),
-                          started_at=started, total=progress.get("total"))
+                          started_at=started, total=progress.get("total"),
+                          metrics=_last_event(session, "progress").get("metrics") or None,
+                          checkpoint=saved.get("name"), checkpoint_at=saved.get("time"))
 
     def _reap(self, attempt_id: str) -> None:
         child = self._children.get(attempt_id)
@@ -349,6 +354,11 @@ def _kill_orphaned_trainer(session: Path) -> None:
 
 def _last_progress(session: Path) -> dict:
     """The newest progress or checkpoint event the runtime wrote."""
+    return _last_event(session, None)
+
+
+def _last_event(session: Path, kind: str | None) -> dict:
+    """The newest event of ``kind`` (any with a step when None) in the session's tail."""
     path = session / "events.jsonl"
     try:
         with open(path, "rb") as handle:
@@ -361,7 +371,7 @@ def _last_progress(session: Path) -> dict:
             record = json.loads(line)
         except ValueError:
             continue
-        if record.get("step") is not None:
+        if record.get("step") is not None and (kind is None or record.get("event") == kind):
             return record
     return {}
 
