@@ -81,7 +81,13 @@ def run_setup(command: str, workdir: Path, env: dict[str, str]) -> int:
 
 
 class Supervisor:
-    """Runs the command in its own process group and enforces the hard end of the session."""
+    """Runs the command in its own process group and enforces the hard end of the session.
+
+    ``stopped_by`` records who stopped the command, for ``exit.json``: None (nobody: it ended
+    on its own, or a signal from elsewhere such as the OOM killer), "deadline" (this supervisor,
+    at the hard end) or "signal" (a SIGTERM this supervisor received and forwarded: the
+    platform, or a cancel). When the command ends, whatever it left in its process group
+    (DataLoader workers) is killed, so nothing of a session outlives it."""
 
     def __init__(self, command: str, workdir: Path, env: dict[str, str], hard_end: float | None):
         self.hard_end = hard_end
@@ -89,16 +95,18 @@ class Supervisor:
             ["bash", "-c", command], cwd=workdir, env=env, start_new_session=True
         )
         self.terminated_at: float | None = None
+        self.stopped_by: str | None = None
 
     def forward_sigterm(self) -> None:
         def _forward(signum: int, frame: Any) -> None:
-            self.terminate()
+            self.terminate("signal")
 
         signal.signal(signal.SIGTERM, _forward)
 
-    def terminate(self) -> None:
+    def terminate(self, by: str = "signal") -> None:
         if self.terminated_at is None:
             self.terminated_at = time.time()
+            self.stopped_by = by
             self._signal(signal.SIGTERM)
 
     def _signal(self, sig: int) -> None:
@@ -108,13 +116,15 @@ class Supervisor:
             pass
 
     def wait(self, poll: float = 0.2) -> int:
+        """Wait for the command (forcing the hard end), then kill what it left in its group."""
         while True:
             code = self.process.poll()
             if code is not None:
+                self._signal(signal.SIGKILL)  # its children: nothing of the session outlives it
                 return code
             now = time.time()
             if self.hard_end is not None and now >= self.hard_end:
-                self.terminate()
+                self.terminate("deadline")
             if self.terminated_at is not None and now >= self.terminated_at + GRACE_SECONDS:
                 self._signal(signal.SIGKILL)
             time.sleep(poll)
@@ -187,6 +197,7 @@ def main(config_path: str) -> int:
     tracker_environment(env)
     write_json_atomic(session_dir / "started.json",
                       {"time": started, "pid": os.getpid(), "deadline": deadline})
+    stopped_by: str | None = None
     try:
         run, snapshots = prepare_folders(session_dir, workdir, env, config["run"])
     except (OSError, ValueError) as err:  # a failed restore must not train from scratch
@@ -202,10 +213,11 @@ def main(config_path: str) -> int:
         supervisor.forward_sigterm()
         write_json_atomic(session_dir / "trainer.json", {"pid": supervisor.process.pid})
         code = supervisor.wait()
+        stopped_by = supervisor.stopped_by
     if snapshots is not None:  # the folders as the trainer left them (only if consistent)
         snapshots.finish(code, time.time(), clean_codes=(0, EXIT_YIELD))
-    result = {"returncode": code, "outcome": read_outcome(session_dir), "started": started,
-              "ended": time.time()}
+    result = {"returncode": code, "outcome": read_outcome(session_dir), "stopped_by": stopped_by,
+              "started": started, "ended": time.time()}
     write_json_atomic(session_dir / "exit.json", result)
     print(f"[gpupool] session ended: {json.dumps(result)}", flush=True)
     return 0

@@ -298,19 +298,35 @@ def logs(ctx: click.Context, experiment_id: str, follow: bool, seq: int | None) 
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def cancel(ctx: click.Context, experiment_id: str, as_json: bool) -> None:
-    """Cancel an experiment; its checkpoints are kept (`gpupool resume ID` continues it)."""
+    """Cancel an experiment; its checkpoints are kept (`gpupool resume ID` continues it).
+
+    Exits 1 when a running session could not be stopped, saying what to do; gpupool then
+    keeps tracking (and charging) that session until it ends.
+    """
     from gpupool.scheduler import Scheduler
     from gpupool.views import experiment_row
 
     pool = _open_pool(ctx)
-    experiment = Scheduler(pool).cancel(experiment_id, time.time())
+    done = Scheduler(pool).cancel(experiment_id, time.time())
+    experiment = done.experiment
     if as_json:
         _print_json(experiment_row(pool, experiment, time.time()))
+    elif not done.failures:
+        kept = f"kept: step {experiment.last_step} ({experiment.last_checkpoint}); " \
+            if experiment.last_checkpoint else "no checkpoint was saved; "
+        _console().print(f"{experiment.id} {experiment.state.value}: every session stopped; {kept}"
+                         f"`gpupool resume {experiment.id}` continues it")
+    if not done.failures:
         return
-    kept = f"kept: step {experiment.last_step} ({experiment.last_checkpoint}); " \
-        if experiment.last_checkpoint else "no checkpoint was saved; "
-    _console().print(f"{experiment.id} {experiment.state.value}; {kept}"
-                     f"`gpupool resume {experiment.id}` continues it")
+    lines = [f"{experiment.id} {experiment.state.value}: nothing new will be placed, but "
+             f"{len(done.failures)} session(s) could NOT be stopped:"]
+    for failure in done.failures:
+        lines.append(f"  {failure}")
+        if failure.action:
+            lines.append(f"  to do: {failure.action}")
+    lines.append(f"gpupool keeps tracking and charging it until it ends (`gpupool status {experiment.id}`)")
+    click.echo("\n".join(lines), err=True)  # plain: an action must not be wrapped or styled
+    sys.exit(1)
 
 
 @cli.command()

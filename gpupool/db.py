@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -167,15 +171,46 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def migrate(engine: sa.Engine) -> None:
-    """Bring the schema to the newest revision (creates it on first use)."""
+    """Bring the schema to the newest revision (creates it on first use).
+
+    Several gpupool commands may start together on a new database: the migration is
+    serialized (an exclusive lock file beside a SQLite file; a transaction-level advisory lock
+    on PostgreSQL) and Alembic reads the revision again after the lock is taken, so it runs
+    once and the others find the schema done. Raises ``StateError`` if it cannot be prepared."""
     from alembic import command
     from alembic.config import Config
 
     config = Config()
     config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
     try:
-        with engine.begin() as connection:
+        with _migration_lock(engine), engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"),
+                                   {"key": MIGRATION_LOCK_KEY})
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
     except sa.exc.SQLAlchemyError as err:
         raise StateError(f"cannot prepare the state database {engine.url!r}: {err}") from None
+
+
+MIGRATION_LOCK_KEY = 0x67707570  # "gpup": the advisory lock id of gpupool's migrations
+
+
+@contextlib.contextmanager
+def _migration_lock(engine: sa.Engine) -> Iterator[None]:
+    """An exclusive lock on ``<database>.migrate.lock`` for a SQLite file (blocks until free;
+    released when the holder ends, even if it is killed); nothing for other databases."""
+    database = engine.url.database
+    if engine.url.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        yield
+        return
+    path = Path(database).with_name(Path(database).name + ".migrate.lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as err:
+        raise StateError(f"cannot create the migration lock {path}: {err}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -4,7 +4,8 @@
     ├── SpecError                     an experiment or pool file is invalid (carries every problem)
     ├── ConfigError                   pool configuration or environment is unusable
     ├── StateError                    the state database cannot be used
-    │   └── IllegalTransition         a state change the lifecycle does not allow
+    │   ├── IllegalTransition         a state change the lifecycle does not allow
+    │   └── StoredSpecError           a stored experiment file no longer validates (other version)
     ├── NotFound                      no experiment / attempt with that id
     ├── CheckpointError               the checkpoint store refused or failed
     │   ├── CorruptCheckpoint         a checkpoint's files do not match its manifest
@@ -54,6 +55,11 @@ class IllegalTransition(StateError):
         super().__init__(f"{kind} {ident}: cannot move from {current} to {target}")
 
 
+class StoredSpecError(StateError):
+    """An experiment's stored spec does not validate under this gpupool (written by an older
+    or newer version); the scheduler fails that experiment alone."""
+
+
 class NotFound(GpupoolError):
     exit_code = 3
 
@@ -75,7 +81,10 @@ class UnsafePath(CheckpointError):
 class ProviderError(GpupoolError):
     def __init__(self, provider: str, message: str):
         self.provider = provider
-        super().__init__(f"{provider}: {message}")
+        prefix = f"{provider}: "
+        while message.startswith(prefix):  # wrapping another error of the same provider
+            message = message[len(prefix):]
+        super().__init__(prefix + message)
 
 
 class CredentialsError(ProviderError):

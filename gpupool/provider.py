@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import json
+import signal
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -217,7 +218,13 @@ class Provider(abc.ABC):
 
     @abc.abstractmethod
     def cancel(self, attempt: Attempt) -> None:
-        """Stop the attempt (best effort, idempotent)."""
+        """Stop the attempt's session (idempotent; a session already ended is left alone).
+
+        Return only when a stop was really requested or confirmed. Raise ``CancelFailed``
+        (with ``action``: what the person must do) when the session cannot be stopped: no API
+        for it, or the stop call still failed after bounded retries. The scheduler then keeps
+        tracking and charging the session until it ends. Also called for every attempt that
+        ended LOST, so a session gpupool gave up on is told to stop."""
 
     @abc.abstractmethod
     def logs(self, attempt: Attempt) -> str:
@@ -256,19 +263,62 @@ def runtime_env(launch: Launch, *, provider: str, session_dir: str, restore_dir:
     return env
 
 
-def classify_exit(returncode: int | None, outcome: str | None) -> tuple[AttemptState, str]:
-    """How a session ended, from its exit code and what the runtime wrote (``outcome.json``)."""
+STOPPED_BY = {  # exit.json's "stopped_by": who stopped the user's command, in words
+    "deadline": "stopped at the session deadline",
+    "signal": "stopped by a SIGTERM from outside the session (the platform, or a cancel)",
+}
+KILLED_CODES = {128 + signal.SIGKILL: signal.SIGKILL, 128 + signal.SIGTERM: signal.SIGTERM}
+
+
+def classify_exit(returncode: int | None, outcome: str | None,
+                  stopped_by: str | None = None) -> tuple[AttemptState, str]:
+    """How a session ended, from what its supervisor wrote in ``exit.json``.
+
+    ``returncode`` is the user's command's exit status (negative: killed by that signal; None:
+    unknown), ``outcome`` what the runtime wrote in ``outcome.json`` ("done" or "yield"), and
+    ``stopped_by`` who stopped the command: None (nobody in gpupool), "deadline" (the
+    supervisor, at the session's hard end) or "signal" (a SIGTERM from outside the session,
+    which the supervisor forwarded). The rule (README, "How a session ends"): FAILED, the
+    user's error, is only the command exiting non-zero on its own, or killed by a signal that
+    neither gpupool nor the platform sent while the supervisor lived (the OOM killer); a stop
+    sent by the supervisor or the platform is LOST, or YIELDED when the script saved and
+    yielded. A session with no ``exit.json`` at all is LOST (the provider says so). A
+    provider must forward ``stopped_by`` from ``exit.json``: without it, a command the
+    platform killed through the supervisor reads as killed by nobody (FAILED).
+    """
     if outcome == "done" and returncode in (0, None):
         return AttemptState.SUCCEEDED, "training completed"
+    stopper = STOPPED_BY.get(stopped_by or "")
     if outcome == "yield" or returncode == runtime.EXIT_YIELD:
-        return AttemptState.YIELDED, "session ended at its deadline; checkpoint saved"
+        why = stopper or "before the session deadline"
+        return AttemptState.YIELDED, f"the script saved a checkpoint and yielded ({why})"
+    if stopper is not None:
+        return AttemptState.LOST, f"{stopper}; the run command then ended with {_status(returncode)}"
     if returncode == 0:
         return AttemptState.SUCCEEDED, "the run command exited 0"
     if returncode is None:
         return AttemptState.LOST, "the session ended without an exit status"
-    if returncode < 0 or returncode in (128 + 9, 128 + 15):
-        return AttemptState.LOST, f"the training process was killed (signal {abs(returncode) % 128})"
+    signum = -returncode if returncode < 0 else KILLED_CODES.get(returncode)
+    if signum is not None:
+        return AttemptState.FAILED, (
+            f"the training process was killed by {_signal_name(signum)}, which neither gpupool "
+            f"nor the platform sent (the out-of-memory killer?)")
     return AttemptState.FAILED, f"the run command failed with exit code {returncode}"
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return f"signal {signum} ({signal.Signals(signum).name})"
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _status(returncode: int | None) -> str:
+    if returncode is None:
+        return "no exit status"
+    if returncode < 0:
+        return _signal_name(-returncode)
+    return f"exit code {returncode}"
 
 
 # -- discovery ---------------------------------------------------------------------------

@@ -7,17 +7,22 @@ scheduler killed at any point is restarted and simply reconciles again.
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from gpupool.errors import (
+    CancelFailed,
     CheckpointError,
     GpupoolError,
     InputUnavailable,
     ProviderError,
     ProviderUnavailable,
     RateLimited,
+    StoredSpecError,
 )
 from gpupool.manifest import Manifest
 from gpupool.placement import (
@@ -36,6 +41,8 @@ from gpupool.state import Attempt, Experiment
 from gpupool.states import AttemptState, ExperimentState
 
 MAX_PLACEMENT_TRIES = 4  # providers tried in one step when each refuses at submit
+# Endings of attempts that ran a session: they count toward the no-progress streaks.
+SESSION_ENDINGS = frozenset({AttemptState.YIELDED, AttemptState.LOST, AttemptState.FAILED})
 
 
 @dataclass
@@ -57,7 +64,10 @@ class Scheduler:
                        place: bool = True) -> Report:
         """One step. ``claimed``: only these experiments (this scheduler's share, when several
         share a database; None: all); ``place``: whether to place pending ones (only the holder
-        of the placement lease does, so quota and concurrency are decided in one place)."""
+        of the placement lease does, so quota and concurrency are decided in one place).
+        Nothing raised while handling one attempt or one experiment stops the others: it is
+        recorded as a problem of that one, and the step goes on (a stored spec that no longer
+        validates fails its experiment, with the fix)."""
         report = Report()
 
         def mine(experiment_id: str) -> bool:
@@ -71,30 +81,57 @@ class Scheduler:
         for attempt in self.state.attempts(active=True):
             if not mine(attempt.experiment_id):
                 continue
-            try:
-                self._reconcile_attempt(attempt, now, report)
-            except GpupoolError as err:
-                report.problems.append(f"{attempt.id}: {err}")
-                self.state.add_event(now, attempt.experiment_id, attempt.id, "problem", str(err))
+            self._isolated(attempt.experiment_id, attempt.id, now, report,
+                           partial(self._reconcile_attempt, attempt, now, report))
         for experiment in self.state.experiments([ExperimentState.PENDING]) if place else []:
             if not mine(experiment.id):
                 continue
             if experiment.not_before is not None and experiment.not_before > now:
                 report.waiting[experiment.id] = experiment.wait_reason or "waiting"
                 continue
-            try:
-                self._place(experiment, now, report)
-            except GpupoolError as err:
-                report.problems.append(f"{experiment.id}: {err}")
-                self.state.add_event(now, experiment.id, None, "problem", str(err))
+            self._isolated(experiment.id, None, now, report,
+                           partial(self._place, experiment, now, report))
         return report
+
+    def _isolated(self, experiment_id: str, attempt_id: str | None, now: float, report: Report,
+                  work: Callable[[], object]) -> None:
+        """Run one experiment's (or attempt's) part of the step; what it raises stays its own."""
+        try:
+            work()
+        except StoredSpecError as err:
+            self._fail_unreadable(experiment_id, err, now, report)
+        except Exception as err:  # noqa: BLE001 - one experiment's fault must not stop the others
+            text = str(err) if isinstance(err, GpupoolError) else f"unexpected {type(err).__name__}: {err}"
+            report.problems.append(f"{attempt_id or experiment_id}: {text}")
+            self.state.add_event(now, experiment_id, attempt_id, "problem", text)
+
+    def _fail_unreadable(self, experiment_id: str, err: StoredSpecError, now: float,
+                         report: Report) -> None:
+        report.problems.append(f"{experiment_id}: {err}")
+        experiment = self.state.experiment(experiment_id)
+        if not experiment.state.terminal:  # its active attempt is then stopped and collected
+            self.state.move_experiment(experiment_id, ExperimentState.FAILED, now,
+                                       event=str(err), message=str(err))
+
+    def spec_of(self, experiment: Experiment) -> ExperimentSpec:
+        """The experiment's stored spec; ``StoredSpecError`` when this gpupool cannot read it
+        (written by an older or newer version)."""
+        try:
+            return ExperimentSpec.model_validate(experiment.spec)
+        except ValidationError as err:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}"
+                                 for e in err.errors())
+            raise StoredSpecError(
+                f"experiment {experiment.id}: its stored experiment file no longer validates "
+                f"({problems}); resubmit it with `gpupool run`") from None
 
     # -- running attempts -----------------------------------------------------------------
 
     def _reconcile_attempt(self, attempt: Attempt, now: float, report: Report) -> None:
         provider = self.pool.provider(attempt.provider)
-        if self.state.experiment(attempt.experiment_id).state.terminal:  # cancelled mid-way
-            self._cancel_attempt(attempt, now)
+        experiment = self.state.experiment(attempt.experiment_id)
+        if experiment.state.terminal and not self._stop_failed(attempt):  # cancelled or failed
+            self._cancel_attempt(attempt, now, f"stopped: its experiment {experiment.state.value}")
             return
         if attempt.state == AttemptState.CREATED:  # the scheduler died before recording submit
             experiment = self.state.experiment(attempt.experiment_id)
@@ -133,7 +170,10 @@ class Scheduler:
             self.state.update_attempt(attempt.id, **fields)
 
     def _finish(self, provider: Provider, attempt: Attempt, result: PollResult, now: float) -> None:
-        """Collect the session's checkpoints, charge its time, end it, and decide what's next."""
+        """Collect the session's checkpoints, charge its time, end it, and decide what's next.
+        A lost session is first told to stop, so it cannot train on unseen (best effort)."""
+        if result.state == AttemptState.LOST:
+            self._tell_to_stop(provider, attempt, now)
         store = self.pool.store_for(attempt.experiment_id)
         try:
             provider.collect(attempt, store)
@@ -141,22 +181,44 @@ class Scheduler:
             self.state.add_event(now, attempt.experiment_id, attempt.id, "corrupt-checkpoint", str(err))
         latest = store.latest()
         self._end(attempt, result.state, result.message or result.state.value, now, latest=latest)
-        spec = ExperimentSpec.model_validate(self.state.experiment(attempt.experiment_id).spec)
-        store.prune(spec.checkpoint.keep_last, protect=[latest.name] if latest else [])
+        keep_last = self.spec_of(self.state.experiment(attempt.experiment_id)).checkpoint.keep_last
+        store.prune(keep_last, protect=[latest.name] if latest else [])
         provider.cleanup(attempt)
+
+    def _tell_to_stop(self, provider: Provider, attempt: Attempt, now: float) -> bool:
+        """Ask the provider to stop ``attempt``'s session; a refusal is recorded, not raised."""
+        try:
+            provider.cancel(attempt)
+        except GpupoolError as err:
+            kind = "cancel-failed" if isinstance(err, CancelFailed) else "problem"
+            self.state.add_event(now, attempt.experiment_id, attempt.id, kind,
+                                 f"could not stop the session: {err}")
+            return False
+        return True
+
+    def _stop_failed(self, attempt: Attempt) -> bool:
+        """Whether stopping this attempt's session already failed (it is then tracked until it
+        really ends, and charged)."""
+        return any(e["kind"] == "cancel-failed" and e["attempt_id"] == attempt.id
+                   for e in self.state.events(attempt.experiment_id))
 
     def _end(self, attempt: Attempt, outcome: AttemptState, message: str, now: float, *,
              latest: Manifest | None = None, until: float | None = None) -> None:
         """End ``attempt`` with ``outcome`` and move its experiment on, in one transaction."""
         experiment = self.state.experiment(attempt.experiment_id)
-        spec = ExperimentSpec.model_validate(experiment.spec)
         seconds = attempt.duration(now) if attempt.started_at else 0.0
         produced = latest.name if latest is not None and latest.attempt == attempt.id else None
         fields: dict = dict(gpu_seconds=experiment.gpu_seconds + seconds, wait_reason=None,
                             not_before=None)
         if latest is not None:
             fields.update(last_checkpoint=latest.name, last_step=latest.step)
-        target, why = self._next_state(experiment, spec, attempt, outcome, message, fields)
+        if experiment.state.terminal:  # cancelled or failed meanwhile: only the attempt ends
+            target, why = experiment.state, experiment.message or experiment.state.value
+        else:
+            ended = attempt_ending(attempt, outcome, produced)
+            history = [*self.state.attempts(attempt.experiment_id, active=False), ended]
+            target, why = self._next_state(experiment, self.spec_of(experiment), ended, message,
+                                           fields, history)
         fields["message"] = why
         if outcome == AttemptState.UNAVAILABLE:
             self._cool_down(attempt, message, now, until)
@@ -168,37 +230,50 @@ class Scheduler:
         )
 
     def _next_state(self, experiment: Experiment, spec: ExperimentSpec, attempt: Attempt,
-                    outcome: AttemptState, message: str, fields: dict) -> tuple[ExperimentState, str]:
+                    message: str, fields: dict, history: list[Attempt]) -> tuple[ExperimentState, str]:
+        """Where the experiment goes after ``attempt`` ended (README, "How a session ends")."""
+        outcome, limits = attempt.state, spec.limits
         if outcome == AttemptState.SUCCEEDED:
             return ExperimentState.SUCCEEDED, "training completed"
         if outcome == AttemptState.CANCELLED:
             return ExperimentState.CANCELLED, "cancelled"
-        budget = spec.limits.gpu_hours
+        if outcome == AttemptState.UNAVAILABLE:
+            reason = f"{attempt.provider} unavailable: {unprefixed(attempt.provider, message)}"
+            fields["wait_reason"] = reason
+            return ExperimentState.PENDING, reason
+        budget = limits.gpu_hours
         if budget is not None and fields["gpu_seconds"] >= budget * 3600:
             return ExperimentState.FAILED, f"GPU-hour budget of {budget} h is spent"
+        errors, stalled = no_progress_streaks(history)
         if outcome == AttemptState.FAILED:
             fields["errors"] = experiment.errors + 1
-            if fields["errors"] > spec.limits.retries_on_error:
-                return ExperimentState.FAILED, f"failed {fields['errors']} times; last: {message}"
+            if errors > limits.retries_on_error:
+                return ExperimentState.FAILED, (
+                    f"failed {errors} times in a row without a new checkpoint "
+                    f"(limits.retries_on_error: {limits.retries_on_error}); last: {message}")
+        if stalled >= limits.max_sessions_without_checkpoint:
+            return ExperimentState.FAILED, (
+                f"{stalled} sessions in a row published no new checkpoint (limits."
+                f"max_sessions_without_checkpoint: {limits.max_sessions_without_checkpoint}); "
+                f"last: {message}")
+        if outcome == AttemptState.FAILED:
             return ExperimentState.PENDING, f"retrying after an error: {message}"
-        if outcome in (AttemptState.YIELDED, AttemptState.LOST):
-            fields["hops"] = experiment.hops + 1
-            if fields["hops"] > spec.limits.max_hops:
-                return ExperimentState.FAILED, f"reached max_hops ({spec.limits.max_hops})"
-            return ExperimentState.PENDING, f"session ended ({message}); resuming"
-        fields["wait_reason"] = f"{attempt.provider} unavailable: {message}"
-        return ExperimentState.PENDING, f"{attempt.provider} unavailable: {message}"
+        fields["hops"] = experiment.hops + 1
+        if fields["hops"] > limits.max_hops:
+            return ExperimentState.FAILED, f"reached max_hops ({limits.max_hops})"
+        return ExperimentState.PENDING, f"session ended ({message}); resuming"
 
     def _cool_down(self, attempt: Attempt, reason: str, now: float, until: float | None = None) -> None:
         health = self.state.health().get((attempt.provider, attempt.account), {})
         failures = int(health.get("failures") or 0) + 1
         until = until or now + backoff_seconds(failures)
-        self.state.mark_unavailable(attempt.provider, attempt.account, until, reason, now)
+        self.state.mark_unavailable(attempt.provider, attempt.account, until,
+                                    unprefixed(attempt.provider, reason), now)  # shown after its name
 
     # -- placement ------------------------------------------------------------------------
 
     def _place(self, experiment: Experiment, now: float, report: Report) -> None:
-        spec = ExperimentSpec.model_validate(experiment.spec)
+        spec = self.spec_of(experiment)
         for _ in range(MAX_PLACEMENT_TRIES):
             decision = choose(spec.providers, spec.resources, self.candidates(spec, now),
                               self._slice_seconds(spec), now)
@@ -255,7 +330,8 @@ class Scheduler:
         kinds = provider.gpu_kinds()
         return Candidate(
             provider.name, account, credentials_ok=ok, credentials_hint=hint,
-            available=available.ok, unavailable_reason=cooldown.get("reason") or available.reason,
+            available=available.ok,
+            unavailable_reason=unprefixed(provider.name, cooldown.get("reason") or available.reason),
             unavailable_until=cooldown.get("unavailable_until") or available.until,
             active=active.get((provider.name, account), 0),
             max_concurrent=provider.max_concurrent(account),
@@ -293,7 +369,7 @@ class Scheduler:
 
     def _submit(self, provider: Provider, experiment: Experiment, attempt: Attempt, now: float,
                 report: Report) -> bool:
-        spec = ExperimentSpec.model_validate(experiment.spec)
+        spec = self.spec_of(experiment)
         store = self.pool.store_for(experiment.id)
         restore = store.latest()
         launch = Launch(
@@ -323,26 +399,80 @@ class Scheduler:
 
     # -- cancelling -----------------------------------------------------------------------
 
-    def cancel(self, experiment_id: str, now: float) -> Experiment:
-        """Stop an experiment: cancel its active attempt, keep what it checkpointed."""
+    def cancel(self, experiment_id: str, now: float) -> Cancelled:
+        """Stop an experiment: nothing new is placed, its active attempt's session is stopped
+        and what it checkpointed is kept. A session the provider could not stop (its
+        ``CancelFailed`` is in ``Cancelled.failures``) stays tracked and charged until it ends."""
         experiment = self.state.experiment(experiment_id)
         if not experiment.state.terminal:  # first, so no step places it again meanwhile
             self.state.move_experiment(experiment.id, ExperimentState.CANCELLED, now,
                                        event="cancelled by the user", message="cancelled")
+        failures = []
         for attempt in self.state.attempts(experiment.id, active=True):
-            self._cancel_attempt(attempt, now)
-        return self.state.experiment(experiment.id)
+            failure = self._cancel_attempt(attempt, now, "cancelled by the user")
+            if failure is not None:
+                failures.append(failure)
+        return Cancelled(self.state.experiment(experiment.id), failures)
 
-    def _cancel_attempt(self, attempt: Attempt, now: float) -> None:
+    def _cancel_attempt(self, attempt: Attempt, now: float, reason: str) -> CancelFailed | None:
+        """Stop the attempt's session, collect it and end it CANCELLED; if the provider cannot
+        stop it, record that and leave it active (polled, collected and charged when it ends)."""
         provider = self.pool.provider(attempt.provider)
-        provider.cancel(attempt)
         store = self.pool.store_for(attempt.experiment_id)
+        try:
+            provider.cancel(attempt)
+        except ProviderError as err:  # CancelFailed, or a call that failed some other way
+            failure = err if isinstance(err, CancelFailed) else CancelFailed(
+                attempt.provider, unprefixed(attempt.provider, str(err)),
+                action=f"run `gpupool cancel {attempt.experiment_id}` again, or stop the session "
+                       f"on {attempt.provider}'s own page")
+            self.state.add_event(now, attempt.experiment_id, attempt.id, "cancel-failed",
+                                 f"could not stop the session: {failure}; tracking it until it ends")
+            return failure
         try:
             provider.collect(attempt, store)
         except GpupoolError as err:
             self.state.add_event(now, attempt.experiment_id, attempt.id, "problem", str(err))
         # what the session saved is the experiment's resume point (`gpupool resume`)
-        self._end(attempt, AttemptState.CANCELLED, "cancelled by the user", now, latest=store.latest())
+        self._end(attempt, AttemptState.CANCELLED, reason, now, latest=store.latest())
+        return None
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    """What ``Scheduler.cancel`` did: the experiment now, and the sessions it could not stop."""
+
+    experiment: Experiment
+    failures: list[CancelFailed]
+
+
+def attempt_ending(attempt: Attempt, outcome: AttemptState, produced: str | None) -> Attempt:
+    """The attempt as it is about to be recorded: ended with ``outcome``, ``produced`` out."""
+    return replace(attempt, state=outcome, checkpoint_out=produced)
+
+
+def no_progress_streaks(history: list[Attempt]) -> tuple[int, int]:
+    """(errors, stalled) over the experiment's ended attempts, oldest first: how many FAILED
+    sessions since the last one that published a new checkpoint (counting it, if it failed),
+    and how many sessions in a row published none. Attempts that never ran a session
+    (unavailable, cancelled) neither count nor break a streak."""
+    errors = stalled = 0
+    for attempt in reversed(history):
+        if attempt.state not in SESSION_ENDINGS:
+            continue
+        errors += attempt.state == AttemptState.FAILED
+        if attempt.checkpoint_out:
+            break
+        stalled += 1
+    return errors, stalled
+
+
+def unprefixed(provider: str, message: str) -> str:
+    """``message`` without a leading ``"<provider>: "``, for text that names the provider."""
+    prefix = f"{provider}: "
+    while message.startswith(prefix):
+        message = message[len(prefix):]
+    return message
 
 
 def _rate(attempt: Attempt, result: PollResult) -> float | None:

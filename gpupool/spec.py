@@ -112,7 +112,10 @@ class CheckpointPolicy(_Strict):
 
 class Limits(_Strict):
     max_hops: int = Field(50, ge=0, description="sessions after the first one")
-    retries_on_error: int = Field(2, ge=0, description="attempts that may fail with an error")
+    retries_on_error: int = Field(
+        2, ge=0, description="sessions that may fail with an error in a row without a new checkpoint")
+    max_sessions_without_checkpoint: int = Field(
+        3, ge=1, description="stop after this many sessions in a row publish no new checkpoint")
     gpu_hours: float | None = Field(None, gt=0, description="budget summed over attempts")
 
 

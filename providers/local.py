@@ -15,13 +15,15 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gpupool.durations import Seconds
-from gpupool.errors import InputUnavailable, ProviderError
+from gpupool.errors import CancelFailed, InputUnavailable, ProviderError
 from gpupool.inputs import OpenUrl, env_name, fetch_url
 from gpupool.manifest import Manifest, ManifestError, list_local, verify_local
 from gpupool.provider import (
@@ -33,6 +35,7 @@ from gpupool.provider import (
     classify_exit,
     runtime_env,
 )
+from gpupool.runtime import ENV_ATTEMPT
 from gpupool.states import AttemptState
 
 if TYPE_CHECKING:
@@ -42,6 +45,7 @@ if TYPE_CHECKING:
 
 LOG_TAIL_BYTES = 64 * 1024
 LOCK_FILE = "session.lock"
+PROC = Path("/proc")
 
 
 class LocalConfig(BaseModel):
@@ -54,6 +58,8 @@ class LocalConfig(BaseModel):
     cpu_fallback: bool = Field(True, description="run GPU experiments on the CPU when no GPU")
     windows: list[str] = Field(default_factory=list, description='e.g. ["22:00-07:00"] local time')
     python: str = Field(default_factory=lambda: sys.executable)
+    cancel_grace_seconds: Seconds = Field(
+        10.0, ge=0, description="after a cancel's SIGTERM, how long the trainer may save before SIGKILL")
 
     @field_validator("windows")
     @classmethod
@@ -227,7 +233,9 @@ class LocalProvider(Provider):
         started = (_read_json(session / "started.json") or {}).get("time")
         ended = _read_json(session / "exit.json")
         if ended is not None:
-            state, message = classify_exit(ended.get("returncode"), ended.get("outcome"))
+            end_session_tree(attempt.id, session)  # e.g. DataLoader workers of a killed trainer
+            state, message = classify_exit(ended.get("returncode"), ended.get("outcome"),
+                                           ended.get("stopped_by"))
             return PollResult(state, step=progress.get("step"), heartbeat=ended.get("ended"),
                               started_at=started, message=message + _tail_hint(session, state))
         if _locked(session / LOCK_FILE):
@@ -235,7 +243,7 @@ class LocalProvider(Provider):
         elif not (session / "session.json").exists():
             return PollResult(AttemptState.LOST, message="the session was never started")
         else:
-            _kill_orphaned_trainer(session)
+            end_session_tree(attempt.id, session)
             return PollResult(AttemptState.LOST, started_at=started, step=progress.get("step"),
                               message="the session's supervisor died without an exit status")
         state = AttemptState.RUNNING if started else AttemptState.SUBMITTED
@@ -251,13 +259,21 @@ class LocalProvider(Provider):
             del self._children[attempt_id]
 
     def cancel(self, attempt: Attempt) -> None:
+        """Stop the session: SIGTERM to its supervisor (forwarded to the trainer, which may save
+        and yield), then, after ``cancel_grace_seconds``, SIGKILL to every process of the
+        session. Returns once nothing of it runs; raises ``CancelFailed`` if something does."""
         session = self.session_dir(attempt.id)
         started = _read_json(session / "started.json")
         if started and _locked(session / LOCK_FILE):
-            try:
-                os.kill(int(started["pid"]), signal.SIGTERM)  # the supervisor forwards it
-            except ProcessLookupError:
-                pass
+            _signal_pid(int(started["pid"]), signal.SIGTERM)  # the supervisor forwards it
+            _wait_until(lambda: not _locked(session / LOCK_FILE), self.config.cancel_grace_seconds)
+        if started and _locked(session / LOCK_FILE):
+            _signal_pid(int(started["pid"]), signal.SIGKILL)
+        left = end_session_tree(attempt.id, session)
+        if left or not _wait_until(lambda: not _locked(session / LOCK_FILE), 5.0):
+            raise CancelFailed(self.name, f"processes of session {attempt.id} survived SIGKILL "
+                               f"({', '.join(map(str, left)) or 'its supervisor'})",
+                               action="stop them by hand (kill -9 PID) or restart the machine")
 
     def logs(self, attempt: Attempt) -> str:
         try:
@@ -342,14 +358,60 @@ def _locked(path: Path) -> bool:
     return False
 
 
-def _kill_orphaned_trainer(session: Path) -> None:
-    """The supervisor died: stop a training process it left behind, so it cannot compete."""
+def end_session_tree(attempt_id: str, session: Path) -> list[int]:
+    """SIGKILL whatever of the session still runs: every process that carries the attempt in
+    its environment (the trainer and its children, DataLoader workers, even ones that left its
+    process group), found by environment rather than by a group id that may have been reused.
+    Returns the pids still alive afterwards (none, normally)."""
     trainer = _read_json(session / "trainer.json")
-    if trainer:
+    if trainer and not PROC.is_dir():  # no /proc to tell ours apart: the group is all we know
+        _signal_group(int(trainer["pid"]), signal.SIGKILL)
+    pids = session_processes(attempt_id)
+    for pid in pids:
+        _signal_pid(pid, signal.SIGKILL)
+    _wait_until(lambda: not session_processes(attempt_id), 5.0)
+    return session_processes(attempt_id)
+
+
+def session_processes(attempt_id: str) -> list[int]:
+    """Live processes (not zombies) whose environment names this attempt (Linux ``/proc``;
+    elsewhere none are found and the trainer's process group is all that is killed)."""
+    marker = f"{ENV_ATTEMPT}={attempt_id}".encode()
+    found = []
+    for entry in PROC.glob("[0-9]*"):
         try:
-            os.killpg(int(trainer["pid"]), signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+            if marker not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue  # dead, waiting for its parent to reap it
+        except (OSError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+        found.append(int(entry.name))
+    return found
+
+
+def _signal_pid(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float, poll: float = 0.05) -> bool:
+    """Wait (bounded) for a process-level event that has no notification to block on."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll)
+    return True
 
 
 def _last_progress(session: Path) -> dict:

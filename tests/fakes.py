@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from gpupool.errors import ProviderUnavailable
+from gpupool.errors import CancelFailed, ProviderUnavailable
 from gpupool.manifest import Manifest, publish_local
 from gpupool.provider import Launch, PollResult, Provider, Quota, Submission
 from gpupool.state import Attempt
@@ -37,6 +37,7 @@ class Session:
     steps: int
     message: str = ""
     cancelled: bool = False
+    ended: bool = False  # its end was seen: a later cancel changes nothing, as on a real service
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Script:
 
     outcomes: list[tuple[AttemptState, float, int]] = field(default_factory=list)  # state, secs, steps
     refuse: int = 0  # refuse this many submits with ProviderUnavailable first
+    cancel_fails: bool = False  # cancel raises CancelFailed (no API to stop a session)
 
     def next(self) -> tuple[AttemptState, float, int]:
         return self.outcomes.pop(0) if self.outcomes else (AttemptState.SUCCEEDED, 60.0, 10)
@@ -60,6 +62,7 @@ class FakeProvider(Provider):
         self.script = script or Script()
         self.sessions: dict[str, Session] = {}
         self.submits = 0
+        self.cancels: list[str] = []
 
     def check_credentials(self) -> tuple[bool, str]:
         return True, "fake"
@@ -88,11 +91,17 @@ class FakeProvider(Provider):
         if now < session.start + session.duration:
             return PollResult(AttemptState.RUNNING, step=start_step, heartbeat=now,
                               started_at=session.start)
+        session.ended = True
         return PollResult(session.outcome, step=start_step + session.steps, started_at=session.start,
                           message=session.message or f"fake {session.outcome.value}")
 
     def cancel(self, attempt: Attempt) -> None:
-        self.sessions[attempt.id].cancelled = True
+        self.cancels.append(attempt.id)
+        if self.script.cancel_fails:
+            raise CancelFailed(self.name, "this service has no call to stop a session",
+                               action=f"stop {attempt.id} on the service's web page")
+        session = self.sessions[attempt.id]
+        session.cancelled = not session.ended
 
     def logs(self, attempt: Attempt) -> str:
         return f"log of {attempt.id}\nTraceback: boom\n"

@@ -78,3 +78,16 @@ def test_providers_json_lists_local_as_usable(tmp_path: Path) -> None:
 def test_help_teaches(command: str, tmp_path: Path) -> None:
     result = gpupool([command, "--help"], tmp_path / "data")
     assert result.returncode == 0 and "Usage:" in result.stdout and len(result.stdout) > 150
+
+
+def test_commands_started_together_on_a_new_data_folder_all_succeed(tmp_path: Path) -> None:
+    """Issue 12 (kind 9): the first migration ran in each of them and most failed with
+    `table alembic_version already exists`; it is serialized now."""
+    env = {**os.environ, "GPUPOOL_DATA_DIR": str(tmp_path / "fresh")}
+    env.pop("GPUPOOL_CONFIG", None)
+    commands = [subprocess.Popen([sys.executable, "-m", "gpupool", "status", "--json"], env=env,
+                                 text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                for _ in range(3)]
+    results = [(c.communicate(timeout=120), c.returncode) for c in commands]
+    assert [code for _, code in results] == [0, 0, 0], results
+    assert all(json.loads(out) == [] and "Traceback" not in err for (out, err), _ in results)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
+from gpupool import db
 from gpupool.pool import Pool
 from gpupool.provider import Quota
 from gpupool.scheduler import Scheduler
@@ -217,3 +219,222 @@ def test_an_estimated_quota_does_not_shorten_the_session(tmp_path: Path) -> None
     launch = next(iter(colab.sessions.values())).launch
     assert launch.quota_seconds is None
     assert colab.planned_session_seconds(launch) == 12 * 3600
+
+
+# -- issue 12: stopping what was started (kind 2) -------------------------------------------
+
+
+def test_cancel_that_cannot_stop_the_session_says_so_and_keeps_tracking_it(tmp_path: Path) -> None:
+    kaggle = FakeProvider("kaggle", Script([(S, 600, 10)], cancel_fails=True))
+    pool, scheduler, ident = make(tmp_path, kaggle)
+    scheduler.reconcile_once(T0)
+    scheduler.reconcile_once(T0 + 30)
+    done = scheduler.cancel(ident, T0 + 60)
+    assert done.experiment.state == ExperimentState.CANCELLED  # nothing new is placed
+    assert [f.action for f in done.failures] == [f"stop {ident}-a1 on the service's web page"]
+    [attempt] = pool.state.attempts(ident)
+    assert attempt.state == AttemptState.RUNNING, "a session still running is never called stopped"
+    assert any(e["kind"] == "cancel-failed" for e in pool.state.events(ident))
+    for now in (T0 + 120, T0 + 400):
+        assert scheduler.reconcile_once(now).placed == []
+        assert pool.state.attempt(attempt.id).state == AttemptState.RUNNING  # still polled
+    scheduler.reconcile_once(T0 + 700)  # the session really ends: collected and charged
+    ended = pool.state.attempt(attempt.id)
+    assert ended.state == AttemptState.SUCCEEDED and ended.checkpoint_out
+    assert ended.gpu_seconds == pytest.approx(700)
+    assert pool.state.charged_seconds("kaggle", "default", 0) == pytest.approx(700)
+    final = pool.state.experiment(ident)
+    assert final.state == ExperimentState.CANCELLED and final.last_checkpoint == ended.checkpoint_out
+    assert kaggle.cancels == [attempt.id], "the stop was asked once, not every step"
+
+
+def test_cancel_that_stops_the_session_reports_no_failure(tmp_path: Path) -> None:
+    local = FakeProvider("local", Script([(S, 10_000, 10)]))
+    pool, scheduler, ident = make(tmp_path, local)
+    scheduler.reconcile_once(T0)
+    done = scheduler.cancel(ident, T0 + 60)
+    assert done.failures == [] and done.experiment.state == ExperimentState.CANCELLED
+    assert local.cancels == [f"{ident}-a1"]
+
+
+@pytest.mark.parametrize("cancel_fails", [False, True])
+def test_every_lost_session_is_told_to_stop(tmp_path: Path, cancel_fails: bool) -> None:
+    """Issue 12: a Colab attempt marked lost (stale heartbeat) was never told to stop and
+    trained on unseen; a refusal to stop is recorded, and the experiment goes on."""
+    colab = FakeProvider("colab", Script([(L, 300, 10), (Y, 300, 10), (S, 60, 10)],
+                                         cancel_fails=cancel_fails))
+    pool, scheduler, ident = make(tmp_path, colab)
+    run_until_terminal(pool, scheduler, ident)
+    attempts = pool.state.attempts(ident)
+    assert pool.state.experiment(ident).state == ExperimentState.SUCCEEDED
+    assert colab.cancels == [attempts[0].id], "only the lost session, once"
+    refused = [e for e in pool.state.events(ident) if e["kind"] == "cancel-failed"]
+    assert len(refused) == int(cancel_fails)
+    if cancel_fails:
+        assert refused[0]["attempt_id"] == attempts[0].id and "stop it" not in refused[0]["message"]
+
+
+def test_a_stop_call_that_fails_otherwise_is_reported_as_not_stopped(tmp_path: Path) -> None:
+    from gpupool.errors import ProviderError
+
+    class Unreachable(FakeProvider):
+        def cancel(self, attempt):  # type: ignore[no-untyped-def]
+            self.cancels.append(attempt.id)
+            raise ProviderError("kaggle", "connection reset while cancelling")
+
+    kaggle = Unreachable("kaggle", Script([(S, 600, 10)]))
+    pool, scheduler, ident = make(tmp_path, kaggle)
+    scheduler.reconcile_once(T0)
+    done = scheduler.cancel(ident, T0 + 60)
+    [failure] = done.failures
+    assert str(failure).startswith("kaggle: connection reset while cancelling")
+    assert f"gpupool cancel {ident}" in failure.action
+    assert pool.state.attempts(ident, active=True) and scheduler.reconcile_once(T0 + 90).problems == []
+    scheduler.reconcile_once(T0 + 700)
+    assert pool.state.attempts(ident)[0].state == AttemptState.SUCCEEDED  # collected when it ended
+
+
+def test_cancel_from_the_command_line_exits_non_zero_with_the_action(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from gpupool.cli import cli
+
+    kaggle = FakeProvider("kaggle", Script([(S, 600, 10)], cancel_fails=True))
+    pool, scheduler, ident = make(tmp_path, kaggle)
+    scheduler.reconcile_once(T0)
+    result = CliRunner().invoke(cli, ["cancel", ident], obj={"pool": pool})
+    text = result.output + (result.stderr if result.stderr_bytes is not None else "")
+    assert result.exit_code == 1, text
+    assert "could NOT be stopped" in text and f"stop {ident}-a1 on the service's web page" in text
+    assert "every session stopped" not in text
+    assert pool.state.attempts(ident, active=True), "the session stays tracked"
+
+
+# -- issue 12: sessions that make no progress (kind 4) --------------------------------------
+
+
+def test_sessions_that_publish_no_new_checkpoint_stop_the_experiment(tmp_path: Path) -> None:
+    local = FakeProvider("local", Script([(Y, 60, 10)] + [(L, 60, 0)] * 20))
+    pool, scheduler, ident = make(tmp_path, local, limits={"max_hops": 50})
+    run_until_terminal(pool, scheduler, ident)
+    experiment = pool.state.experiment(ident)
+    assert experiment.state == ExperimentState.FAILED
+    assert len(pool.state.attempts(ident)) == 4  # one with progress, then the limit of 3
+    assert "3 sessions in a row published no new checkpoint" in (experiment.message or "")
+    assert "max_sessions_without_checkpoint" in (experiment.message or "")
+
+
+def test_the_no_progress_limit_is_the_experiments_own(tmp_path: Path) -> None:
+    local = FakeProvider("local", Script([(Y, 60, 0)] * 20))
+    pool, scheduler, ident = make(tmp_path, local, limits={"max_sessions_without_checkpoint": 5})
+    run_until_terminal(pool, scheduler, ident)
+    assert len(pool.state.attempts(ident)) == 5
+
+
+def test_errors_count_in_a_row_and_reset_when_a_checkpoint_is_published(tmp_path: Path) -> None:
+    """A kill gpupool did not cause is an error; retries_on_error bounds errors in a row
+    without progress, so a run killed several times after saving still finishes."""
+    local = FakeProvider("local", Script([(F, 60, 10)] * 5 + [(S, 60, 10)]))
+    pool, scheduler, ident = make(tmp_path, local, limits={"retries_on_error": 1})
+    run_until_terminal(pool, scheduler, ident)
+    experiment = pool.state.experiment(ident)
+    assert experiment.state == ExperimentState.SUCCEEDED and experiment.errors == 5
+    stuck = FakeProvider("local", Script([(F, 60, 10), (F, 60, 0), (F, 60, 0), (S, 60, 10)]))
+    pool, scheduler, ident = make(tmp_path / "b", stuck, limits={"retries_on_error": 1})
+    run_until_terminal(pool, scheduler, ident)
+    experiment = pool.state.experiment(ident)
+    assert experiment.state == ExperimentState.FAILED
+    assert len(pool.state.attempts(ident)) == 2
+    assert "failed 2 times in a row without a new checkpoint" in (experiment.message or "")
+
+
+def test_unavailable_attempts_neither_count_nor_break_a_streak(tmp_path: Path) -> None:
+    from gpupool.scheduler import no_progress_streaks
+    from gpupool.state import Attempt
+
+    def ended(state: AttemptState, out: str | None = None) -> Attempt:
+        return Attempt(id="x", experiment_id="e", seq=1, provider="p", account="a", state=state,
+                       remote_id=None, url=None, end_reason=None, created_at=0, started_at=None,
+                       ended_at=None, deadline=None, last_heartbeat=None, step_start=None,
+                       step=None, total_steps=None, rate=None, checkpoint_in=None,
+                       checkpoint_out=out, gpu_seconds=0, detail=None)
+
+    U, C = AttemptState.UNAVAILABLE, AttemptState.CANCELLED
+    history = [ended(Y, "c1"), ended(L), ended(U), ended(F), ended(C), ended(Y)]
+    assert no_progress_streaks(history) == (1, 3)
+    assert no_progress_streaks([ended(F), ended(F, "c2"), ended(F)]) == (2, 1)
+    assert no_progress_streaks([]) == (0, 0)
+
+
+# -- issue 12: one experiment's fault stays its own (kind 7) --------------------------------
+
+
+def test_a_stored_spec_that_no_longer_validates_fails_only_its_experiment(tmp_path: Path) -> None:
+    local = FakeProvider("local", Script([(S, 60, 10)] * 3))
+    pool, scheduler, broken = make(tmp_path, local)
+    healthy = pool.submit(ExperimentSpec.model_validate(pool.state.experiment(broken).spec)).id
+    with pool.state.engine.begin() as conn:  # as an older or newer gpupool would have stored it
+        spec = dict(pool.state.experiment(broken).spec, limits={"max_hops": "many"}, gpus=2)
+        conn.execute(db.experiments.update().where(db.experiments.c.id == broken)
+                     .values(spec=json.dumps(spec)))
+    report = scheduler.reconcile_once(T0)  # raised a pydantic error before: nothing moved
+    assert [a.experiment_id for a in pool.state.attempts(active=True)] == [healthy]
+    failed = pool.state.experiment(broken)
+    assert failed.state == ExperimentState.FAILED
+    assert "no longer validates" in (failed.message or "") and "gpupool run" in (failed.message or "")
+    assert "limits.max_hops" in (failed.message or "") and "gpus" in (failed.message or "")
+    assert any(broken in p for p in report.problems)
+    run_until_terminal(pool, scheduler, healthy)
+    assert pool.state.experiment(healthy).state == ExperimentState.SUCCEEDED
+
+
+def test_a_stored_spec_broken_while_its_session_runs_stops_and_keeps_it(tmp_path: Path) -> None:
+    local = FakeProvider("local", Script([(S, 600, 10)]))
+    pool, scheduler, ident = make(tmp_path, local)
+    scheduler.reconcile_once(T0)
+    with pool.state.engine.begin() as conn:
+        conn.execute(db.experiments.update().where(db.experiments.c.id == ident)
+                     .values(spec=json.dumps({"name": "exp"})))  # no `run`: invalid
+    scheduler.reconcile_once(T0 + 700)  # its session ended: finishing it needs the spec
+    scheduler.reconcile_once(T0 + 730)
+    experiment = pool.state.experiment(ident)
+    [attempt] = pool.state.attempts(ident)
+    assert experiment.state == ExperimentState.FAILED and "no longer validates" in (experiment.message or "")
+    assert attempt.state.terminal and attempt.gpu_seconds > 0
+
+
+def test_an_unexpected_exception_in_one_experiment_does_not_stop_the_others(tmp_path: Path) -> None:
+    class Broken(FakeProvider):
+        def poll(self, attempt, now):  # type: ignore[no-untyped-def]
+            raise KeyError("status")  # a bug, or an answer outside the happy path
+
+    pool = Pool(PoolSettings(data_dir=tmp_path / "data"), clock=lambda: T0,
+                providers={"kaggle": Broken("kaggle"), "local": FakeProvider("local")})
+    (tmp_path / "code").mkdir()
+    specs = [ExperimentSpec.model_validate({"name": name, "run": "x", "workdir": tmp_path / "code",
+                                            "providers": [provider]})
+             for name, provider in (("bad", "kaggle"), ("good", "local"))]
+    bad, good = (pool.submit(spec).id for spec in specs)
+    scheduler = Scheduler(pool)
+    scheduler.reconcile_once(T0)
+    report = scheduler.reconcile_once(T0 + 30)
+    assert report.problems == [f"{bad}-a1: unexpected KeyError: 'status'"]
+    assert any(e["kind"] == "problem" and "KeyError" in e["message"] for e in pool.state.events(bad))
+    run_until_terminal(pool, scheduler, good)
+    assert pool.state.experiment(good).state == ExperimentState.SUCCEEDED
+
+
+def test_provider_names_are_not_repeated_in_messages(tmp_path: Path) -> None:
+    from gpupool.errors import ProviderError, ProviderUnavailable
+
+    assert str(ProviderError("kaggle", str(ProviderError("kaggle", "boom")))) == "kaggle: boom"
+    kaggle = FakeProvider("kaggle", Script(refuse=1))
+    pool, scheduler, ident = make(tmp_path, kaggle)
+    scheduler.reconcile_once(T0)
+    experiment = pool.state.experiment(ident)
+    assert experiment.wait_reason == "kaggle: no capacity right now (retry in 1m00s)"
+    shown = [e["message"] for e in pool.state.events(ident)]
+    shown.append(pool.state.health()[("kaggle", "default")]["reason"])
+    assert "kaggle unavailable: no capacity right now" in shown
+    assert not [m for m in shown if "kaggle: kaggle" in m or "unavailable: kaggle" in m], shown
+    assert str(ProviderUnavailable("kaggle", "kaggle: kaggle: quota")) == "kaggle: quota"

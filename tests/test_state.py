@@ -393,3 +393,41 @@ def test_a_cancelled_experiment_whose_session_still_runs_is_still_claimed(state)
     state.create_attempt(exp.id, "kaggle", "default", T0)
     state.move_experiment(exp.id, ExperimentState.CANCELLED, T0 + 1)
     assert state.claim_experiments("a", T0 + 2, ttl=30, placing=False) == {exp.id}
+
+
+# -- concurrency ---------------------------------------------------------------------------
+
+OPEN_WHEN_TOLD = """
+import sys
+from gpupool.state import State
+print("ready", flush=True)
+sys.stdin.readline()  # the test releases every process at once
+State(sys.argv[1]).close()
+print("opened", flush=True)
+"""
+
+
+def test_processes_opening_a_new_database_together_all_succeed_and_migrate_once(tmp_path):
+    """Issue 12 (kind 9): two gpupool commands on a new data folder failed 4 times in 5 with
+    `table alembic_version already exists`; the migration is serialized and runs once."""
+    import subprocess
+    import sys
+
+    db_path = tmp_path / "fresh" / "state.db"
+    processes = [
+        subprocess.Popen([sys.executable, "-c", OPEN_WHEN_TOLD, f"sqlite:///{db_path}"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True)
+        for _ in range(6)
+    ]
+    for process in processes:  # every one imported gpupool and waits at the barrier
+        assert process.stdout.readline().strip() == "ready"
+    for process in processes:
+        process.stdin.write("go\n")
+        process.stdin.flush()
+    outputs = [process.communicate(timeout=120)[0] for process in processes]
+    assert [p.returncode for p in processes] == [0] * 6, outputs
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("select count(*) from alembic_version").fetchone()[0] == 1
+        tables = {r[0] for r in conn.execute("select name from sqlite_master where type='table'")}
+        assert {"experiments", "attempts", "events"} <= tables
