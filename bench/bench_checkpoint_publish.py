@@ -73,7 +73,7 @@ def run(tmp: Path, mb: int, repeat: int) -> None:
 
     def relay() -> None:
         manifest = store.list()[0]
-        other.copy_from(store, manifest)
+        other.import_local(store, manifest)
         other.delete(manifest.name)
 
     copy_s = best_of(repeat, plain_copy)

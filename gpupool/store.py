@@ -6,9 +6,23 @@ Layout under the store's root::
         state.pt ...            training files, written once, never overwritten
         manifest.json           written last: the checkpoint exists once this does
 
-``latest`` is the newest checkpoint whose manifest parses *and* whose files match it; torn or
-corrupt checkpoints are skipped (and reported through ``on_corrupt``). Copies between stores
-("relays") stream the bytes, hash them on the way and write the manifest only when all match.
+Who guarantees "verified" (one sha256 per byte per copy made, never a re-read to check):
+
+* the session seals a checkpoint (``gpupool.manifest.publish_local``): the manifest's sizes and
+  sha256 are computed there, once, and are the reference for every later copy;
+* the store verifies a checkpoint once, when it *enters* the store (``import_local``, from a
+  session's folder or from another store): each chunk is hashed while it is written and the
+  manifest is written last, only when every file matched. A manifest in the store is therefore
+  the store's record that its bytes were verified;
+* ``latest`` and ``pick`` trust that record for checkpoints this process saw enter or verified
+  (a shared, per-root record; files must still be present with their listed sizes), and hash a
+  checkpoint they have no record of once, then record it, so a restarted scheduler still skips
+  bit rot that happened while it was away;
+* a download (``download``, ``pull``) hashes each chunk while it is written to the local disk,
+  so a file that rotted at rest after it was recorded is refused there, never restored.
+
+Torn checkpoints (no manifest) are never visible; corrupt ones are skipped and reported through
+``on_corrupt``.
 """
 
 from __future__ import annotations
@@ -36,7 +50,6 @@ from gpupool.manifest import (
     ManifestError,
     check_name,
     check_relative_path,
-    verify_local,
 )
 
 CorruptHandler = Callable[[Manifest | str, str], None]
@@ -49,6 +62,9 @@ class CheckpointStore:
         self.url = url
         self.fs, self.root = _filesystem(url, storage_options)
         self.on_corrupt = on_corrupt
+        # Checkpoint path -> file sizes, for checkpoints whose every byte this process hashed
+        # (on entry or by ``verify``); shared with ``child`` stores. See the module docstring.
+        self._verified: dict[str, tuple[int, ...]] = {}
 
     def __repr__(self) -> str:
         return f"CheckpointStore({self.url!r})"
@@ -58,7 +74,7 @@ class CheckpointStore:
         _safe(check_relative_path, name)
         sub = CheckpointStore.__new__(CheckpointStore)
         sub.url, sub.fs, sub.root = posixpath.join(self.url, name), self.fs, self._path(name)
-        sub.on_corrupt = self.on_corrupt
+        sub.on_corrupt, sub._verified = self.on_corrupt, self._verified
         return sub
 
     def _path(self, *parts: str) -> str:
@@ -117,6 +133,21 @@ class CheckpointStore:
                 raise CorruptCheckpoint(manifest.name, f"{entry.path} is missing") from None
             if size != entry.size or digest != entry.sha256:
                 raise CorruptCheckpoint(manifest.name, f"{entry.path} does not match its manifest")
+        self._verified[self._path(manifest.name)] = _sizes(manifest)
+
+    def _check(self, manifest: Manifest) -> None:
+        """``verify``, unless this store already hashed these bytes: then only check that every
+        file is there with its size (a listing, no read). Raises ``CorruptCheckpoint``."""
+        if self._verified.get(self._path(manifest.name)) != _sizes(manifest):
+            self.verify(manifest)
+            return
+        for entry in manifest.files:
+            try:
+                size = self.fs.size(self._path(manifest.name, entry.path))
+            except FileNotFoundError:
+                raise CorruptCheckpoint(manifest.name, f"{entry.path} is missing") from None
+            if size != entry.size:
+                raise CorruptCheckpoint(manifest.name, f"{entry.path} has {size} bytes, not {entry.size}")
 
     def latest(self, *, verify: bool = True) -> Manifest | None:
         """The newest complete checkpoint that verifies; corrupt ones are reported and skipped."""
@@ -124,7 +155,7 @@ class CheckpointStore:
             if not verify:
                 return manifest
             try:
-                self.verify(manifest)
+                self._check(manifest)
             except CorruptCheckpoint as err:
                 self._report(manifest, err.reason)
                 continue
@@ -144,7 +175,7 @@ class CheckpointStore:
             if step is not None and manifest.step != step:
                 continue
             try:
-                self.verify(manifest)
+                self._check(manifest)
             except CorruptCheckpoint as err:
                 self._report(manifest, err.reason)
                 continue
@@ -195,34 +226,28 @@ class CheckpointStore:
                 "fix its permissions or set store_url in the pool configuration"
             ) from None
 
-    def copy_from(self, source: CheckpointStore, manifest: Manifest) -> Manifest:
-        """Relay one checkpoint from ``source`` into this store, verifying every byte."""
+    def import_local(self, source: Path | CheckpointStore, manifest: Manifest) -> Manifest:
+        """Copy a checkpoint into this store: from a session's local folder (``source`` a
+        directory) or from another store (a relay). Every byte is hashed while it is written
+        and the manifest is written last, only when all match (``CorruptCheckpoint``
+        otherwise, leaving nothing behind). A checkpoint already here is left as it is."""
         _check_paths(manifest)
         if self._read_manifest(manifest.name) is not None:
             return manifest  # immutable: already here
-        self.fs.makedirs(self._path(manifest.name), exist_ok=True)
-        for entry in manifest.files:
-            src = source._path(manifest.name, entry.path)
-            dst = self._path(manifest.name, entry.path)
-            self._copy_verified(source.fs, src, dst, entry.size, entry.sha256, manifest.name)
-        self._write_manifest(manifest)
-        return manifest
-
-    def import_local(self, directory: Path, manifest: Manifest) -> Manifest:
-        """Publish a checkpoint held in a local directory (as sessions write them)."""
-        _check_paths(manifest)
-        local = fsspec.filesystem("file")
-        if self._read_manifest(manifest.name) is not None:
-            return manifest
+        if isinstance(source, CheckpointStore):
+            src_fs, src_root = source.fs, source._path(manifest.name)
+        else:
+            src_fs, src_root = fsspec.filesystem("file"), str(source)
         unchanged = self._linkable_files()
         for entry in manifest.files:
-            src = str(Path(directory) / entry.path)
             dst = self._path(manifest.name, entry.path)
             previous = unchanged.get((entry.path, entry.size, entry.sha256))
             if previous is not None and _hardlink(previous, dst):
                 continue  # the same bytes, written and verified for the previous checkpoint
-            self._copy_verified(local, src, dst, entry.size, entry.sha256, manifest.name)
+            src = posixpath.join(src_root, entry.path)
+            self._copy_verified(src_fs, src, dst, entry.size, entry.sha256, manifest.name)
         self._write_manifest(manifest)
+        self._verified[self._path(manifest.name)] = _sizes(manifest)
         return manifest
 
     def _linkable_files(self) -> dict[tuple[str, int, str], str]:
@@ -235,19 +260,22 @@ class CheckpointStore:
         return {(e.path, e.size, e.sha256): self._path(m.name, e.path) for m in newest for e in m.files}
 
     def download(self, manifest: Manifest, directory: Path) -> Path:
-        """Copy a checkpoint to a local directory and verify it there; returns the directory."""
+        """Copy a checkpoint to a local directory, hashing each chunk while it is written, and
+        write its manifest last; returns the directory. Raises ``CorruptCheckpoint`` naming the
+        first file whose size or sha256 differs from the manifest (bit rot at rest)."""
         _check_paths(manifest)
         directory = Path(directory)
         local = fsspec.filesystem("file")
         for entry in manifest.files:
             target = directory / entry.path
             target.parent.mkdir(parents=True, exist_ok=True)
-            _stream(self.fs, self._path(manifest.name, entry.path), local, str(target))
+            try:
+                digest, size = _stream(self.fs, self._path(manifest.name, entry.path), local, str(target))
+            except FileNotFoundError:
+                raise CorruptCheckpoint(manifest.name, f"{entry.path} is missing") from None
+            if size != entry.size or digest != entry.sha256:
+                raise CorruptCheckpoint(manifest.name, f"{entry.path} does not match its manifest")
         (directory / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
-        try:
-            verify_local(directory, manifest)
-        except ManifestError as err:
-            raise CorruptCheckpoint(manifest.name, str(err)) from None
         return directory
 
     def _copy_verified(self, src_fs: Any, src: str, dst: str, size: int, sha: str, name: str) -> None:
@@ -317,6 +345,10 @@ def _hash_stream(fs: Any, path: str) -> tuple[str, int]:
             digest.update(chunk)
             size += len(chunk)
     return digest.hexdigest(), size
+
+
+def _sizes(manifest: Manifest) -> tuple[int, ...]:
+    return tuple(entry.size for entry in manifest.files)
 
 
 def _hardlink(source: str, target: str) -> bool:

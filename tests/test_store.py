@@ -244,15 +244,42 @@ def test_flipped_byte_falls_back_to_previous(store, tmp_path):
     older = add(store, tmp_path, 1)
     newest = add(store, tmp_path, 2)
     flip_byte(store, newest.name, "state.bin")
-    assert store.latest() == older
-    assert len(store.on_corrupt.calls) == 1
-    name, reason = store.on_corrupt.calls[0]
+    reader = CheckpointStore(store.url, on_corrupt=Reports())  # a process with no record: hashes
+    assert reader.latest() == older
+    assert len(reader.on_corrupt.calls) == 1
+    name, reason = reader.on_corrupt.calls[0]
     assert name == newest.name
     assert "state.bin" in reason
-    assert store.latest(verify=False) == newest  # listing alone does not hash
+    assert reader.latest(verify=False) == newest  # listing alone does not hash
     with pytest.raises(CorruptCheckpoint) as info:
         store.verify(newest)
     assert info.value.name == newest.name
+
+
+def test_a_checkpoint_is_hashed_once_by_the_store_that_took_it_in(store, tmp_path, monkeypatch):
+    """Issue 13 item 6: import hashes in transit; ``latest`` then trusts that record (sizes
+    only) instead of reading every byte again, and a rot after that is refused on download."""
+    newest = add(store, tmp_path, 1)
+    reads: list[str] = []
+    real_open = store.fs.open
+    monkeypatch.setattr(store.fs, "open", lambda path, mode="rb", **kw: (
+        reads.append(path) if "r" in mode and not path.endswith("manifest.json") else None,
+        real_open(path, mode, **kw))[1])
+    assert store.latest() == newest and store.pick(1) == newest
+    assert reads == []
+    flip_byte(store, newest.name, "state.bin")
+    with pytest.raises(CorruptCheckpoint, match="state.bin"):
+        store.download(newest, tmp_path / "restore")
+
+
+def test_the_record_is_shared_with_child_stores_and_checks_sizes(store, tmp_path):
+    experiment = store.child("exp-1")
+    older = add(experiment, tmp_path, 1)
+    newest = add(experiment, tmp_path, 2)
+    overwrite(experiment, newest.name, "state.bin", b"short")
+    again = store.child("exp-1")
+    assert again.latest() == older  # recorded, but a size differs: refused without hashing
+    assert "bytes" in store.on_corrupt.calls[0][1]
 
 
 def test_missing_file_is_corrupt(store, tmp_path):
@@ -273,8 +300,9 @@ def test_truncated_file_is_corrupt(store, tmp_path):
 def test_every_checkpoint_corrupt_gives_none(store, tmp_path):
     only = add(store, tmp_path, 1)
     flip_byte(store, only.name, "state.bin")
-    assert store.latest() is None
-    assert [c[0] for c in store.on_corrupt.calls] == [only.name]
+    reader = CheckpointStore(store.url, on_corrupt=Reports())  # no record of it: hashes
+    assert reader.latest() is None
+    assert [c[0] for c in reader.on_corrupt.calls] == [only.name]
 
 
 @pytest.mark.parametrize("bad_path", ["../x", "/abs"])
@@ -314,7 +342,7 @@ def test_download_and_relay_refuse_unsafe_manifests_built_in_code(store, tmp_pat
     assert not (target.parent / "escaped").exists()
     other = CheckpointStore(str(tmp_path / "other"))
     with pytest.raises(UnsafePath):
-        other.copy_from(store, evil)
+        other.import_local(store, evil)
     with pytest.raises(UnsafePath):
         other.import_local(tmp_path, evil)
     assert other.list() == []
@@ -365,12 +393,12 @@ def relay_pair(direction: str, request: pytest.FixtureRequest,
 def test_relay_copies_and_verifies(request, tmp_path, direction):
     source, dest = relay_pair(direction, request, tmp_path)
     ckpt = add(source, tmp_path, 5)
-    assert dest.copy_from(source, ckpt) == ckpt
+    assert dest.import_local(source, ckpt) == ckpt
     assert dest.latest() == ckpt
     for entry in ckpt.files:
         assert dest.fs.cat_file(dest._path(ckpt.name, entry.path)) == \
             source.fs.cat_file(source._path(ckpt.name, entry.path))
-    assert dest.copy_from(source, ckpt) == ckpt  # already there: a no-op
+    assert dest.import_local(source, ckpt) == ckpt  # already there: a no-op
 
 
 @pytest.mark.parametrize("direction", RELAYS)
@@ -379,7 +407,7 @@ def test_relay_of_tampered_source_leaves_nothing(request, tmp_path, direction):
     ckpt = add(source, tmp_path, 5)
     flip_byte(source, ckpt.name, "state.bin")  # changed after the manifest was written
     with pytest.raises(CorruptCheckpoint) as info:
-        dest.copy_from(source, ckpt)
+        dest.import_local(source, ckpt)
     assert info.value.name == ckpt.name
     assert dest.list() == [] and dest.latest() is None
     assert not dest.fs.exists(dest._path(ckpt.name))
@@ -391,7 +419,7 @@ def test_relay_of_missing_source_file(request, tmp_path, direction):
     ckpt = add(source, tmp_path, 1)
     source.fs.rm(source._path(ckpt.name, "sub/extra.txt"))
     with pytest.raises(CorruptCheckpoint, match="missing"):
-        dest.copy_from(source, ckpt)
+        dest.import_local(source, ckpt)
     assert dest.list() == []
 
 
