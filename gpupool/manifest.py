@@ -101,6 +101,15 @@ def new_name(step: int) -> str:
     return f"{PREFIX}{step:012d}-{int(time.time() * 1000):013d}-{secrets.token_hex(4)}"
 
 
+def step_of(name: str) -> int:
+    """The training step a checkpoint name carries (see ``new_name``); ``ManifestError`` if
+    ``name`` is not a checkpoint name."""
+    digits = name[len(PREFIX) : len(PREFIX) + 12]
+    if not name.startswith(PREFIX) or len(digits) != 12 or not digits.isdigit():
+        raise ManifestError(f"{name!r} is not a checkpoint name")
+    return int(digits)
+
+
 def sha256_file(path: Path) -> str:
     """The file's sha256 (hex), read in ``CHUNK``-byte pieces into one reused buffer."""
     digest, buffer = hashlib.sha256(), bytearray(CHUNK)

@@ -21,10 +21,12 @@ from gpupool.manifest import (
     ManifestError,
     check_relative_path,
     list_local,
+    new_name,
     publish_local,
     read_local,
     scan_files,
     sha256_file,
+    step_of,
     verify_local,
 )
 from gpupool.store import CheckpointStore
@@ -502,3 +504,11 @@ def test_manifest_json_round_trip():
     assert data["format"] == 1
     assert Manifest.from_json(manifest.to_json()) == manifest
     assert manifest.total_bytes == 2
+
+
+def test_step_of_reads_the_step_a_checkpoint_name_carries():
+    assert step_of(new_name(1200)) == 1200
+    assert step_of(new_name(0)) == 0
+    for bad in ["ckpt-12", "snap-000000001200-1-a", "ckpt-00000000x200-1-a"]:
+        with pytest.raises(ManifestError, match="not a checkpoint name"):
+            step_of(bad)
