@@ -197,6 +197,13 @@ def publish_local(staging: Path, root: Path, *, step: int, final: bool = False, 
         raise sync_errors[0]
     manifest = Manifest(name=name, step=step, created=time.time(), files=files,
                         final=final, metadata=metadata, **info)
+    seal(staging, manifest, root)
+    return manifest
+
+
+def seal(staging: Path, manifest: Manifest, root: Path) -> None:
+    """Write ``manifest`` into ``staging`` durably (files already fsynced), then rename the
+    folder to ``root/<manifest.name>``: the rename is the commit point."""
     tmp = staging / (MANIFEST + ".tmp")
     tmp.write_text(manifest.to_json(), encoding="utf-8")
     with open(tmp, "rb+") as handle:
@@ -204,9 +211,8 @@ def publish_local(staging: Path, root: Path, *, step: int, final: bool = False, 
     os.replace(tmp, staging / MANIFEST)
     _fsync_dir(staging)
     root.mkdir(parents=True, exist_ok=True)
-    os.replace(staging, root / name)
+    os.replace(staging, root / manifest.name)
     _fsync_dir(root)
-    return manifest
 
 
 def list_local(root: Path) -> list[Manifest]:

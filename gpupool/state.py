@@ -281,7 +281,7 @@ class State:
                     table.c.provider == provider, table.c.account == account).values(**values))
         return failures
 
-    def mark_healthy(self, provider: str, account: str, now: float) -> None:
+    def mark_healthy(self, provider: str, account: str) -> None:
         table = db.provider_health
         with self.engine.begin() as conn:
             conn.execute(table.delete().where(table.c.provider == provider, table.c.account == account))

@@ -35,7 +35,7 @@ import posixpath
 import secrets
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -152,16 +152,19 @@ class CheckpointStore:
 
     def latest(self, *, verify: bool = True) -> Manifest | None:
         """The newest complete checkpoint that verifies; corrupt ones are reported and skipped."""
-        for manifest in self.list():
-            if not verify:
-                return manifest
+        if not verify:
+            return next(iter(self.list()), None)
+        return next(self._sound(self.list()), None)
+
+    def _sound(self, manifests: Iterable[Manifest]) -> Iterator[Manifest]:
+        """``manifests`` that pass ``_check``, lazily; the others are reported and skipped."""
+        for manifest in manifests:
             try:
                 self._check(manifest)
             except CorruptCheckpoint as err:
                 self._report(manifest, err.reason)
                 continue
-            return manifest
-        return None
+            yield manifest
 
     def get(self, name: str) -> Manifest:
         manifest = self._read_manifest(name)
@@ -172,15 +175,10 @@ class CheckpointStore:
     def pick(self, step: int | None = None) -> Manifest:
         """The newest verified checkpoint, or the newest verified one at ``step``; raises
         ``CheckpointError`` naming the steps there are when none matches."""
-        for manifest in self.list():
-            if step is not None and manifest.step != step:
-                continue
-            try:
-                self._check(manifest)
-            except CorruptCheckpoint as err:
-                self._report(manifest, err.reason)
-                continue
-            return manifest
+        at_step = (m for m in self.list() if step is None or m.step == step)
+        found = next(self._sound(at_step), None)
+        if found is not None:
+            return found
         steps = sorted({m.step for m in self.list()})
         what = f"at step {step}" if step is not None else "at all"
         have = f"; steps stored: {', '.join(map(str, steps))}" if steps else ""

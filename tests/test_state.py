@@ -244,7 +244,7 @@ def test_provider_health_counts_failures_until_healthy(state):
     assert state.mark_unavailable("colab", "me", T0 + 120, "usage limits", T0 + 60) == 2
     health = state.health()[("colab", "me")]
     assert health["failures"] == 2 and health["unavailable_until"] == T0 + 120
-    state.mark_healthy("colab", "me", T0 + 200)
+    state.mark_healthy("colab", "me")
     assert state.health() == {}
     assert state.mark_unavailable("colab", "me", T0 + 300, "again", T0 + 250) == 1
 
