@@ -244,6 +244,9 @@ class CheckpointStore:
             if previous is not None and _hardlink(previous, dst):
                 continue  # the same bytes, written and verified for the previous checkpoint
             src = posixpath.join(src_root, entry.path)
+            if not isinstance(source, CheckpointStore) and os.path.islink(src):
+                self._discard(manifest.name)  # a session's folder holds regular files only
+                raise CorruptCheckpoint(manifest.name, f"{entry.path} is a symlink")
             self._copy_verified(src_fs, src, dst, entry.size, entry.sha256, manifest.name)
         self._write_manifest(manifest)
         self._verified[self._path(manifest.name)] = _sizes(manifest)

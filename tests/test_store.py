@@ -512,3 +512,16 @@ def test_step_of_reads_the_step_a_checkpoint_name_carries():
     for bad in ["ckpt-12", "snap-000000001200-1-a", "ckpt-00000000x200-1-a"]:
         with pytest.raises(ManifestError, match="not a checkpoint name"):
             step_of(bad)
+
+
+def test_import_refuses_a_symlink_in_a_session_folder(store, tmp_path):
+    """The import is the one hash of that copy, so it also refuses what verify_local refused."""
+    root = tmp_path / "session"
+    manifest = publish_local(staged(tmp_path, {"state.bin": b"secret"}), root, step=1)
+    secret = tmp_path / "elsewhere"
+    secret.write_bytes(b"secret")
+    (root / manifest.name / "state.bin").unlink()
+    (root / manifest.name / "state.bin").symlink_to(secret)
+    with pytest.raises(CorruptCheckpoint, match="symlink"):
+        store.import_local(root / manifest.name, manifest)
+    assert store.list() == []
