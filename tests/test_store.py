@@ -3,6 +3,7 @@ checkpoints skipped, unsafe manifests refused, retention, relays and downloads t
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import secrets
@@ -87,6 +88,13 @@ def add(store: CheckpointStore, tmp_path: Path, step: int, files: dict[str, byte
     manifest = publish_local(staged(tmp_path, files or files_for(step)), local_root, step=step,
                              experiment="exp", attempt="exp-a1", provider="local")
     return store.import_local(local_root / manifest.name, manifest)
+
+
+def another_process(store: CheckpointStore) -> CheckpointStore:
+    """The same store as a process sees it that has no record of what this one verified."""
+    reader = copy.copy(store)
+    reader._verified, reader.on_corrupt = {}, Reports()
+    return reader
 
 
 def overwrite(store: CheckpointStore, name: str, rel: str, data: bytes) -> None:
@@ -246,7 +254,7 @@ def test_flipped_byte_falls_back_to_previous(store, tmp_path):
     older = add(store, tmp_path, 1)
     newest = add(store, tmp_path, 2)
     flip_byte(store, newest.name, "state.bin")
-    reader = CheckpointStore(store.url, on_corrupt=Reports())  # a process with no record: hashes
+    reader = another_process(store)  # a process with no record: hashes
     assert reader.latest() == older
     assert len(reader.on_corrupt.calls) == 1
     name, reason = reader.on_corrupt.calls[0]
@@ -302,7 +310,7 @@ def test_truncated_file_is_corrupt(store, tmp_path):
 def test_every_checkpoint_corrupt_gives_none(store, tmp_path):
     only = add(store, tmp_path, 1)
     flip_byte(store, only.name, "state.bin")
-    reader = CheckpointStore(store.url, on_corrupt=Reports())  # no record of it: hashes
+    reader = another_process(store)  # no record of it: hashes
     assert reader.latest() is None
     assert [c[0] for c in reader.on_corrupt.calls] == [only.name]
 
