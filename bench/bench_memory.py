@@ -40,7 +40,7 @@ def child(task: str, folder: Path, size: int) -> None:
         manifest = Manifest(name=new_name(1), step=1, created=0.0, files=(entry,))
         source = CheckpointStore(str(folder / "a"))
         source.import_local(data.parent, manifest)
-        CheckpointStore(str(folder / "b")).copy_from(source, manifest)
+        CheckpointStore(str(folder / "b")).import_local(source, manifest)
     print(f"{peak_rss_mb():.1f}")
 
 

@@ -76,9 +76,3 @@ def pack_runtime(target: Path) -> None:
     with tarfile.open(target, "w:gz") as tar:
         for name, data in sorted(runtime_sources().items()):
             _add(tar, name, data)
-
-
-def safe_extract(archive: Path, directory: Path) -> None:
-    """Extract regular files only, refusing paths that leave ``directory``."""
-    with tarfile.open(archive, "r:*") as tar:
-        tar.extractall(directory, filter="data")

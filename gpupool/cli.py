@@ -13,6 +13,7 @@ import click
 from gpupool.cli_life import complete_experiment_ids, news_lines, register
 from gpupool.cli_plan import register_plan
 from gpupool.errors import ConfigError, GpupoolError
+from gpupool.manifest import step_of
 
 EXAMPLES = """
 \b
@@ -163,17 +164,22 @@ def _follow(pool: Any, driver: Any, experiment_id: str, console: Any, as_json: b
 
         final = experiment_row(pool, pool.state.experiment(experiment_id), time.time())
         click.echo(json.dumps(final, default=str))  # one object a line, as while following
-        return 0 if pool.state.experiment(experiment_id).state.value == "succeeded" else 1
+        from gpupool.states import ExperimentState
+
+        return 0 if pool.state.experiment(experiment_id).state is ExperimentState.SUCCEEDED else 1
     return _summary(pool, experiment_id, console)
 
 
 def _summary(pool: Any, experiment_id: str, console: Any) -> int:
+    from gpupool.states import ExperimentState
+
     experiment = pool.state.experiment(experiment_id)
-    colour = "green" if experiment.state.value == "succeeded" else "red"
+    succeeded = experiment.state is ExperimentState.SUCCEEDED
+    colour = "green" if succeeded else "red"
     console.print(f"[{colour}]{experiment.id} {experiment.state.value}[/]: {experiment.message or ''}"
                   f" ({len(pool.state.attempts(experiment_id))} attempt(s), "
                   f"{experiment.gpu_seconds / 3600:.2f} GPU-hours)", soft_wrap=True)  # one line in logs
-    return 0 if experiment.state.value == "succeeded" else 1
+    return 0 if succeeded else 1
 
 
 @cli.command()
@@ -267,7 +273,7 @@ def _render_experiment(data: dict[str, Any]) -> None:
 
 
 def _short(name: str | None) -> str:
-    return "-" if not name else f"step {int(name[5:17])}"
+    return "-" if not name else f"step {step_of(name)}"
 
 
 @cli.command()

@@ -15,6 +15,7 @@ import json
 import os
 import posixpath
 import secrets
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -100,11 +101,22 @@ def new_name(step: int) -> str:
     return f"{PREFIX}{step:012d}-{int(time.time() * 1000):013d}-{secrets.token_hex(4)}"
 
 
+def step_of(name: str) -> int:
+    """The training step a checkpoint name carries (see ``new_name``); ``ManifestError`` if
+    ``name`` is not a checkpoint name."""
+    digits = name[len(PREFIX) : len(PREFIX) + 12]
+    if not name.startswith(PREFIX) or len(digits) != 12 or not digits.isdigit():
+        raise ManifestError(f"{name!r} is not a checkpoint name")
+    return int(digits)
+
+
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
+    """The file's sha256 (hex), read in ``CHUNK``-byte pieces into one reused buffer."""
+    digest, buffer = hashlib.sha256(), bytearray(CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while read := handle.readinto(buffer):
+            digest.update(view[:read])
     return digest.hexdigest()
 
 
@@ -152,11 +164,16 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(directory: Path) -> None:
-    for path in directory.rglob("*"):
-        if path.is_file():
-            with open(path, "rb+") as handle:
-                os.fsync(handle.fileno())
+def _fsync_tree(directory: Path, errors: list[OSError]) -> None:
+    """fsync every regular file under ``directory``; an error is kept in ``errors`` (this runs
+    in a thread) and raised by the caller."""
+    try:
+        for path in directory.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                with open(path, "rb+") as handle:
+                    os.fsync(handle.fileno())
+    except OSError as err:
+        errors.append(err)
 
 
 def publish_local(staging: Path, root: Path, *, step: int, final: bool = False, **info: Any) -> Manifest:
@@ -167,9 +184,26 @@ def publish_local(staging: Path, root: Path, *, step: int, final: bool = False, 
     """
     name = new_name(step)
     metadata = dict(info.pop("metadata", {}) or {})
-    manifest = Manifest(name=name, step=step, created=time.time(), files=scan_files(staging),
+    # The flush to disk runs in a thread while this one hashes (both release the GIL), so the
+    # seal costs about the slower of the two, not their sum; both end before the manifest.
+    sync_errors: list[OSError] = []
+    syncing = threading.Thread(target=_fsync_tree, args=(staging, sync_errors), name="gpupool-fsync")
+    syncing.start()
+    try:
+        files = scan_files(staging)
+    finally:
+        syncing.join()
+    if sync_errors:
+        raise sync_errors[0]
+    manifest = Manifest(name=name, step=step, created=time.time(), files=files,
                         final=final, metadata=metadata, **info)
-    _fsync_tree(staging)
+    seal(staging, manifest, root)
+    return manifest
+
+
+def seal(staging: Path, manifest: Manifest, root: Path) -> None:
+    """Write ``manifest`` into ``staging`` durably (files already fsynced), then rename the
+    folder to ``root/<manifest.name>``: the rename is the commit point."""
     tmp = staging / (MANIFEST + ".tmp")
     tmp.write_text(manifest.to_json(), encoding="utf-8")
     with open(tmp, "rb+") as handle:
@@ -177,9 +211,8 @@ def publish_local(staging: Path, root: Path, *, step: int, final: bool = False, 
     os.replace(tmp, staging / MANIFEST)
     _fsync_dir(staging)
     root.mkdir(parents=True, exist_ok=True)
-    os.replace(staging, root / name)
+    os.replace(staging, root / manifest.name)
     _fsync_dir(root)
-    return manifest
 
 
 def list_local(root: Path) -> list[Manifest]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from gpupool.manifest import ManifestError, step_of
 from gpupool.provider import PollResult
 from gpupool.state import Attempt, State
 
@@ -35,8 +36,8 @@ def record_session_news(state: State, attempt: Attempt, result: PollResult, now:
 def checkpoint_step(name: str) -> int:
     """The step a checkpoint name records (``ckpt-000000001200-...``)."""
     try:
-        return int(name[5:17])
-    except ValueError:
+        return step_of(name)  # the one parser of checkpoint names
+    except ManifestError:
         return 0
 
 

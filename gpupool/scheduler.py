@@ -146,7 +146,7 @@ class Scheduler:
         if result.state == AttemptState.RUNNING and attempt.state == AttemptState.SUBMITTED:
             self.state.move_attempt(attempt.id, AttemptState.RUNNING, now, event="session started",
                                     started_at=result.started_at or now)
-            self.state.mark_healthy(attempt.provider, attempt.account, now)
+            self.state.mark_healthy(attempt.provider, attempt.account)
         elif result.state.terminal:
             self._finish(provider, self.state.attempt(attempt.id), result, now)
             report.finished.append(attempt.id)

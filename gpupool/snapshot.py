@@ -39,14 +39,13 @@ from typing import Any
 
 from gpupool.manifest import (
     CHUNK,
-    MANIFEST,
     FileEntry,
     Manifest,
-    _fsync_dir,
     check_relative_path,
     list_local,
     new_name,
     read_local,
+    seal,
 )
 
 RESUME = re.compile(r"\{\{\s*resume\s*:(?P<text>.*?)\}\}", re.DOTALL)
@@ -342,10 +341,7 @@ class Snapshotter:
                                    "save_seconds": round(time.monotonic() - started, 4)},
             **self.info,
         )
-        _seal(staging, manifest)
-        self.root.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, self.root / name)
-        _fsync_dir(self.root)
+        seal(staging, manifest, self.root)
         self.published = dict(entries)
         self.known.update(self._fresh)
         for rel in list(self.known):  # our immutable copies now live in the published folder
@@ -401,15 +397,6 @@ def _link_or_copy(source: Path, target: Path) -> bool:
             return True
         except OSError:
             return False
-
-
-def _seal(staging: Path, manifest: Manifest) -> None:
-    tmp = staging / (MANIFEST + ".tmp")
-    tmp.write_text(manifest.to_json(), encoding="utf-8")
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, staging / MANIFEST)
-    _fsync_dir(staging)
 
 
 # -- in the supervisor: when to snapshot ----------------------------------------------------

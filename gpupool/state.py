@@ -256,18 +256,6 @@ class State:
 
     # -- quota ledger ---------------------------------------------------------------------
 
-    def charge(self, attempt: Attempt, seconds: float, now: float) -> bool:
-        """Charge an ended attempt's GPU time once; False if it was already charged."""
-        with self.engine.begin() as conn:
-            try:
-                conn.execute(db.quota_ledger.insert().values(
-                    provider=attempt.provider, account=attempt.account, attempt_id=attempt.id,
-                    started_at=attempt.started_at or now, ended_at=now, seconds=seconds,
-                ))
-            except sa.exc.IntegrityError:
-                return False
-        return True
-
     def charged_seconds(self, provider: str, account: str, since: float) -> float:
         ledger = db.quota_ledger
         query = sa.select(sa.func.coalesce(sa.func.sum(ledger.c.seconds), 0.0)).where(
@@ -293,7 +281,7 @@ class State:
                     table.c.provider == provider, table.c.account == account).values(**values))
         return failures
 
-    def mark_healthy(self, provider: str, account: str, now: float) -> None:
+    def mark_healthy(self, provider: str, account: str) -> None:
         table = db.provider_health
         with self.engine.begin() as conn:
             conn.execute(table.delete().where(table.c.provider == provider, table.c.account == account))

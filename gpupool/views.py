@@ -9,13 +9,14 @@ from gpupool.pool import Pool
 from gpupool.progress import checkpoint_step, fallback_reason, latest_metrics, work_at_risk
 from gpupool.provider import Quota
 from gpupool.state import Attempt, Experiment
+from gpupool.states import AttemptState, ExperimentState
 
 
 def experiment_row(pool: Pool, experiment: Experiment, now: float) -> dict[str, Any]:
     attempts = pool.state.attempts(experiment.id)
     current = attempts[-1] if attempts else None
     active = current if current is not None and current.state.active else None
-    waiting = experiment.state.value == "pending"
+    waiting = experiment.state is ExperimentState.PENDING
     until = experiment.not_before if waiting and (experiment.not_before or 0) > now else None
     return {
         "id": experiment.id,
@@ -96,7 +97,7 @@ def progress_line(pool: Pool, experiment: Experiment, now: float) -> str:
         if attempt.total_steps and attempt.step is not None:
             parts.append(f"ETA {format_duration((attempt.total_steps - attempt.step) / attempt.rate)}")
     parts += _news_parts(row, now)
-    if attempt.url and attempt.state.value == "submitted":
+    if attempt.url and attempt.state is AttemptState.SUBMITTED:
         parts.append(f"open {attempt.url}")
     return " · ".join(parts)
 

@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gpupool.durations import Seconds
-from gpupool.errors import CancelFailed, InputUnavailable, ProviderError
+from gpupool.errors import CancelFailed, CorruptCheckpoint, InputUnavailable, ProviderError
 from gpupool.inputs import OpenUrl, env_name, fetch_url
-from gpupool.manifest import Manifest, ManifestError, list_local, verify_local
+from gpupool.manifest import Manifest, list_local
 from gpupool.provider import (
     Availability,
     Launch,
@@ -285,11 +285,10 @@ class LocalProvider(Provider):
         root = self.session_dir(attempt.id) / "checkpoints"
         collected = []
         for manifest in reversed(list_local(root)):
-            try:
-                verify_local(root / manifest.name, manifest)
-            except ManifestError:
+            try:  # hashed once, while copied into the store (see gpupool.store)
+                collected.append(store.import_local(root / manifest.name, manifest))
+            except CorruptCheckpoint:
                 continue  # torn by a kill mid-write: never published
-            collected.append(store.import_local(root / manifest.name, manifest))
         return collected
 
     def cleanup(self, attempt: Attempt) -> None:

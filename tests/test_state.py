@@ -211,11 +211,20 @@ def test_attempt_on_terminal_experiment_is_illegal(state):
 # -- quota, health, leases -----------------------------------------------------------------
 
 
-def test_charge_twice_charges_once(state):
+def end_lost(state: State, attempt, seconds: float, now: float) -> None:
+    """End an attempt the one way the scheduler does, charging ``seconds`` in the same step."""
+    state.end_attempt(attempt, AttemptState.LOST, now, message="lost", attempt_fields={},
+                      next_state=ExperimentState.PENDING, experiment_fields={}, why="retry",
+                      charge_seconds=seconds)
+
+
+def test_an_ended_attempt_is_charged_once(state):
     exp = new_experiment(state)
+    state.move_experiment(exp.id, ExperimentState.RUNNING, T0)
     attempt = state.create_attempt(exp.id, "kaggle", "me", T0, started_at=T0)
-    assert state.charge(attempt, 3600.0, T0 + 3600) is True
-    assert state.charge(attempt, 3600.0, T0 + 3601) is False
+    end_lost(state, attempt, 3600.0, T0 + 3600)
+    with pytest.raises(IllegalTransition):  # ending it again is refused, in the same transaction
+        end_lost(state, attempt, 3600.0, T0 + 3601)
     assert state.charged_seconds("kaggle", "me", since=T0) == 3600.0
     assert state.charged_seconds("kaggle", "other", since=T0) == 0.0
     assert state.charged_seconds("kaggle", "me", since=T0 + 7200) == 0.0
@@ -224,10 +233,9 @@ def test_charge_twice_charges_once(state):
 def test_charges_sum_across_attempts(state):
     exp = new_experiment(state)
     for i in range(3):
+        state.move_experiment(exp.id, ExperimentState.RUNNING, T0 + i * 100)
         attempt = state.create_attempt(exp.id, "kaggle", "me", T0 + i * 100, started_at=T0 + i * 100)
-        state.move_attempt(attempt.id, AttemptState.LOST, T0 + i * 100 + 50)
-        state.charge(attempt, 50.0 + i, T0 + i * 100 + 50)
-        state.move_experiment(exp.id, ExperimentState.PENDING, T0 + i * 100 + 51)
+        end_lost(state, attempt, 50.0 + i, T0 + i * 100 + 50)
     assert state.charged_seconds("kaggle", "me", since=0) == 50.0 + 51.0 + 52.0
 
 
@@ -236,7 +244,7 @@ def test_provider_health_counts_failures_until_healthy(state):
     assert state.mark_unavailable("colab", "me", T0 + 120, "usage limits", T0 + 60) == 2
     health = state.health()[("colab", "me")]
     assert health["failures"] == 2 and health["unavailable_until"] == T0 + 120
-    state.mark_healthy("colab", "me", T0 + 200)
+    state.mark_healthy("colab", "me")
     assert state.health() == {}
     assert state.mark_unavailable("colab", "me", T0 + 300, "again", T0 + 250) == 1
 

@@ -3,6 +3,7 @@ checkpoints skipped, unsafe manifests refused, retention, relays and downloads t
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import secrets
@@ -21,10 +22,12 @@ from gpupool.manifest import (
     ManifestError,
     check_relative_path,
     list_local,
+    new_name,
     publish_local,
     read_local,
     scan_files,
     sha256_file,
+    step_of,
     verify_local,
 )
 from gpupool.store import CheckpointStore
@@ -85,6 +88,13 @@ def add(store: CheckpointStore, tmp_path: Path, step: int, files: dict[str, byte
     manifest = publish_local(staged(tmp_path, files or files_for(step)), local_root, step=step,
                              experiment="exp", attempt="exp-a1", provider="local")
     return store.import_local(local_root / manifest.name, manifest)
+
+
+def another_process(store: CheckpointStore) -> CheckpointStore:
+    """The same store as a process sees it that has no record of what this one verified."""
+    reader = copy.copy(store)
+    reader._verified, reader.on_corrupt = {}, Reports()
+    return reader
 
 
 def overwrite(store: CheckpointStore, name: str, rel: str, data: bytes) -> None:
@@ -244,15 +254,42 @@ def test_flipped_byte_falls_back_to_previous(store, tmp_path):
     older = add(store, tmp_path, 1)
     newest = add(store, tmp_path, 2)
     flip_byte(store, newest.name, "state.bin")
-    assert store.latest() == older
-    assert len(store.on_corrupt.calls) == 1
-    name, reason = store.on_corrupt.calls[0]
+    reader = another_process(store)  # a process with no record: hashes
+    assert reader.latest() == older
+    assert len(reader.on_corrupt.calls) == 1
+    name, reason = reader.on_corrupt.calls[0]
     assert name == newest.name
     assert "state.bin" in reason
-    assert store.latest(verify=False) == newest  # listing alone does not hash
+    assert reader.latest(verify=False) == newest  # listing alone does not hash
     with pytest.raises(CorruptCheckpoint) as info:
         store.verify(newest)
     assert info.value.name == newest.name
+
+
+def test_a_checkpoint_is_hashed_once_by_the_store_that_took_it_in(store, tmp_path, monkeypatch):
+    """Issue 13 item 6: import hashes in transit; ``latest`` then trusts that record (sizes
+    only) instead of reading every byte again, and a rot after that is refused on download."""
+    newest = add(store, tmp_path, 1)
+    reads: list[str] = []
+    real_open = store.fs.open
+    monkeypatch.setattr(store.fs, "open", lambda path, mode="rb", **kw: (
+        reads.append(path) if "r" in mode and not path.endswith("manifest.json") else None,
+        real_open(path, mode, **kw))[1])
+    assert store.latest() == newest and store.pick(1) == newest
+    assert reads == []
+    flip_byte(store, newest.name, "state.bin")
+    with pytest.raises(CorruptCheckpoint, match="state.bin"):
+        store.download(newest, tmp_path / "restore")
+
+
+def test_the_record_is_shared_with_child_stores_and_checks_sizes(store, tmp_path):
+    experiment = store.child("exp-1")
+    older = add(experiment, tmp_path, 1)
+    newest = add(experiment, tmp_path, 2)
+    overwrite(experiment, newest.name, "state.bin", b"short")
+    again = store.child("exp-1")
+    assert again.latest() == older  # recorded, but a size differs: refused without hashing
+    assert "bytes" in store.on_corrupt.calls[0][1]
 
 
 def test_missing_file_is_corrupt(store, tmp_path):
@@ -273,8 +310,9 @@ def test_truncated_file_is_corrupt(store, tmp_path):
 def test_every_checkpoint_corrupt_gives_none(store, tmp_path):
     only = add(store, tmp_path, 1)
     flip_byte(store, only.name, "state.bin")
-    assert store.latest() is None
-    assert [c[0] for c in store.on_corrupt.calls] == [only.name]
+    reader = another_process(store)  # no record of it: hashes
+    assert reader.latest() is None
+    assert [c[0] for c in reader.on_corrupt.calls] == [only.name]
 
 
 @pytest.mark.parametrize("bad_path", ["../x", "/abs"])
@@ -314,7 +352,7 @@ def test_download_and_relay_refuse_unsafe_manifests_built_in_code(store, tmp_pat
     assert not (target.parent / "escaped").exists()
     other = CheckpointStore(str(tmp_path / "other"))
     with pytest.raises(UnsafePath):
-        other.copy_from(store, evil)
+        other.import_local(store, evil)
     with pytest.raises(UnsafePath):
         other.import_local(tmp_path, evil)
     assert other.list() == []
@@ -365,12 +403,12 @@ def relay_pair(direction: str, request: pytest.FixtureRequest,
 def test_relay_copies_and_verifies(request, tmp_path, direction):
     source, dest = relay_pair(direction, request, tmp_path)
     ckpt = add(source, tmp_path, 5)
-    assert dest.copy_from(source, ckpt) == ckpt
+    assert dest.import_local(source, ckpt) == ckpt
     assert dest.latest() == ckpt
     for entry in ckpt.files:
         assert dest.fs.cat_file(dest._path(ckpt.name, entry.path)) == \
             source.fs.cat_file(source._path(ckpt.name, entry.path))
-    assert dest.copy_from(source, ckpt) == ckpt  # already there: a no-op
+    assert dest.import_local(source, ckpt) == ckpt  # already there: a no-op
 
 
 @pytest.mark.parametrize("direction", RELAYS)
@@ -379,7 +417,7 @@ def test_relay_of_tampered_source_leaves_nothing(request, tmp_path, direction):
     ckpt = add(source, tmp_path, 5)
     flip_byte(source, ckpt.name, "state.bin")  # changed after the manifest was written
     with pytest.raises(CorruptCheckpoint) as info:
-        dest.copy_from(source, ckpt)
+        dest.import_local(source, ckpt)
     assert info.value.name == ckpt.name
     assert dest.list() == [] and dest.latest() is None
     assert not dest.fs.exists(dest._path(ckpt.name))
@@ -391,7 +429,7 @@ def test_relay_of_missing_source_file(request, tmp_path, direction):
     ckpt = add(source, tmp_path, 1)
     source.fs.rm(source._path(ckpt.name, "sub/extra.txt"))
     with pytest.raises(CorruptCheckpoint, match="missing"):
-        dest.copy_from(source, ckpt)
+        dest.import_local(source, ckpt)
     assert dest.list() == []
 
 
@@ -474,3 +512,24 @@ def test_manifest_json_round_trip():
     assert data["format"] == 1
     assert Manifest.from_json(manifest.to_json()) == manifest
     assert manifest.total_bytes == 2
+
+
+def test_step_of_reads_the_step_a_checkpoint_name_carries():
+    assert step_of(new_name(1200)) == 1200
+    assert step_of(new_name(0)) == 0
+    for bad in ["ckpt-12", "snap-000000001200-1-a", "ckpt-00000000x200-1-a"]:
+        with pytest.raises(ManifestError, match="not a checkpoint name"):
+            step_of(bad)
+
+
+def test_import_refuses_a_symlink_in_a_session_folder(store, tmp_path):
+    """The import is the one hash of that copy, so it also refuses what verify_local refused."""
+    root = tmp_path / "session"
+    manifest = publish_local(staged(tmp_path, {"state.bin": b"secret"}), root, step=1)
+    secret = tmp_path / "elsewhere"
+    secret.write_bytes(b"secret")
+    (root / manifest.name / "state.bin").unlink()
+    (root / manifest.name / "state.bin").symlink_to(secret)
+    with pytest.raises(CorruptCheckpoint, match="symlink"):
+        store.import_local(root / manifest.name, manifest)
+    assert store.list() == []

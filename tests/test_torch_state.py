@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from gpupool import runtime
 from gpupool.errors import CheckpointError, CorruptCheckpoint
+from gpupool.manifest import list_local
 from gpupool.torch import (
     STATE_FILE,
     load_training_state,
     save_training_state,
-    save_training_state_async,
     snapshot_training_state,
 )
 
@@ -164,25 +165,29 @@ def test_rng_restore_is_what_makes_it_identical(tmp_path: Path) -> None:
     assert not all(torch.equal(a, b) for a, b in params)
 
 
-def test_async_save_snapshots_before_training_continues(tmp_path: Path) -> None:
+def test_background_checkpoint_of_a_snapshot_resumes_exactly(tmp_path: Path) -> None:
+    """The one asynchronous path: snapshot now, write + publish in the session's thread."""
     expected = uninterrupted("onecycle")
     run = build_run("onecycle", seed=0)
     train(run, 0, 9)
-    pending = save_training_state_async(tmp_path, step=9, **run.components())
+    session = runtime.Session({runtime.ENV_SESSION_DIR: str(tmp_path / "session")}, install_sigterm=False)
+    snapshot = snapshot_training_state(step=9, **run.components())
+    session.checkpoint_in_background(9, snapshot.write)
     train(run, 9, 12)  # mutates model and optimizer while (or before) the thread writes
-    assert pending.wait(timeout=30) == [STATE_FILE]
-    assert pending.done()
-    run, step = resume(tmp_path, "onecycle", seed=3)
+    session.wait_for_background()
+    manifest = list_local(session.checkpoint_root)[0]
+    assert [f.path for f in manifest.files] == [STATE_FILE]
+    run, step = resume(session.checkpoint_root / manifest.name, "onecycle", seed=3)
     train(run, step, TOTAL_STEPS)
     assert_same_run(run, expected)
 
 
-def test_async_save_error_is_raised_by_wait(tmp_path: Path) -> None:
+def test_snapshot_write_error_is_raised(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    pending = save_training_state_async(blocker, model=torch.nn.Linear(2, 2), step=0)
+    snapshot = snapshot_training_state(model=torch.nn.Linear(2, 2), step=0)
     with pytest.raises(OSError):
-        pending.wait(timeout=30)
+        snapshot.write(blocker)
 
 
 def test_snapshot_is_independent_of_later_training(tmp_path: Path) -> None:

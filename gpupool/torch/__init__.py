@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -51,12 +50,10 @@ from gpupool.torch import _components, _file
 
 __all__ = [
     "STATE_FILE",
-    "PendingSave",
     "TrainingSnapshot",
     "TrainingState",
     "load_training_state",
     "save_training_state",
-    "save_training_state_async",
     "snapshot_training_state",
 ]
 
@@ -166,83 +163,6 @@ class TrainingSnapshot:
     def write(self, directory: str | os.PathLike[str]) -> list[str]:
         """Write the snapshot into ``directory`` like save_training_state; return file names."""
         return _write_payload(directory, self._payload)
-
-
-def save_training_state_async(
-    directory: str | os.PathLike[str],
-    *,
-    model: torch.nn.Module,
-    optimizer: _Stateful | None = None,
-    lr_scheduler: _Stateful | None = None,
-    grad_scaler: _Stateful | None = None,
-    generators: Mapping[str, Any] | None = None,
-    loaders: Mapping[str, _Stateful] | None = None,
-    modules: Mapping[str, _Stateful] | None = None,
-    step: int,
-    extra: Mapping[str, Any] | None = None,
-) -> PendingSave:
-    """Like save_training_state, but only the snapshot happens now; the file is written in a thread.
-
-    Call ``.wait()`` on the handle before publishing the directory. Saves run in the order they were
-    started, so an older state never replaces a newer one. What cannot be saved raises here.
-    """
-    parts: dict[str, Any] = dict(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=lr_scheduler,
-        grad_scaler=grad_scaler,
-        generators=generators,
-        loaders=loaders,
-        modules=modules,
-    )
-    return PendingSave(_snapshot(parts, step, extra), directory)
-
-
-class PendingSave:
-    """A save running in a thread; ``wait()`` returns its file names or raises its error."""
-
-    # The previous save's thread: each new save joins it first, so writes land in call order.
-    _last_thread: threading.Thread | None = None
-    _order_lock = threading.Lock()
-
-    def __init__(self, snapshot: TrainingSnapshot, directory: str | os.PathLike[str]) -> None:
-        self._files: list[str] | None = None
-        self._error: BaseException | None = None
-        with PendingSave._order_lock:
-            previous = PendingSave._last_thread
-            # Not a daemon: an interpreter exiting mid-write waits for the checkpoint to land.
-            self._thread = threading.Thread(
-                target=self._run, args=(snapshot, directory, previous), name="gpupool-save"
-            )
-            PendingSave._last_thread = self._thread
-            self._thread.start()
-
-    def _run(
-        self,
-        snapshot: TrainingSnapshot,
-        directory: str | os.PathLike[str],
-        previous: threading.Thread | None,
-    ) -> None:
-        if previous is not None:
-            previous.join()
-        try:
-            self._files = snapshot.write(directory)
-        except BaseException as exc:  # wait() re-raises it in the caller
-            self._error = exc
-
-    def done(self) -> bool:
-        """Whether the write has finished (successfully or not)."""
-        return not self._thread.is_alive()
-
-    def wait(self, timeout: float | None = None) -> list[str]:
-        """Block until the write finishes; return the file names, or raise what the write raised."""
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            raise TimeoutError(f"training state save still running after {timeout} s")
-        if self._error is not None:
-            raise self._error
-        assert self._files is not None
-        return list(self._files)
 
 
 def _copy_to_cpu(obj: Any) -> Any:

@@ -43,10 +43,10 @@ def test_publish_latest_and_relay_between_local_and_drive(auth, tmp_path, drive_
     assert drive_emulator.state.find("gpupool-test")  # under My Drive
 
     local = CheckpointStore(str(tmp_path / "relay")).child("exp-1")
-    local.copy_from(drive, second)
+    local.import_local(drive, second)
     assert local.latest() == second
     back = CheckpointStore("gdrive://gpupool-test/other", google_auth=auth).child("exp-1")
-    back.copy_from(local, second)
+    back.import_local(local, second)
     assert back.latest() == second
     restored = back.download(second, tmp_path / "restored")
     assert (restored / "model.pt").read_bytes() == bytes([20]) * 300_000
