@@ -98,7 +98,7 @@ class KaggleRemote:
                               user_agent="gpupool")
         http = client.http_client()
         http._init_session()  # the SDK builds its requests.Session lazily; harden it now
-        _harden(http._session, creds, self._timeout, self._keep_answer)
+        _harden(http._session, creds, self._timeout_now, self._keep_answer)
         return client
 
     def _keep_answer(self, response: Any) -> None:
@@ -116,6 +116,10 @@ class KaggleRemote:
     @property
     def _timeout(self) -> tuple[float, float]:
         return (min(10.0, self.config.request_timeout), self.config.request_timeout)
+
+    def _timeout_now(self) -> tuple[float, float]:
+        """(connect, read) seconds for this thread's request: a stream sets its own read gap."""
+        return getattr(self._answers, "timeout", None) or self._timeout
 
     def call(self, what: str, func: Callable[[], T], *, idempotent: bool = True) -> T:
         """``func()`` with retries; ``idempotent=False`` retries only what surely was not done."""
@@ -223,6 +227,27 @@ class KaggleRemote:
                 raise ProviderError("kaggle", f"listing outputs of {owner}/{slug}: page token "
                                               f"{token!r} repeats")
             seen_tokens.add(token)
+
+    def open_log_stream(self, owner: str, slug: str, version: int | None, session_id: int | None,
+                        idle_seconds: float) -> Any:
+        """GetKernelSessionLogsStream, once (no retry): the streamed ``requests.Response`` that
+        the caller reads and closes. While the session runs Kaggle answers Server-Sent Events
+        (``text/event-stream``) until ``END_OF_LOG``; after it, the saved log as a JSON array
+        (kagglesdk's docstring). A read waits at most ``idle_seconds`` for the next bytes.
+        Raises ``requests.RequestException`` (an HTTP error, a timeout)."""
+        from kagglesdk.kernels.types.kernels_api_service import ApiGetKernelSessionLogsStreamRequest
+
+        request = ApiGetKernelSessionLogsStreamRequest()
+        request.user_name, request.kernel_slug = owner, slug
+        if version:
+            request.version_label = f"v{version}"
+        if session_id:
+            request.kernel_session_id = session_id
+        self._answers.timeout = (self._timeout[0], idle_seconds)
+        try:
+            return self.sdk.kernels.kernels_api_client.get_kernel_session_logs_stream(request)
+        finally:
+            self._answers.timeout = None
 
     def cancel(self, session_id: int) -> str:
         """Ask Kaggle to stop a session (asking twice is harmless); returns its error text."""
@@ -351,7 +376,7 @@ class KaggleRemote:
         return self._downloads
 
 
-def _harden(session: Any, creds: Credentials, timeout: tuple[float, float],
+def _harden(session: Any, creds: Credentials, timeout: Callable[[], tuple[float, float]],
             keep: Callable[[Any], None]) -> None:
     """Give every request of the SDK's session a timeout, and the auth we chose (the SDK would
     otherwise prefer any access token lying around over an explicitly configured key); hand
@@ -366,7 +391,7 @@ def _harden(session: Any, creds: Credentials, timeout: tuple[float, float],
 
     def send_with_timeout(request: Any, **kwargs: Any) -> Any:
         if kwargs.get("timeout") is None:
-            kwargs["timeout"] = timeout
+            kwargs["timeout"] = timeout()
         response = send(request, **kwargs)
         if not kwargs.get("stream"):
             keep(response)

@@ -47,6 +47,10 @@ class KaggleConfig(BaseModel):
     weekly_gpu_hours: float = Field(30.0, gt=0, description="quota assumed when the API fails")
     request_timeout: Seconds = Field(60.0, gt=0, description="seconds per HTTP request")
     download_timeout: Seconds = Field(300.0, gt=0, description="seconds of silence in a download")
+    live_log_seconds: Seconds = Field(5.0, gt=0, description="at most this long reading a running "
+                                      "session's live log (Kaggle streams it until the end)")
+    live_log_idle_seconds: Seconds = Field(1.0, gt=0, description="a live log read stops after "
+                                           "this long without a new line")
     max_retries: int = Field(5, ge=0)
     backoff_base: Seconds = Field(1.0, ge=0, description="first retry delay; doubles each time")
     backoff_max: Seconds = Field(60.0, ge=0)

@@ -33,8 +33,13 @@ def log_lines(log_text: str) -> list[str]:
         entries = json.loads(log_text) if log_text else []
     except ValueError:
         return log_text.splitlines()
+    return entry_lines(entries if isinstance(entries, list) else [])
+
+
+def entry_lines(entries: list[Any]) -> list[str]:
+    """The output lines of log entries ({stream_name, time, data} objects; others skipped)."""
     lines: list[str] = []
-    for entry in entries if isinstance(entries, list) else []:
+    for entry in entries:
         if isinstance(entry, dict):
             lines += str(entry.get("data", "")).splitlines()
     return lines

@@ -41,7 +41,7 @@ from gpupool.provider import (
 )
 from gpupool.states import AttemptState
 
-from . import outputs
+from . import livelog, outputs
 from .client import KaggleRemote, KernelStatus, OutcomeUnknown, RemoteNotFound, detail
 from .config import KAGGLE_CAP_SECONDS, KaggleConfig
 from .credentials import HINT, Credentials, find_credentials
@@ -301,8 +301,10 @@ class KaggleProvider(Provider):
             self.records.write(attempt.id, {**record, "session_id": status.session_id})
         files, log_text = self.remote.outputs(owner, slug, version)
         lines = outputs.log_lines(log_text)
-        seen = outputs.progress(outputs.events(lines))
         state = STATUS_MAP.get(status.name or "")
+        if not lines and state == AttemptState.RUNNING:  # Kaggle lists a log only at the end
+            lines = livelog.log_so_far(self.remote, record, self.config, live=True)
+        seen = outputs.progress(outputs.events(lines))
         if state is None:
             log.warning("kaggle: %s/%s has status %s, unknown to gpupool; still polling",
                         owner, slug, status.name or status.failure)
@@ -403,15 +405,18 @@ class KaggleProvider(Provider):
         raise CancelFailed(self.name, f"Kaggle did not stop {ref} ({error or now.name})", action)
 
     def logs(self, attempt: Attempt) -> str:
+        """The session's log: the saved copy once it ended, else what Kaggle shows now (a
+        running session's live stream so far, in whole lines); "" when none can be read."""
         saved = self.records.log_path(attempt.id)
         if saved.exists():
             return saved.read_text(errors="replace")
-        record = self._record_of(attempt)
         try:
-            _, log_text = self.remote.outputs(record["owner"], record["slug"], record.get("version"))
-        except RemoteNotFound:
+            record = self._record_of(attempt)
+        except GpupoolError as err:  # e.g. no credentials to name the kernel's owner
+            log.warning("kaggle: cannot find the kernel of %s (%s)", attempt.id, detail(err))
             return ""
-        return "\n".join(outputs.log_lines(log_text))
+        lines = livelog.log_so_far(self.remote, record, self.config, live=attempt.state.active)
+        return "".join(line + "\n" for line in lines)
 
     def collect(self, attempt: Attempt, store: CheckpointStore) -> list[Manifest]:
         record = self._record_of(attempt)

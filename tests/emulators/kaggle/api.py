@@ -194,10 +194,32 @@ def list_kernel_session_output(
     session = _find_session(emu, user, body)
     names, next_token = _page(sorted(session.outputs), body)
     files = [{"url": f"{emu.url}/emu/files/{session.id}/{quote(n)}", "fileName": n} for n in names]
-    response = {"files": files, "log": json.dumps(session.log)}
+    hide = session.live and not emu.config.log_in_output_list_while_running
+    response = {"files": files, "log": json.dumps([] if hide else session.log)}
     if next_token:
         response["nextPageToken"] = next_token
     return response
+
+
+@dataclass(frozen=True)
+class LogStream:
+    """The answer to GetKernelSessionLogsStream: the server streams ``session``'s log as
+    Server-Sent Events while it runs, or sends the saved log (a JSON array) once it ended."""
+
+    session: Session
+
+
+@rpc("kernels.KernelsApiService", "GetKernelSessionLogsStream")
+def get_kernel_session_logs_stream(
+    emu: KaggleEmulator, user: str, body: dict[str, Any]
+) -> LogStream:
+    session_id = int(body.get("kernelSessionId") or 0)
+    if not session_id:
+        return LogStream(_find_session(emu, user, body))
+    session = emu.sessions.get(session_id)
+    if session is None or session.owner != user:
+        raise ApiError(404, f"Kernel session {session_id} not found")
+    return LogStream(session)
 
 
 @rpc("kernels.KernelsApiService", "CancelKernelSession")

@@ -38,6 +38,7 @@ class Reply:
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
     payload: Any = None  # the JSON object behind body, so response faults can rewrite it
+    log_stream: Any = None  # a running Session whose log is streamed as Server-Sent Events
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,9 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
 
     def _send(self, reply: Reply, truncate: bool = False) -> None:
+        if reply.log_stream is not None:
+            self._stream_log(reply.log_stream)
+            return
         self.send_response(reply.code)
         for name, value in reply.headers.items():
             self.send_header(name, value)
@@ -193,6 +197,30 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(reply.body[: len(reply.body) // 2] if truncate else reply.body)
         if truncate:
             self.close_connection = True
+
+    def _stream_log(self, session: Any) -> None:
+        """Kaggle's live log: every line so far as an SSE ``data: {json}`` event, then each new
+        one as the kernel prints it, then ``data: END_OF_LOG`` once the session is over (or the
+        emulator stops). The connection closes after it; a client may hang up at any time."""
+        emu = self.server.emu
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        sent = 0
+        while True:
+            over = not session.live or emu.stopping.is_set()  # read before the lines: none missed
+            fresh = session.log[sent:]
+            for entry in fresh:
+                self.wfile.write(f"data: {json.dumps(entry)}\n\n".encode())
+            sent += len(fresh)
+            self.wfile.flush()
+            if over:
+                break
+            session.done.wait(0.05)
+        self.wfile.write(b"data: END_OF_LOG\n\n")
 
     def _route(self, path: str, body: bytes) -> Reply:
         emu = self.server.emu
@@ -226,6 +254,10 @@ class Handler(BaseHTTPRequestHandler):
             return json_reply(error.code, {"code": error.code, "message": error.message})
         if isinstance(result, api.Redirect):
             return Reply(302, b"", {"Location": result.location})
+        if isinstance(result, api.LogStream):
+            if result.session.live:
+                return Reply(200, log_stream=result.session)
+            return json_reply(200, result.session.log)  # after the run: the saved log
         return json_reply(200, result)
 
 

@@ -54,6 +54,10 @@ class Config:
     # Bytes of private datasets an account may keep (Kaggle limits private storage);
     # CreateDataset is refused past it, and DeleteDataset frees it.
     private_dataset_quota_bytes: float = float("inf")
+    # Whether ListKernelSessionOutput's `log` carries a running session's output. Kaggle gives
+    # it once the session is over; a running one is read through GetKernelSessionLogsStream.
+    # On by default (the older tests read progress from it); off models Kaggle as it is.
+    log_in_output_list_while_running: bool = True
 
 
 @dataclass
