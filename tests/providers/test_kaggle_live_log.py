@@ -151,3 +151,15 @@ def test_no_live_log_and_no_listing_gives_empty_not_a_traceback(emu: KaggleEmula
     assert provider.logs(attempt) == ""
     gate.touch()
 
+
+
+def test_a_live_read_stops_at_its_budget(emu: KaggleEmulator, tmp_path: Path) -> None:
+    """A stream that keeps talking is cut at ``live_log_seconds`` (the clock is injected)."""
+    from providers.kaggle.livelog import read_live_log
+
+    provider, attempt, gate, _, _ = start_gated(emu, tmp_path)
+    times = iter([0.0, 100.0])  # the deadline is set at 0; the first line comes at 100 s
+    lines = read_live_log(provider.remote, provider._record_of(attempt), idle_seconds=5.0,
+                          budget_seconds=5.0, clock=lambda: next(times, 100.0))
+    assert lines == ["[gpupool] run: python live.py"]
+    gate.touch()
