@@ -163,3 +163,28 @@ def test_a_live_read_stops_at_its_budget(emu: KaggleEmulator, tmp_path: Path) ->
                           budget_seconds=5.0, clock=lambda: next(times, 100.0))
     assert lines == ["[gpupool] run: python live.py"]
     gate.touch()
+
+
+def test_follow_shows_live_lines_before_the_end_and_each_line_once(emu: KaggleEmulator,
+                                                                   tmp_path: Path) -> None:
+    from gpupool.logfollow import follow_logs
+
+    _, _, gate, session, experiment_id = start_gated(emu, tmp_path)
+    pool, _, _ = make_pool(tmp_path, **SECTION)
+    scheduler = Scheduler(pool)
+    shown: list[str] = []
+    seen_live: list[bool] = []
+    give_up = time.monotonic() + 60
+
+    def pause() -> None:  # the follower's wait: check what it printed, then step the scheduler
+        if not gate.exists():
+            seen_live.append(session.live and FIRST_LINES in "".join(shown))
+            gate.touch()
+        assert time.monotonic() < give_up, "the experiment never ended"
+        time.sleep(0.1)
+        scheduler.reconcile_once(time.time())
+
+    follow_logs(pool, experiment_id, shown.append, pause=pause)
+    text = "".join(shown)
+    assert seen_live == [True], "the running session's lines were not followed live"
+    assert text.count("live line 1\n") == 1 and text.count("after the gate\n") == 1
