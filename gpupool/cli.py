@@ -485,25 +485,19 @@ def auth(ctx: click.Context, provider_name: str, no_browser: bool, paste: bool,
     (mode 0600) where the Kaggle client looks for it. Keys are never echoed.
     """
     pool = _open_pool(ctx)
-    if provider_name == "kaggle":  # its provider package has no authorize() hook yet
-        from providers.kaggle.credentials import sign_in
-
-        click.echo(sign_in(pool.provider("kaggle"), username=username, key_file=key_file,
-                           prompt=click.prompt, echo=click.echo))
-        return
     provider = pool.provider(provider_name)
     authorize = getattr(provider, "authorize", None)
     if authorize is None:
         raise click.UsageError(f"{provider_name} has no sign-in step (see `gpupool providers`)")
-    click.echo(authorize(launch_browser=not no_browser, paste=paste, prompt=_prompt_or_eof,
-                         echo=click.echo))
+    click.echo(authorize(launch_browser=not no_browser, paste=paste, username=username,
+                         key_file=key_file, prompt=_prompt_or_eof, echo=click.echo))
 
 
-def _prompt_or_eof(question: str) -> str:
-    """click.prompt, with no input left (or Ctrl-C) as EOFError, which providers answer with
-    what to do next rather than a bare "aborted"."""
+def _prompt_or_eof(question: str, **options: Any) -> str:
+    """click.prompt (``hide_input=True`` for a key), with no input left (or Ctrl-C) as EOFError,
+    which providers answer with what to do next rather than a bare "aborted"."""
     try:
-        return str(click.prompt(question))
+        return str(click.prompt(question, **options))
     except click.exceptions.Abort:
         raise EOFError(question) from None
 

@@ -316,3 +316,20 @@ def test_a_person_who_never_answers_in_the_browser_gets_a_way_out(drive_emulator
     with pytest.raises(CredentialsError, match="no answer from the browser.*--no-browser"):
         sign_in(colab_config(tmp_path), prompt=person.prompt, echo=person.echo,
                 auth_factory=loopback(drive_emulator))
+
+
+
+def test_auth_kaggle_with_no_input_is_a_clear_error_and_the_cli_imports_no_provider(kaggle, tmp_path):
+    """No stdin (CI, a pipe): a clear exit-2 message, no traceback; and `gpupool auth` goes
+    through the provider's own authorize() hook (the core imports no provider by name)."""
+    import ast
+
+    from gpupool.errors import ConfigError
+
+    result = CliRunner().invoke(cli, ["--config", str(kaggle_pool(tmp_path)), "auth", "kaggle",
+                                      "--username", "alice"], input="")
+    assert isinstance(result.exception, ConfigError) and result.exception.exit_code == 2, result.output
+    assert "no key was typed" in str(result.exception)  # main() prints it as one `error:` line
+    tree = ast.parse((Path(__file__).parents[1] / "gpupool" / "cli.py").read_text())
+    imported = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    assert not [m for m in imported if m and m.split(".")[0] == "providers"]

@@ -108,8 +108,9 @@ class ColabProvider(Provider):
     # -- what Colab offers -----------------------------------------------------------------
 
     def authorize(self, *, launch_browser: bool = True, paste: bool = False,
-                  prompt: Any = input, echo: Any = print) -> str:
-        """The one interactive sign-in (``gpupool auth colab``); see ``auth.py``."""
+                  prompt: Any = input, echo: Any = print, **_: Any) -> str:
+        """The one interactive sign-in (``gpupool auth colab``); see ``auth.py``. Options
+        meant for other providers are ignored."""
         from .auth import sign_in
 
         result = sign_in(self.config, launch_browser=launch_browser, paste=paste, prompt=prompt,

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from gpupool.errors import (
     CancelFailed,
+    ConfigError,
     CredentialsError,
     GpupoolError,
     ProviderUnavailable,
@@ -128,6 +129,18 @@ class KaggleProvider(Provider):
                     or None)
         except CredentialsError:
             return None
+
+    def authorize(self, *, username: str | None = None, key_file: Path | None = None,
+                  prompt: Any = input, echo: Any = print, **_: Any) -> str:
+        """The one sign-in (``gpupool auth kaggle``): check the API key, save it at 0600;
+        see ``credentials.sign_in``. Options meant for other providers are ignored."""
+        from .credentials import sign_in
+
+        try:
+            return sign_in(self, username=username, key_file=key_file, prompt=prompt, echo=echo)
+        except EOFError:
+            raise ConfigError("no key was typed (no input); run `gpupool auth kaggle` in a terminal, "
+                              "or pass --key-file kaggle.json") from None
 
     def check_credentials(self) -> tuple[bool, str]:
         now = self.clock()
