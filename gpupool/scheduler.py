@@ -371,7 +371,7 @@ class Scheduler:
                 report: Report) -> bool:
         spec = self.spec_of(experiment)
         store = self.pool.store_for(experiment.id)
-        restore = store.latest()
+        restore = store.latest(rehash=True)  # what a new session resumes from: no bit rot
         launch = Launch(
             attempt_id=attempt.id, experiment_id=experiment.id, account=attempt.account, spec=spec,
             bundle=Path(experiment.bundle), store=store, restore=restore,

@@ -18,6 +18,9 @@ Who guarantees "verified" (one sha256 per byte per copy made, never a re-read to
   (a shared, per-root record; files must still be present with their listed sizes), and hash a
   checkpoint they have no record of once, then record it, so a restarted scheduler still skips
   bit rot that happened while it was away;
+* the scheduler hashes the checkpoint it hands to a new session once more
+  (``latest(rehash=True)``, once per attempt), so bit rot at rest since it was recorded makes
+  it fall back to the previous checkpoint instead of failing the session;
 * a download (``download``, ``pull``) hashes each chunk while it is written to the local disk,
   so a file that rotted at rest after it was recorded is refused there, never restored.
 
@@ -150,17 +153,22 @@ class CheckpointStore:
             if size != entry.size:
                 raise CorruptCheckpoint(manifest.name, f"{entry.path} has {size} bytes, not {entry.size}")
 
-    def latest(self, *, verify: bool = True) -> Manifest | None:
-        """The newest complete checkpoint that verifies; corrupt ones are reported and skipped."""
+    def latest(self, *, verify: bool = True, rehash: bool = False) -> Manifest | None:
+        """The newest complete checkpoint that verifies; corrupt ones are reported and skipped.
+
+        ``rehash``: hash its bytes again even if this store recorded them as verified (the
+        checkpoint a new session will resume from: bit rot at rest since it entered the store
+        must make gpupool fall back to the previous checkpoint, not hand a session bad bytes)."""
         if not verify:
             return next(iter(self.list()), None)
-        return next(self._sound(self.list()), None)
+        return next(self._sound(self.list(), rehash=rehash), None)
 
-    def _sound(self, manifests: Iterable[Manifest]) -> Iterator[Manifest]:
-        """``manifests`` that pass ``_check``, lazily; the others are reported and skipped."""
+    def _sound(self, manifests: Iterable[Manifest], *, rehash: bool = False) -> Iterator[Manifest]:
+        """``manifests`` that pass ``_check`` (or a full ``verify`` with ``rehash``), lazily;
+        the others are reported and skipped."""
         for manifest in manifests:
             try:
-                self._check(manifest)
+                self.verify(manifest) if rehash else self._check(manifest)
             except CorruptCheckpoint as err:
                 self._report(manifest, err.reason)
                 continue
