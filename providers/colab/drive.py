@@ -151,7 +151,16 @@ class Drive:
 
     def retry(self, call: Callable[[], Any]) -> Any:
         """Run ``call``; retry what Drive says is temporary; map the rest to gpupool errors."""
+        return self._retry_each(call)
+
+    def _retry_each(self, call: Callable[[], Any], look: Callable[[int], Any] | None = None) -> Any:
+        """``call()`` until it returns, retrying what Drive says is temporary (with backoff) and
+        mapping the rest, or the last failure, to gpupool errors. Before each try, ``look(attempt)``
+        (outside the retried part) may answer instead: what an earlier try already did."""
         for attempt in range(self.retries + 1):
+            found = look(attempt) if look is not None else None
+            if found is not None:
+                return found
             try:
                 return call()
             except Exception as err:  # noqa: BLE001 - classified right below
@@ -244,20 +253,13 @@ class Drive:
         before it is sent again, and one found is the result (``known_absent``: the caller just
         looked, so the first send needs no look). Raises ``ProviderError`` (or
         ``CredentialsError``) once the retries are spent or the failure is not temporary."""
-        for attempt in range(self.retries + 1):
+        def look(attempt: int) -> dict | None:
             found = [] if known_absent and attempt == 0 else [
                 i for i in self.list(_title_query(parent, title))
                 if i.get("title") == title and same(i)]
-            if found:
-                return max(found, key=lambda i: (i.get("modifiedDate", ""), i["id"]))
-            try:
-                return send()
-            except Exception as err:  # noqa: BLE001 - classified right below
-                why = self._classify(err)
-                if why is None or attempt == self.retries:
-                    raise self._final(err, why) from None
-                self.sleep(self._delay(attempt))
-        raise AssertionError("unreachable")
+            return max(found, key=lambda i: (i.get("modifiedDate", ""), i["id"])) if found else None
+
+        return dict(self._retry_each(send, look))
 
     def folder_path(self, *titles: str, parent: str = "root") -> str:
         for title in titles:
