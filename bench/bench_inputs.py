@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.emulators
 
 from gpupool.inputs import HashCache, hash_content  # noqa: E402
 from gpupool.spec import ExperimentSpec  # noqa: E402
-from providers.kaggle.config import KaggleConfig  # noqa: E402
-from providers.kaggle.inputs import InputShipper  # noqa: E402
+from gpupool_providers.kaggle.config import KaggleConfig  # noqa: E402
+from gpupool_providers.kaggle.inputs import InputShipper  # noqa: E402
 from tests.emulators.kaggle import KaggleEmulator  # noqa: E402
 
 FILE_MB = 16
@@ -48,8 +48,8 @@ def timed(fn):  # type: ignore[no-untyped-def]
 
 def shipper(emu: KaggleEmulator, data_dir: Path) -> InputShipper:
     """A fresh shipper per attempt, as a new scheduler process would build it (cache from disk)."""
-    from providers.kaggle.client import KaggleRemote
-    from providers.kaggle.credentials import find_credentials
+    from gpupool_providers.kaggle.client import KaggleRemote
+    from gpupool_providers.kaggle.credentials import find_credentials
 
     config = KaggleConfig(dataset_poll_seconds=0)
     with emu.endpoint_patch():

@@ -27,12 +27,12 @@ from _util import best_of, table
 from pydantic import BaseModel
 
 from gpupool import db
+from gpupool.lifecycle import AttemptState
 from gpupool.pool import Pool
 from gpupool.provider import PollResult, Provider, Submission
 from gpupool.scheduler import Scheduler
 from gpupool.settings import PoolSettings
 from gpupool.spec import ExperimentSpec
-from gpupool.states import AttemptState
 from gpupool.views import experiment_row
 
 NOW = 1_700_000_000.0

@@ -11,7 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from gpupool import db
-from gpupool.states import ExperimentState
+from gpupool.lifecycle import ExperimentState
 
 PRESENCE = "daemon:"  # lease rows saying a scheduler is alive (name: PRESENCE + hash of owner)
 

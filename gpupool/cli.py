@@ -78,7 +78,7 @@ def run(ctx: click.Context, experiment_file: Path, detach: bool, wait_anyway: bo
     Ctrl-C stops following; training sessions keep running, and `gpupool watch ID` or
     `gpupool daemon` carries on scheduling.
     """
-    from gpupool.daemon import Driver
+    from gpupool.driver import Driver
     from gpupool.spec import load_experiment
 
     spec = load_experiment(experiment_file)
@@ -130,7 +130,7 @@ def watch(ctx: click.Context, experiment_id: str, as_json: bool) -> None:
     Use it after Ctrl-C on `gpupool run`, or after a crash: it picks up the running session
     (or resumes from the last verified checkpoint) and shows the live progress line.
     """
-    from gpupool.daemon import Driver
+    from gpupool.driver import Driver
 
     pool = _open_pool(ctx)
     experiment = pool.state.experiment(experiment_id)
@@ -164,14 +164,14 @@ def _follow(pool: Any, driver: Any, experiment_id: str, console: Any, as_json: b
 
         final = experiment_row(pool, pool.state.experiment(experiment_id), time.time())
         click.echo(json.dumps(final, default=str))  # one object a line, as while following
-        from gpupool.states import ExperimentState
+        from gpupool.lifecycle import ExperimentState
 
         return 0 if pool.state.experiment(experiment_id).state is ExperimentState.SUCCEEDED else 1
     return _summary(pool, experiment_id, console)
 
 
 def _summary(pool: Any, experiment_id: str, console: Any) -> int:
-    from gpupool.states import ExperimentState
+    from gpupool.lifecycle import ExperimentState
 
     experiment = pool.state.experiment(experiment_id)
     succeeded = experiment.state is ExperimentState.SUCCEEDED
@@ -191,7 +191,7 @@ def _summary(pool: Any, experiment_id: str, console: Any) -> int:
 @click.pass_context
 def status(ctx: click.Context, experiment_id: str | None, as_json: bool, limit: int, page: int) -> None:
     """Show experiments, or one experiment with every attempt and its recent events."""
-    from gpupool.states import ExperimentState
+    from gpupool.lifecycle import ExperimentState
     from gpupool.views import attempt_row, experiment_row, scheduler_line, scheduler_row, where_row
 
     pool = _open_pool(ctx)
@@ -366,7 +366,7 @@ def daemon(ctx: click.Context, once: bool) -> None:
     """Keep every experiment moving: poll sessions, relay checkpoints, place the next attempt."""
     import logging
 
-    from gpupool.daemon import Driver
+    from gpupool.driver import Driver
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     pool = _open_pool(ctx)

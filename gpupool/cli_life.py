@@ -55,7 +55,7 @@ def resume(ctx: click.Context, experiment_id: str, experiment_file: Path | None,
     provider order) to replace the recorded one; its workdir is bundled again. Then follows
     it like `gpupool run` unless --detach.
     """
-    from gpupool.lifecycle import resume as resume_experiment
+    from gpupool.resume import resume as resume_experiment
     from gpupool.spec import load_experiment
     from gpupool.views import experiment_row
 
@@ -71,7 +71,7 @@ def resume(ctx: click.Context, experiment_id: str, experiment_file: Path | None,
     if detach:
         console.print("queued; `gpupool daemon` (or `gpupool watch ID`) must run to carry it on")
         return
-    from gpupool.daemon import Driver
+    from gpupool.driver import Driver
 
     driver = Driver(pool, role="resume")
     driver.step()
@@ -85,7 +85,7 @@ def resume(ctx: click.Context, experiment_id: str, experiment_file: Path | None,
 def checkpoints(ctx: click.Context, experiment_id: str, as_json: bool) -> None:
     """List an experiment's checkpoints: step, time, size, where they are, and whether they
     verify (every file's sha256 against the manifest). A resume starts at the one marked latest."""
-    from gpupool.lifecycle import checkpoint_rows
+    from gpupool.resume import checkpoint_rows
 
     base = _base()
     pool = base._open_pool(ctx)

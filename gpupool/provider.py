@@ -21,8 +21,8 @@ from pydantic import BaseModel, ValidationError
 
 from gpupool import runtime
 from gpupool.errors import ConfigError, SpecError
+from gpupool.lifecycle import AttemptState
 from gpupool.manifest import Manifest
-from gpupool.states import AttemptState
 
 if TYPE_CHECKING:
     from gpupool.spec import ExperimentSpec

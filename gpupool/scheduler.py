@@ -24,6 +24,7 @@ from gpupool.errors import (
     RateLimited,
     StoredSpecError,
 )
+from gpupool.lifecycle import AttemptState, ExperimentState
 from gpupool.manifest import Manifest
 from gpupool.placement import (
     Candidate,
@@ -38,7 +39,6 @@ from gpupool.progress import FALLBACK_EVENT, record_session_news
 from gpupool.provider import Launch, PollResult, Provider, Quota
 from gpupool.spec import ExperimentSpec
 from gpupool.state import Attempt, Experiment
-from gpupool.states import AttemptState, ExperimentState
 
 MAX_PLACEMENT_TRIES = 4  # providers tried in one step when each refuses at submit
 # Endings of attempts that ran a session: they count toward the no-progress streaks.

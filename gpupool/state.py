@@ -1,7 +1,7 @@
 """State of the pool: experiments, attempts, quota ledger, events, provider health.
 
 All writes go through this module; every state change goes through ``_transition``, which
-rejects moves the lifecycle in ``gpupool.states`` does not allow.
+rejects moves the lifecycle in ``gpupool.lifecycle`` does not allow.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from gpupool import claims, db
 from gpupool.errors import IllegalTransition, NotFound, StateError
-from gpupool.states import ATTEMPT_MOVES, EXPERIMENT_MOVES, AttemptState, ExperimentState
+from gpupool.lifecycle import ATTEMPT_MOVES, EXPERIMENT_MOVES, AttemptState, ExperimentState
 
 _KEPT_AFTER_END = frozenset({"gpu_seconds", "last_checkpoint", "last_step"})
 

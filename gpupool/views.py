@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from gpupool.durations import format_duration
+from gpupool.lifecycle import AttemptState, ExperimentState
 from gpupool.pool import Pool
 from gpupool.progress import checkpoint_step, fallback_reason, latest_metrics, work_at_risk
 from gpupool.provider import Quota
 from gpupool.state import Attempt, Experiment
-from gpupool.states import AttemptState, ExperimentState
 
 
 def experiment_row(pool: Pool, experiment: Experiment, now: float) -> dict[str, Any]:
@@ -143,7 +143,7 @@ def quota_row(provider: str, account: str, quota: Quota | None, now: float) -> d
 def scheduler_row(pool: Pool, now: float) -> dict[str, Any]:
     """Whether a scheduler (daemon, or a foreground run/watch) is moving experiments on, read
     from its lease in the state database, and since when (epoch seconds)."""
-    from gpupool.daemon import scheduler_record
+    from gpupool.driver import scheduler_record
 
     record = scheduler_record(pool, now)
     if record is None:

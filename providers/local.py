@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from gpupool.durations import Seconds
 from gpupool.errors import CancelFailed, CorruptCheckpoint, InputUnavailable, ProviderError
 from gpupool.inputs import OpenUrl, env_name, fetch_url
+from gpupool.lifecycle import AttemptState
 from gpupool.manifest import Manifest, list_local
 from gpupool.provider import (
     Availability,
@@ -36,7 +37,6 @@ from gpupool.provider import (
     runtime_env,
 )
 from gpupool.runtime import ENV_ATTEMPT
-from gpupool.states import AttemptState
 
 if TYPE_CHECKING:
     from gpupool.spec import ExperimentSpec

@@ -11,10 +11,10 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from gpupool.errors import CancelFailed, ProviderUnavailable
+from gpupool.lifecycle import AttemptState
 from gpupool.manifest import Manifest, publish_local
 from gpupool.provider import Launch, PollResult, Provider, Quota, Submission
 from gpupool.state import Attempt
-from gpupool.states import AttemptState
 from gpupool.store import CheckpointStore
 
 

@@ -20,12 +20,12 @@ from click.testing import CliRunner
 
 from gpupool.cli import cli, main
 from gpupool.errors import SpecError
+from gpupool.lifecycle import AttemptState
 from gpupool.pool import Pool
 from gpupool.preflight import check_providers
 from gpupool.scheduler import Scheduler
 from gpupool.settings import load_settings
 from gpupool.spec import ExperimentSpec, load_experiment
-from gpupool.states import AttemptState
 from tests.emulators.kaggle import KaggleEmulator
 
 HOUR = 3600.0

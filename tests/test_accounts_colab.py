@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from gpupool.lifecycle import AttemptState
 from gpupool.notify import Message, Notifier
 from gpupool.pool import Pool
 from gpupool.provider import Provider
 from gpupool.scheduler import Scheduler
 from gpupool.settings import PoolSettings
-from gpupool.states import AttemptState
-from providers.colab import ColabProvider
+from gpupool_providers.colab import ColabProvider
 from tests.emulators.drive import LoopbackGoogleAuth, write_credentials_file
 from tests.emulators.drive.server import DriveEmulator
 from tests.providers.colab_support import client_secrets, mlp_spec

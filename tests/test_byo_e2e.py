@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gpupool.lifecycle import ExperimentState
 from gpupool.manifest import list_local
 from gpupool.pool import Pool
 from gpupool.settings import PoolSettings
 from gpupool.spec import load_experiment
-from gpupool.states import ExperimentState
 from tests.helpers import ROOT, drive_until_done
 from tests.test_local_e2e import trainer_pid
 

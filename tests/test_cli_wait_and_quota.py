@@ -19,11 +19,11 @@ import yaml
 from click.testing import CliRunner
 
 from gpupool.cli import cli
+from gpupool.lifecycle import AttemptState
 from gpupool.pool import Pool
 from gpupool.scheduler import Scheduler
 from gpupool.settings import load_settings
 from gpupool.spec import ExperimentSpec
-from gpupool.states import AttemptState
 from tests.emulators.drive import drive_emulator_fixture  # noqa: F401 - fixture
 from tests.emulators.kaggle import KaggleEmulator
 from tests.providers.colab_support import MLP, make_provider

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 
 from gpupool.errors import GpupoolError
+from gpupool.lifecycle import AttemptState, ExperimentState
 from gpupool.pool import Pool
 from gpupool.scheduler import Scheduler
 from gpupool.settings import PoolSettings
 from gpupool.spec import ExperimentSpec
-from gpupool.states import AttemptState, ExperimentState
-from providers.kaggle import KaggleProvider
+from gpupool_providers.kaggle import KaggleProvider
 from tests.emulators.drive import drive_emulator_fixture  # noqa: F401
 from tests.emulators.drive import faults as drive_faults
 from tests.emulators.kaggle import Fault, KaggleEmulator

@@ -88,9 +88,9 @@ def test_durations_are_accepted_in_the_pool_file_as_in_experiment_files(tmp_path
                     "  local: {session_seconds: 2h}\n")
     settings = load_settings(path)
     assert settings.poll_interval == 30
-    from providers.colab import ColabConfig
-    from providers.kaggle.config import KaggleConfig
-    from providers.local import LocalConfig
+    from gpupool_providers.colab import ColabConfig
+    from gpupool_providers.kaggle.config import KaggleConfig
+    from gpupool_providers.local import LocalConfig
 
     kaggle = KaggleConfig.model_validate(settings.provider_section("kaggle"))
     assert (kaggle.session_seconds, kaggle.request_timeout) == (8 * 3600, 90)
@@ -262,7 +262,7 @@ def test_status_says_when_no_scheduler_runs_and_what_is_left_waiting(tmp_path):
 
 
 def test_status_names_the_running_scheduler_and_since_when(tmp_path):
-    from gpupool.daemon import Driver
+    from gpupool.driver import Driver
     from gpupool.pool import Pool
 
     pool_file = no_credentials_pool(tmp_path)
@@ -285,7 +285,7 @@ def test_status_names_the_running_scheduler_and_since_when(tmp_path):
 
 
 def test_status_sees_through_the_lease_of_a_killed_scheduler(tmp_path):
-    from gpupool.daemon import LEASE
+    from gpupool.driver import LEASE
     from gpupool.pool import Pool
 
     pool_file = no_credentials_pool(tmp_path)

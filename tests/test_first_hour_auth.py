@@ -23,8 +23,8 @@ from gpupool.cli import cli
 from gpupool.errors import CredentialsError, ProviderError
 from gpupool.pool import Pool
 from gpupool.settings import PoolSettings
-from providers.colab import ColabConfig, ColabProvider
-from providers.colab.auth import browser_available, sign_in
+from gpupool_providers.colab import ColabConfig, ColabProvider
+from gpupool_providers.colab.auth import browser_available, sign_in
 from tests.emulators.drive import LoopbackGoogleAuth, drive_emulator_fixture  # noqa: F401
 from tests.emulators.kaggle import KaggleEmulator
 from tests.providers.colab_support import client_secrets
@@ -306,7 +306,7 @@ def test_a_browser_that_would_not_open_is_not_claimed_to_have_opened(drive_emula
 
 
 def test_a_person_who_never_answers_in_the_browser_gets_a_way_out(drive_emulator, tmp_path, monkeypatch):
-    import providers.colab.auth as colab_auth
+    import gpupool_providers.colab.auth as colab_auth
 
     installed_client(tmp_path, drive_emulator)
     with_display(monkeypatch, Browser(drive_emulator))
@@ -332,4 +332,4 @@ def test_auth_kaggle_with_no_input_is_a_clear_error_and_the_cli_imports_no_provi
     assert "no key was typed" in str(result.exception)  # main() prints it as one `error:` line
     tree = ast.parse((Path(__file__).parents[1] / "gpupool" / "cli.py").read_text())
     imported = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
-    assert not [m for m in imported if m and m.split(".")[0] == "providers"]
+    assert not [m for m in imported if m and m.split(".")[0] in ("providers", "gpupool_providers")]

@@ -17,9 +17,9 @@ from gpupool.manifest import ManifestError, publish_local, verify_local
 from gpupool.provider import load_provider_class
 from gpupool.settings import load_settings
 from gpupool.store import CheckpointStore
-from providers.colab import ColabConfig, ColabProvider
-from providers.kaggle.client import OutputFile
-from providers.kaggle.outputs import checkpoint_files, safe_name
+from gpupool_providers.colab import ColabConfig, ColabProvider
+from gpupool_providers.kaggle.client import OutputFile
+from gpupool_providers.kaggle.outputs import checkpoint_files, safe_name
 
 # -- pool files -------------------------------------------------------------------------------
 
@@ -153,7 +153,7 @@ def test_symlinked_checkpoint_file_is_rejected(tmp_path: Path) -> None:
 # -- names in a Drive query and in paths --------------------------------------------------------
 
 def test_drive_query_escapes_quotes_and_backslashes() -> None:
-    from providers.colab.drive import Drive
+    from gpupool_providers.colab.drive import Drive
 
     queries: list[str] = []
     drive = Drive.__new__(Drive)

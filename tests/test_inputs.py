@@ -17,11 +17,11 @@ import yaml
 
 from gpupool.errors import InputUnavailable, SpecError
 from gpupool.inputs import HashCache, env_name, fetch_url, hash_content, pack_content
+from gpupool.lifecycle import ExperimentState
 from gpupool.pool import Pool
 from gpupool.session_inputs import InputProblem, prepare
 from gpupool.settings import PoolSettings
 from gpupool.spec import load_experiment
-from gpupool.states import ExperimentState
 from tests.helpers import drive_until_done
 
 CHECK_SCRIPT = '''\

@@ -13,10 +13,10 @@ import pytest
 from click.testing import CliRunner
 
 from gpupool.cli import cli
+from gpupool.lifecycle import AttemptState, ExperimentState
 from gpupool.pool import Pool
 from gpupool.provider import PollResult
 from gpupool.state import Attempt
-from gpupool.states import AttemptState, ExperimentState
 from tests.fakes import FakeProvider, Script
 from tests.test_scheduler import T0, make
 

@@ -10,9 +10,9 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from gpupool.cli import cli
+from gpupool.lifecycle import AttemptState
 from gpupool.pool import Pool
 from gpupool.settings import PoolSettings
-from gpupool.states import AttemptState
 from tests.fakes import FakeProvider
 from tests.test_scheduler import T0
 

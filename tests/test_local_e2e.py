@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from gpupool.lifecycle import AttemptState, ExperimentState
 from gpupool.manifest import list_local
 from gpupool.pool import Pool
 from gpupool.settings import PoolSettings
 from gpupool.spec import load_experiment
-from gpupool.states import AttemptState, ExperimentState
 from tests.helpers import (
     assert_same_weights,
     drive_until_done,

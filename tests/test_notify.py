@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from gpupool.daemon import Driver
+from gpupool.driver import Driver
+from gpupool.lifecycle import AttemptState
 from gpupool.notify import Message, Notifier
 from gpupool.pool import Pool
 from gpupool.scheduler import Scheduler
 from gpupool.settings import PoolSettings
 from gpupool.spec import ExperimentSpec
-from gpupool.states import AttemptState
 from tests.emulators.drive import drive_emulator_fixture  # noqa: F401
 from tests.fakes import FakeProvider, Script
 from tests.providers.colab_support import make_provider, mlp_spec

@@ -15,7 +15,7 @@ from gpupool.errors import CheckpointError
 from gpupool.manifest import list_local
 from gpupool.snapshot import Background, Folders, Snapshotter
 from gpupool.store import CheckpointStore
-from providers.colab.fs import register
+from gpupool_providers.colab.fs import register
 from tests.emulators.drive import (  # noqa: F401 - fixture
     LoopbackGoogleAuth,
     drive_emulator_fixture,

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from gpupool import db
 from gpupool.durations import format_duration
 from gpupool.errors import ProviderError
+from gpupool.lifecycle import AttemptState, ExperimentState
 from gpupool.placement import (
     DEFAULT_INTERVAL,
     Candidate,
@@ -33,8 +34,7 @@ from gpupool.provider import Launch, Submission
 from gpupool.scheduler import Scheduler
 from gpupool.settings import PoolSettings
 from gpupool.spec import CheckpointPolicy, ExperimentSpec, Resources
-from gpupool.states import AttemptState, ExperimentState
-from providers.kaggle import KaggleProvider
+from gpupool_providers.kaggle import KaggleProvider
 from tests.fakes import FakeProvider, Script
 
 NOW = 1_700_000_000.0

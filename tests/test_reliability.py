@@ -20,14 +20,14 @@ from click.testing import CliRunner
 import gpupool.store as store_module
 from gpupool import db
 from gpupool.cli import cli
-from gpupool.daemon import Driver
+from gpupool.driver import Driver
+from gpupool.lifecycle import AttemptState, ExperimentState
 from gpupool.manifest import Manifest, publish_local
 from gpupool.pool import Pool
 from gpupool.scheduler import Scheduler
 from gpupool.settings import PoolSettings
 from gpupool.spec import ExperimentSpec
 from gpupool.state import Attempt
-from gpupool.states import AttemptState, ExperimentState
 from gpupool.store import CheckpointStore
 from tests.fakes import FakeProvider, Script
 from tests.services import Databases

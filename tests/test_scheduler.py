@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from gpupool import db
+from gpupool.lifecycle import AttemptState, ExperimentState
 from gpupool.pool import Pool
 from gpupool.provider import Quota
 from gpupool.scheduler import Scheduler
 from gpupool.settings import PoolSettings
 from gpupool.spec import ExperimentSpec
-from gpupool.states import AttemptState, ExperimentState
 from tests.fakes import FakeProvider, Script
 
 # Every test runs on each state backend (tests/conftest.py: SQLite, PostgreSQL).

@@ -21,7 +21,7 @@ from gpupool.cli import cli
 from gpupool.pool import Pool
 from gpupool.scheduler import Scheduler
 from gpupool.settings import PoolSettings
-from providers.kaggle.credentials import find_credentials
+from gpupool_providers.kaggle.credentials import find_credentials
 from tests.emulators.kaggle import KaggleEmulator
 from tests.test_faulty_services import spec
 

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from gpupool.lifecycle import AttemptState, ExperimentState
 from gpupool.pool import Pool
 from gpupool.provider import classify_exit
 from gpupool.scheduler import Scheduler
 from gpupool.settings import PoolSettings
 from gpupool.spec import ExperimentSpec
-from gpupool.states import AttemptState, ExperimentState
 from tests.helpers import ROOT, drive_until_done
 
 Y, L, F, S = AttemptState.YIELDED, AttemptState.LOST, AttemptState.FAILED, AttemptState.SUCCEEDED

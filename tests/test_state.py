@@ -11,14 +11,14 @@ import sqlalchemy as sa
 
 from gpupool import db
 from gpupool.errors import IllegalTransition, NotFound, StateError
-from gpupool.state import State
-from gpupool.states import (
+from gpupool.lifecycle import (
     ACTIVE_ATTEMPT,
     ATTEMPT_MOVES,
     EXPERIMENT_MOVES,
     AttemptState,
     ExperimentState,
 )
+from gpupool.state import State
 
 T0 = 1_700_000_000.0
 SPEC = {"name": "exp", "run": "python train.py"}

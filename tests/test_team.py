@@ -18,10 +18,10 @@ import sqlalchemy as sa
 import yaml
 
 from gpupool import db
+from gpupool.lifecycle import AttemptState, ExperimentState
 from gpupool.pool import Pool
 from gpupool.settings import PoolSettings
 from gpupool.spec import ExperimentSpec
-from gpupool.states import AttemptState, ExperimentState
 from tests.fakes import register_entry_point
 from tests.services import PostgresServer, S3Server
 

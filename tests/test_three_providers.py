@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from gpupool.lifecycle import AttemptState, ExperimentState
 from gpupool.pool import Pool
 from gpupool.settings import PoolSettings
 from gpupool.spec import load_experiment
-from gpupool.states import AttemptState, ExperimentState
 from tests.emulators.drive import drive_emulator_fixture  # noqa: F401 - fixture
 from tests.emulators.kaggle import KaggleEmulator
 from tests.helpers import (

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from gpupool.bundle import pack_runtime
 from gpupool.errors import CancelFailed, CheckpointError, CredentialsError, GpupoolError, ProviderError
+from gpupool.lifecycle import AttemptState
 from gpupool.manifest import MANIFEST, Manifest, ManifestError, check_name, read_local, verify_local
 from gpupool.provider import (
     Availability,
@@ -28,7 +29,6 @@ from gpupool.provider import (
     classify_exit,
     runtime_env,
 )
-from gpupool.states import AttemptState
 
 from . import drive as gdrive
 from . import notebook

@@ -1,4 +1,4 @@
-"""gpupool's Kaggle Kernels provider (entry point ``kaggle = "providers.kaggle:KaggleProvider"``)."""
+"""gpupool's Kaggle Kernels provider (entry point ``kaggle = "gpupool_providers.kaggle:KaggleProvider"``)."""
 
 from .provider import KaggleProvider
 

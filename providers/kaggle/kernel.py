@@ -15,7 +15,7 @@ import json
 import re
 from typing import Any
 
-from gpupool.states import AttemptState
+from gpupool.lifecycle import AttemptState
 
 MARKER = "gpupool-input.json"
 SESSION_SUBDIR = "gpupool"  # under /kaggle/working

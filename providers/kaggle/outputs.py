@@ -14,10 +14,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from gpupool.lifecycle import AttemptState
 from gpupool.manifest import ManifestError, list_local, verify_local
 from gpupool.provider import PollResult, classify_exit
 from gpupool.runtime import EVENT_PREFIX
-from gpupool.states import AttemptState
 
 from .client import KaggleRemote, KernelStatus, OutputFile
 from .kernel import SESSION_SUBDIR

@@ -31,6 +31,7 @@ from gpupool.errors import (
     GpupoolError,
     ProviderUnavailable,
 )
+from gpupool.lifecycle import AttemptState
 from gpupool.provider import (
     Availability,
     Launch,
@@ -40,7 +41,6 @@ from gpupool.provider import (
     Submission,
     runtime_env,
 )
-from gpupool.states import AttemptState
 
 from . import livelog, outputs
 from .client import KaggleRemote, KernelStatus, OutcomeUnknown, RemoteNotFound, detail

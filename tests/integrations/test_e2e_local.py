@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gpupool.lifecycle import AttemptState, ExperimentState
 from gpupool.spec import load_experiment
-from gpupool.states import AttemptState, ExperimentState
 from tests.helpers import ROOT, drive_until_done
 from tests.integrations.sessions import HARNESS, run_session
 from tests.test_byo_e2e import make_pool, pulled_outputs

@@ -11,7 +11,7 @@ from pathlib import Path
 from gpupool.pool import Pool
 from gpupool.settings import PoolSettings
 from gpupool.spec import ExperimentSpec
-from providers.colab import ColabConfig, ColabProvider
+from gpupool_providers.colab import ColabConfig, ColabProvider
 from tests.emulators.drive import GOOGLE_TOKEN_URI, LoopbackGoogleAuth, write_credentials_file
 
 MLP = Path(__file__).resolve().parents[2] / "configs" / "examples" / "mlp"

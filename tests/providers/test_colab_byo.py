@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from gpupool.lifecycle import ExperimentState
 from gpupool.scheduler import Scheduler
 from gpupool.spec import ExperimentSpec
-from gpupool.states import ExperimentState
 from tests.emulators.drive import drive_emulator_fixture  # noqa: F401 - fixture
 from tests.providers.colab_support import Person, make_pool, make_provider, run_until
 

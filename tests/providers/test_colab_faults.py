@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from gpupool.errors import CancelFailed
+from gpupool.lifecycle import AttemptState
 from gpupool.manifest import publish_local
 from gpupool.scheduler import Scheduler
-from gpupool.states import AttemptState
-from providers.colab.agent import Heartbeat, Reporter, Uploader, check_stop, install
-from providers.colab.agent_drive import DriveREST
+from gpupool_providers.colab.agent import Heartbeat, Reporter, Uploader, check_stop, install
+from gpupool_providers.colab.agent_drive import DriveREST
 from tests.emulators.drive import FOLDER_MIME, drive_emulator_fixture, faults  # noqa: F401
 from tests.providers.colab_support import make_pool, make_provider, mlp_spec
 
@@ -328,7 +328,7 @@ def test_refused_credentials_are_reported_within_one_heartbeat(drive_emulator, t
 def test_gdrive_store_import_is_not_blocked_by_a_stalled_upload(drive_emulator, tmp_path,
                                                                 signed_in):
     from gpupool.store import CheckpointStore
-    from providers.colab.fs import register
+    from gpupool_providers.colab.fs import register
     from tests.emulators.drive import LoopbackGoogleAuth, emulator_settings, write_credentials_file
 
     register()
@@ -359,7 +359,7 @@ def test_gdrive_store_with_lost_insert_answers_has_one_object_per_name(drive_emu
     """The case: a folder insert whose answer is lost made two folders of one name, and two
     manifest.json in one checkpoint folder."""
     from gpupool.store import CheckpointStore
-    from providers.colab.fs import register
+    from gpupool_providers.colab.fs import register
     from tests.emulators.drive import LoopbackGoogleAuth, emulator_settings, write_credentials_file
 
     register()
@@ -432,14 +432,14 @@ def test_heartbeats_go_on_while_the_session_downloads_its_inputs(drive_emulator,
     (403, "insufficientPermissions", "credentials"), (403, "dailyLimitExceeded", None),
     (403, "userRateLimitExceeded", None), (404, "notFound", "gone"), (500, "backendError", None)])
 def test_the_agent_tells_lasting_drive_failures_from_passing_ones(status, reason, kind):
-    from providers.colab.agent_drive import DriveFailure
+    from gpupool_providers.colab.agent_drive import DriveFailure
 
     body = json.dumps({"error": {"errors": [{"reason": reason}], "code": status}}).encode()
     assert DriveFailure("x", status, body).kind == kind
 
 
 def test_the_restore_copy_is_freed_once_the_session_pushed_its_own(drive_emulator, tmp_path):
-    from providers.colab.agent import restore
+    from gpupool_providers.colab.agent import restore
 
     colab = make_provider(drive_emulator, tmp_path)
     pool = make_pool(tmp_path, colab=colab)
@@ -461,7 +461,7 @@ def test_the_restore_copy_is_freed_once_the_session_pushed_its_own(drive_emulato
 
 
 def test_who_stopped_the_command_reaches_classify_exit_only_when_recorded(monkeypatch):
-    import providers.colab.provider as colab_provider
+    import gpupool_providers.colab.provider as colab_provider
 
     seen = []
 

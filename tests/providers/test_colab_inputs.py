@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from gpupool.errors import SpecError
+from gpupool.lifecycle import AttemptState
 from gpupool.scheduler import Scheduler
 from gpupool.session_inputs import InputProblem
 from gpupool.spec import ExperimentSpec
-from gpupool.states import AttemptState
-from providers.colab.agent import DriveREST, bring_inputs
+from gpupool_providers.colab.agent import DriveREST, bring_inputs
 from tests.emulators.drive import drive_emulator_fixture  # noqa: F401
 from tests.providers.colab_support import MLP, make_pool, make_provider
 from tests.providers.test_kaggle_inputs import web_fixture  # noqa: F401

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
+from gpupool.lifecycle import AttemptState, ExperimentState
 from gpupool.scheduler import Scheduler
-from gpupool.states import AttemptState, ExperimentState
 from tests.emulators.drive import drive_emulator_fixture  # noqa: F401 - fixture
 from tests.providers.colab_support import Person, make_pool, make_provider, mlp_spec, run_until
 
@@ -56,7 +56,7 @@ def test_notebook_yields_then_resumes_and_the_scheduler_collects(drive_emulator,
 
 
 def local_provider(tmp_path):
-    from providers.local import LocalConfig, LocalProvider
+    from gpupool_providers.local import LocalConfig, LocalProvider
 
     return LocalProvider(LocalConfig(gpus="none"), tmp_path / "local", time.time)
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from gpupool.errors import CredentialsError
+from gpupool.lifecycle import AttemptState
 from gpupool.manifest import publish_local
 from gpupool.provider import Launch
 from gpupool.scheduler import Scheduler
-from gpupool.states import AttemptState
-from providers.colab.agent import DriveFailure, DriveREST, Uploader
+from gpupool_providers.colab.agent import DriveFailure, DriveREST, Uploader
 from tests.emulators.drive import DriveEmulator, drive_emulator_fixture, faults  # noqa: F401
 from tests.providers.colab_support import make_pool, make_provider, mlp_spec, notebook_id
 

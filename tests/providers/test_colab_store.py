@@ -6,7 +6,7 @@ import pytest
 
 from gpupool.manifest import publish_local
 from gpupool.store import CheckpointStore
-from providers.colab.fs import register
+from gpupool_providers.colab.fs import register
 from tests.emulators.drive import (  # noqa: F401 - fixture
     LoopbackGoogleAuth,
     drive_emulator_fixture,
@@ -80,7 +80,7 @@ def test_auth_setup_saves_credentials_0600_and_creates_the_folder(drive_emulator
                                                                    monkeypatch):
     import stat
 
-    from providers.colab.auth import prepare_drive
+    from gpupool_providers.colab.auth import prepare_drive
     from tests.providers.colab_support import make_provider
 
     monkeypatch.setenv("GDRIVE_NON_INTERACTIVE", "1")

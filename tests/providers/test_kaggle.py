@@ -18,16 +18,16 @@ from pathlib import Path
 import pytest
 
 from gpupool.errors import CredentialsError, ProviderError, ProviderUnavailable, RateLimited
+from gpupool.lifecycle import AttemptState, ExperimentState
 from gpupool.pool import Pool
 from gpupool.provider import Launch
 from gpupool.scheduler import Scheduler
 from gpupool.settings import PoolSettings
 from gpupool.spec import ExperimentSpec
 from gpupool.state import Experiment
-from gpupool.states import AttemptState, ExperimentState
-from providers.kaggle import KaggleProvider
-from providers.kaggle.credentials import find_credentials
-from providers.kaggle.kernel import STATUS_MAP, kernel_slug, render_script, save_request
+from gpupool_providers.kaggle import KaggleProvider
+from gpupool_providers.kaggle.credentials import find_credentials
+from gpupool_providers.kaggle.kernel import STATUS_MAP, kernel_slug, render_script, save_request
 from tests.emulators.kaggle import Fault, KaggleEmulator
 
 ROOT = Path(__file__).resolve().parents[2]

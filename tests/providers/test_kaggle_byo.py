@@ -11,9 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+from gpupool.lifecycle import AttemptState, ExperimentState
 from gpupool.manifest import list_local
 from gpupool.spec import ExperimentSpec
-from gpupool.states import AttemptState, ExperimentState
 from tests.emulators.kaggle import KaggleEmulator
 from tests.providers.test_kaggle import drive, emu_fixture, isolated_env, make_pool  # noqa: F401 - fixtures
 

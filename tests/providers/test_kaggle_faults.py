@@ -15,11 +15,11 @@ import time
 import pytest
 
 from gpupool.errors import CancelFailed
+from gpupool.lifecycle import AttemptState, ExperimentState
 from gpupool.pool import Pool
 from gpupool.scheduler import Scheduler
 from gpupool.settings import PoolSettings
-from gpupool.states import AttemptState, ExperimentState
-from providers.kaggle import KaggleProvider
+from gpupool_providers.kaggle import KaggleProvider
 from tests.emulators.kaggle import Fault, KaggleEmulator
 from tests.providers.test_kaggle import (  # noqa: F401 - fixtures
     Sleeps,

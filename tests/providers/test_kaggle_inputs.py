@@ -20,12 +20,12 @@ import pytest
 import yaml
 
 from gpupool.errors import SpecError
+from gpupool.lifecycle import AttemptState, ExperimentState
 from gpupool.pool import Pool
 from gpupool.settings import PoolSettings
 from gpupool.spec import load_experiment
 from gpupool.state import Experiment
-from gpupool.states import AttemptState, ExperimentState
-from providers.kaggle import KaggleProvider
+from gpupool_providers.kaggle import KaggleProvider
 from tests.emulators.kaggle import Fault, KaggleEmulator
 from tests.helpers import drive_until_done
 from tests.test_inputs import CHECK_SCRIPT, make_data

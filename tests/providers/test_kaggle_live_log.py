@@ -18,11 +18,11 @@ import yaml
 from click.testing import CliRunner
 
 from gpupool.cli import cli
+from gpupool.lifecycle import AttemptState
 from gpupool.scheduler import Scheduler
 from gpupool.state import Attempt
-from gpupool.states import AttemptState
-from providers.kaggle import KaggleProvider
-from providers.kaggle.outputs import log_lines
+from gpupool_providers.kaggle import KaggleProvider
+from gpupool_providers.kaggle.outputs import log_lines
 from tests.emulators.kaggle import Fault, KaggleEmulator
 from tests.providers.test_kaggle import (  # noqa: F401 - fixtures used by name
     drive,
@@ -155,7 +155,7 @@ def test_no_live_log_and_no_listing_gives_empty_not_a_traceback(emu: KaggleEmula
 
 def test_a_live_read_stops_at_its_budget(emu: KaggleEmulator, tmp_path: Path) -> None:
     """A stream that keeps talking is cut at ``live_log_seconds`` (the clock is injected)."""
-    from providers.kaggle.livelog import read_live_log
+    from gpupool_providers.kaggle.livelog import read_live_log
 
     provider, attempt, gate, _, _ = start_gated(emu, tmp_path)
     times = iter([0.0, 100.0])  # the deadline is set at 0; the first line comes at 100 s

@@ -26,7 +26,7 @@ from gpupool.pool import Pool
 from gpupool.scheduler import Report, Scheduler
 
 LEASE = "scheduler"
-log = logging.getLogger("gpupool.daemon")
+log = logging.getLogger("gpupool.driver")
 
 
 def owner_id(role: str = "scheduler", since: float | None = None) -> str:
