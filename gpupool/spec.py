@@ -23,9 +23,17 @@ from __future__ import annotations
 import re
 import shlex
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from gpupool.durations import parse_duration
 from gpupool.errors import SpecError
@@ -199,7 +207,9 @@ class ExperimentSpec(_Strict):
     checkpoint: CheckpointPolicy = CheckpointPolicy()
     limits: Limits = Limits()
     env: dict[str, str] = Field(default_factory=dict)
-    outputs: list[str] = Field(default_factory=list, description="folders collected from every session")
+    # each entry is checked on its own, so every bad one is reported with its index and line
+    outputs: list[Annotated[str, BeforeValidator(_folder)]] = Field(
+        default_factory=list, description="folders collected from every session")
     inputs: dict[str, InputSpec] = Field(default_factory=dict)
 
     @field_validator("name")
@@ -232,11 +242,11 @@ class ExperimentSpec(_Strict):
     @field_validator("outputs", mode="before")
     @classmethod
     def _outputs(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list):
-            return value
-        folders = [_folder(item) for item in value]
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("outputs")
+    @classmethod
+    def _outputs_once(cls, folders: list[str]) -> list[str]:
         repeated = sorted({f for f in folders if folders.count(f) > 1})
         if repeated:
             raise ValueError(f"names {', '.join(repeated)} twice")
@@ -347,10 +357,11 @@ def folder_problems(spec: ExperimentSpec, on_disk: bool = True) -> list[tuple[tu
     problems = [(("run",), why) for why in resume_problems(spec.run, spec.checkpoint.path)]
     named = _declared(spec)
     for i, (loc, folder) in enumerate(named):
-        for _, other in named[:i]:
+        for other_loc, other in named[:i]:
             if folder == other or folder.startswith(other + "/") or other.startswith(folder + "/"):
                 how = "the same folder as" if folder == other else "nested with"
-                problems.append((loc, f"{folder!r} is {how} {other!r}; name each folder once"))
+                where = ".".join(map(str, other_loc))
+                problems.append((loc, f"{folder!r} is {how} {where} ({other!r}); name each folder once"))
     if on_disk:
         problems.extend((loc, why) for loc, folder in named for why in _on_disk(spec, folder))
     return problems

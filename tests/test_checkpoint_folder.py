@@ -87,14 +87,21 @@ def test_folders_are_normalised_and_left_out_of_the_bundle(tmp_path):
     ("checkpoint: {path: ../x}\n", "checkpoint.path", 4, "outside the workdir"),
     ("checkpoint:\n  path: /tmp/ckpt\n", "checkpoint.path", 5, "absolute"),
     ("outputs:\n  - out\n  - ./out/\n", "outputs", 5, "twice"),
-    ("outputs: [.]\n", "outputs", 4, "workdir itself"),
-    ("checkpoint: {path: ckpt}\noutputs:\n  - final\n  - ckpt\n", "outputs.1", 7, "same folder as"),
+    ("outputs: [.]\n", "outputs.0", 4, "workdir itself"),
+    ("checkpoint: {path: ckpt}\noutputs:\n  - final\n  - ckpt\n", "outputs.1", 7,
+     "same folder as checkpoint.path ('ckpt')"),
     ("checkpoint: {path: runs}\noutputs: [runs/tb]\n", "outputs.0", 5, "nested with"),
 ], ids=["dotdot", "absolute", "twice-in-outputs", "dot", "checkpoint-also-output", "nested"])
 def test_bad_folders_name_the_field_and_line(tmp_path, extra, field, line, words):
     problems = spec_problems(write_experiment(tmp_path, extra))
     assert [where for where, _ in problems] == [f"{field} (line {line})"], problems
     assert words in problems[0][1]
+
+
+def test_every_bad_output_entry_is_reported_with_its_line(tmp_path):
+    problems = spec_problems(write_experiment(tmp_path, "outputs:\n  - ../up\n  - fine\n  - /abs\n"))
+    assert [where for where, _ in problems] == ["outputs.0 (line 5)", "outputs.2 (line 7)"], problems
+    assert "outside the workdir" in problems[0][1] and "absolute" in problems[1][1]
 
 
 def test_a_symlink_out_of_the_workdir_is_refused(tmp_path):
@@ -135,7 +142,7 @@ def test_cli_exits_2_for_a_bad_folder(tmp_path):
     path = write_experiment(tmp_path, "outputs: [../up]\n")
     result = gpupool(["run", "--detach", str(path)], tmp_path / "data")
     assert result.returncode == 2, result.stderr
-    assert "outputs (line 4)" in result.stderr and "Traceback" not in result.stderr
+    assert "outputs.0 (line 4)" in result.stderr and "Traceback" not in result.stderr
 
 
 # -- the resume substitution -----------------------------------------------------------------
