@@ -13,6 +13,12 @@ the name upper-cased):
   a drive input are copied onto the VM through the Drive API, verified and made read-only; a
   url input is fetched in the notebook and verified.
 
+An input whose source lives at another provider (a Kaggle dataset for a local or Colab session,
+a Drive file or folder for a local or Kaggle session) is downloaded once by the adapter that owns
+its kind (``Provider.download_input``, found through ``InputSources``) into
+``<data_dir>/inputs/<kind>/``, then used in place by the local provider and shipped like a local
+input's content to Colab (a Drive folder) or Kaggle (a private dataset).
+
 Content hashes are sha256 over every file's relative path, size and sha256. The per-file
 hashes are cached by absolute path, size and mtime, so an unchanged input is never re-read.
 """
@@ -24,6 +30,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sys
 import tarfile
 import urllib.request
@@ -36,6 +43,7 @@ from gpupool.errors import InputUnavailable, SpecError
 from gpupool.session_inputs import ENV_PREFIX
 
 if TYPE_CHECKING:
+    from gpupool.provider import Provider
     from gpupool.spec import ExperimentSpec, InputSpec
 
 PROGRESS_BYTES = 8 * 1024 * 1024  # show progress for anything larger
@@ -100,6 +108,57 @@ def raise_problems(problems: list[Problem], source: Path | None) -> None:
     raise SpecError(str(source or "experiment"),
                     [(locate(text, loc) if text else ".".join(map(str, loc)), what)
                      for loc, what in problems])
+
+
+# -- inputs whose source lives at another provider -------------------------------------------
+
+OwnerOf = Callable[[str], "Provider | None"]  # input kind -> the adapter that downloads it
+
+
+class InputSources:
+    """Downloads, for any placing adapter, inputs whose source lives at another provider.
+
+    ``owner_of(kind)`` is the pool's lookup of the adapter whose ``input_sources`` holds the
+    kind (found through the provider registry: the core names no provider). Each source gets
+    its own cache folder ``<cache_dir>/<kind>/<source key>``, which its owner fills."""
+
+    def __init__(self, cache_dir: Path, owner_of: OwnerOf):
+        self.cache_dir, self.owner_of = Path(cache_dir), owner_of
+
+    def fetch(self, name: str, item: InputSpec) -> Path:
+        """The file or folder holding input ``name``'s content on this machine, downloaded
+        now only when the cache lacks its current version.
+
+        Raises InputUnavailable when no adapter downloads the kind or the source is gone or
+        unreadable; ProviderError when the owning service fails."""
+        owner = self.owner_of(item.kind)
+        if owner is None:
+            raise InputUnavailable("inputs", f"input {name!r}: no configured provider downloads "
+                                             f"{item.kind} inputs")
+        return owner.download_input(item, self.cache_dir / item.kind / source_key(item.source))
+
+    def check(self, spec: ExperimentSpec, checked: set[str]) -> list[Problem]:
+        """Problems with every input that some adapter downloads, asked of that adapter's own
+        ``check_inputs`` (existence, readability with its account), except adapters in
+        ``checked`` (they checked the whole experiment already)."""
+        problems: list[Problem] = []
+        for kind in sorted({item.kind for item in spec.inputs.values()}):
+            owned = {n: i for n, i in spec.inputs.items() if i.kind == kind}
+            if kind in ("local", "url"):
+                continue
+            owner = self.owner_of(kind)
+            if owner is None:
+                problems += [(("inputs", n, kind), f"no configured provider can read {kind} "
+                                                   "inputs (is its adapter installed?)") for n in owned]
+            elif owner.name not in checked:
+                problems += owner.check_inputs(spec.model_copy(update={"inputs": owned}))
+        return problems
+
+
+def source_key(source: str) -> str:
+    """A folder name for one source (readable, and unique through a short hash)."""
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "-", source)[:60]
+    return f"{readable}-{hashlib.sha256(source.encode()).hexdigest()[:12]}"
 
 
 # -- content hashing ------------------------------------------------------------------------

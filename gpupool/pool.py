@@ -9,7 +9,7 @@ from pathlib import Path
 
 from gpupool.bundle import pack_workdir
 from gpupool.errors import ConfigError, SpecError
-from gpupool.inputs import input_problems, raise_problems
+from gpupool.inputs import InputSources, input_problems, raise_problems
 from gpupool.manifest import Manifest
 from gpupool.provider import Provider, available_providers, load_provider_class
 from gpupool.settings import PoolSettings
@@ -28,7 +28,16 @@ class Pool:
         self.data_dir = Path(settings.data_dir)
         self.state = State(settings.resolved_database_url)
         self.store_root = CheckpointStore(settings.resolved_store_url)
-        self._providers: dict[str, Provider] = dict(providers or {})
+        self.sources = InputSources(self.data_dir / "inputs", self.source_owner)
+        self._providers: dict[str, Provider] = {}
+        for name, provider in (providers or {}).items():
+            self._adopt(name, provider)
+
+    def _adopt(self, name: str, provider: Provider) -> None:
+        """Keep ``provider``, able to ask other adapters for inputs they download."""
+        for adapter in [provider, *getattr(provider, "members", {}).values()]:
+            adapter.sources = self.sources
+        self._providers[name] = provider
 
     def close(self) -> None:
         self.state.close()
@@ -43,8 +52,20 @@ class Pool:
         if name not in self._providers:
             cls = load_provider_class(name)
             section = self.settings.provider_section(name)
-            self._providers[name] = cls.from_section(section, self.data_dir / name, self.clock)
+            self._adopt(name, cls.from_section(section, self.data_dir / name, self.clock))
         return self._providers[name]
+
+    def source_owner(self, kind: str) -> Provider | None:
+        """The adapter that downloads inputs of ``kind`` for other providers (its class lists
+        the kind in ``input_sources``), None when none is installed and configured."""
+        for name in self.provider_names():
+            try:
+                owns = kind in load_provider_class(name).input_sources
+            except ConfigError:
+                continue
+            if owns:
+                return self.try_provider(name)
+        return None
 
     def try_provider(self, name: str) -> Provider | None:
         """The provider, or None if it is not installed / not configured properly."""
@@ -86,8 +107,11 @@ class Pool:
         """Every input against this machine and every configured provider the spec lists."""
         problems = input_problems(spec)
         if not problems:
+            checked: set[str] = set()
             for name in spec.providers:
                 provider = self.try_provider(name)
                 if provider is not None and provider.enabled:
                     problems += provider.check_inputs(spec)
-        raise_problems(problems, source)
+                    checked.add(name)
+            problems += self.sources.check(spec, checked)
+        raise_problems(list(dict.fromkeys(problems)), source)

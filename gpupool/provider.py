@@ -20,12 +20,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from pydantic import BaseModel, ValidationError
 
 from gpupool import runtime
-from gpupool.errors import ConfigError, SpecError
+from gpupool.errors import ConfigError, InputUnavailable, SpecError
 from gpupool.lifecycle import AttemptState
 from gpupool.manifest import Manifest
 
 if TYPE_CHECKING:
-    from gpupool.spec import ExperimentSpec
+    from gpupool.inputs import InputSources
+    from gpupool.spec import ExperimentSpec, InputSpec
     from gpupool.state import Attempt
     from gpupool.store import CheckpointStore
 
@@ -236,6 +237,27 @@ class Provider(abc.ABC):
 
     def cleanup(self, attempt: Attempt) -> None:  # noqa: B027 - optional hook, no-op by default
         """Free remote resources after the attempt's checkpoints are collected."""
+
+    # -- inputs whose source lives at this provider -------------------------------------------
+
+    input_sources: ClassVar[frozenset[str]] = frozenset()  # input kinds it downloads for others
+    sources: InputSources | None = None  # set by the pool: asks the adapter owning a kind
+
+    def download_input(self, item: InputSpec, dest: Path) -> Path:
+        """Bring input ``item`` (of a kind in ``input_sources``) onto this machine for another
+        provider's session, and return the file or folder holding its content.
+
+        ``dest`` is a folder this adapter alone writes for this one source (under the pool's
+        data dir). The adapter asks the service which version of the source is current and
+        downloads only when ``dest`` does not hold that version complete already (a marker
+        written last says so), so a second attempt or experiment downloads nothing. Downloads
+        show progress, resume after a cut where the service allows it, and are verified
+        against the hashes the service gives (Drive's md5, a zip's CRC-32). Credentials come
+        from the adapter's usual places.
+
+        Raises InputUnavailable when the source does not exist or this account cannot read
+        it (retrying elsewhere cannot help); ProviderError when the service fails."""
+        raise InputUnavailable(self.name, f"{self.name} cannot download {item.kind} inputs")
 
 
 def runtime_env(launch: Launch, *, provider: str, session_dir: str, restore_dir: str | None,

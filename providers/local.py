@@ -73,7 +73,7 @@ class LocalProvider(Provider):
     name = "local"
     Config = LocalConfig
     config: LocalConfig
-    input_kinds = frozenset({"local", "url"})
+    input_kinds = frozenset({"local", "url", "kaggle", "drive"})  # kaggle, drive: see _input_env
     open_url: OpenUrl | None = None  # how url inputs are fetched: None is urllib; tests swap it
 
     def __init__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -140,9 +140,11 @@ class LocalProvider(Provider):
         return fetch_url(url, sha256, self.data_dir / "inputs" / "url", self.open_url)
 
     def _input_env(self, spec: ExperimentSpec) -> dict[str, str]:
-        """``GPUPOOL_INPUT_<NAME>``: local inputs in place, url inputs from the cache.
+        """``GPUPOOL_INPUT_<NAME>``: local inputs in place, url inputs from the cache, Kaggle
+        datasets and Drive files from the pool's download cache (downloaded once by the
+        adapter that owns the kind, ``Provider.download_input``).
 
-        Raises InputUnavailable when a local input is gone since the experiment was checked."""
+        Raises InputUnavailable when an input is gone since the experiment was checked."""
         env = {}
         for name, item in spec.inputs.items():
             if item.local is not None:
@@ -151,9 +153,11 @@ class LocalProvider(Provider):
                 env[env_name(name)] = str(item.local)
             elif item.url is not None:
                 env[env_name(name)] = str(self.fetch(item.url, item.sha256))
+            elif self.sources is not None:
+                env[env_name(name)] = str(self.sources.fetch(name, item))
             else:
-                raise InputUnavailable(self.name, f"input {name!r}: {item.kind} inputs cannot "
-                                                  "be brought to a local session yet")
+                raise InputUnavailable(self.name, f"input {name!r}: {item.kind} inputs need a "
+                                                  "pool that can ask the provider holding them")
         return env
 
     # -- attempts --------------------------------------------------------------------------

@@ -221,12 +221,18 @@ def test_wrong_sha256_fails_before_anything_is_placed(tmp_path: Path) -> None:
     assert pool.state.experiments() == []
 
 
-def test_a_kind_the_provider_cannot_bring_is_refused_up_front(tmp_path: Path) -> None:
+def test_a_drive_input_with_no_drive_account_is_refused_up_front(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """local brings Drive inputs by asking the Drive adapter to download them; with no Drive
+    credentials configured that cannot work, so nothing is placed (exit 2, field and line)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     path = write(tmp_path, {"shards": {"drive": "1AbCdEf"}})
+    pool = make_pool(tmp_path)
     with pytest.raises(SpecError) as caught:
-        make_pool(tmp_path).submit(load_experiment(path), path)
+        pool.submit(load_experiment(path), path)
     where, what = caught.value.problems[0]
-    assert where.startswith("inputs.shards.drive (line ") and "local cannot bring drive" in what
+    assert where.startswith("inputs.shards.drive (line ") and "cannot read Drive input 1AbCdEf" in what
+    assert "gpupool auth colab" in what and pool.state.experiments() == []
 
 
 def test_local_input_deleted_later_fails_the_attempt_with_the_reason(tmp_path: Path) -> None:
@@ -262,4 +268,4 @@ def test_cli_run_reports_bad_inputs_with_exit_2_and_no_traceback(tmp_path: Path)
     result = subprocess.run([sys.executable, "-m", "gpupool", "run", "--detach", str(path)],
                             env=env, text=True, capture_output=True, timeout=120)
     assert result.returncode == 2, result.stderr
-    assert "inputs.shards.drive (line" in result.stderr and "local cannot bring" in result.stderr
+    assert "inputs.shards.drive (line" in result.stderr and "cannot read Drive" in result.stderr

@@ -333,6 +333,26 @@ class Drive:
                 _, done = self.retry(downloader.next_chunk)
         return target
 
+    def download_ranges(self, file_id: str, target: Path, size: int,
+                        advance: Callable[[int], None] = lambda n: None) -> None:
+        """Fetch ``size`` bytes of ``file_id`` into ``target`` by HTTP Range requests of
+        ``chunk_bytes`` each, after the bytes ``target`` already holds (a download cut
+        earlier, even by another run, goes on where it stopped); a cut range is retried."""
+        have = target.stat().st_size if target.exists() else 0
+        if have > size:  # not a prefix of this file
+            target.unlink()
+            have = 0
+        with open(target, "ab") as out:
+            while have < size:
+                request = self.service.files().get_media(fileId=file_id)
+                request.headers["range"] = f"bytes={have}-{min(size, have + self.chunk_bytes) - 1}"
+                data = self.retry(request.execute)
+                if not data:
+                    raise ProviderError(PROVIDER, f"Drive sent no bytes of {file_id} after {have}")
+                out.write(data)
+                have += len(data)
+                advance(len(data))
+
     def read(self, file_id: str) -> bytes:
         return self.retry(lambda: self.service.files().get_media(fileId=file_id).execute())
 

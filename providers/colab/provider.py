@@ -33,11 +33,11 @@ from gpupool.provider import (
 from . import drive as gdrive
 from . import notebook
 from .config import ColabConfig
-from .inputs import DriveInputs
+from .inputs import DriveInputs, download_drive_input
 from .ledger import AttemptRecords, Cooldowns
 
 if TYPE_CHECKING:
-    from gpupool.spec import ExperimentSpec
+    from gpupool.spec import ExperimentSpec, InputSpec
     from gpupool.state import Attempt
     from gpupool.store import CheckpointStore
 
@@ -62,7 +62,8 @@ class ColabProvider(Provider):
         "failed": AttemptState.FAILED,
         "stopped": AttemptState.CANCELLED,
     }
-    input_kinds = frozenset({"local", "drive", "url"})
+    input_kinds = frozenset({"local", "drive", "url", "kaggle"})  # kaggle: downloaded, then as local
+    input_sources = frozenset({"drive"})  # downloaded for other providers' sessions
     unsupported = {"unattended start": "Colab's free tier needs a person to open and run "
                                        "each attempt's notebook"}
 
@@ -89,7 +90,7 @@ class ColabProvider(Provider):
         return self._drive
 
     def inputs(self) -> DriveInputs:
-        return DriveInputs(self.drive(), self.config.folder, self.data_dir)
+        return DriveInputs(self.drive(), self.config.folder, self.data_dir, fetch=self.sources)
 
     def check_inputs(self, spec: ExperimentSpec) -> list[tuple[tuple[Any, ...], str]]:
         """Also: every Drive input exists and is readable by the signed-in account. When
@@ -99,8 +100,16 @@ class ColabProvider(Provider):
             return problems
         try:
             return self.inputs().check(spec)
+        except CredentialsError as err:  # no account to read them with: say so now
+            return [(("inputs", name, "drive"), f"cannot read Drive input {item.drive}: "
+                                                f"{str(err).removeprefix('colab: ')}")
+                    for name, item in spec.inputs.items() if item.drive is not None]
         except GpupoolError:
             return []
+
+    def download_input(self, item: InputSpec, dest: Path) -> Path:
+        """A Drive file or folder for another provider's session (``download_drive_input``)."""
+        return download_drive_input(self.drive(), str(item.drive), dest)
 
     def attempts_folder(self) -> str:
         return self.drive().folder_path(self.config.folder, "attempts")

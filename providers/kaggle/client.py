@@ -354,6 +354,44 @@ class KaggleRemote:
         if answer.error and "already" not in answer.error:
             raise ProviderError("kaggle", f"creating dataset {owner}/{slug} failed: {answer.error}")
 
+    def dataset_version(self, owner: str, slug: str) -> int | None:
+        """The dataset's current version number, None when there is no such dataset (or this
+        account cannot read it)."""
+        from kagglesdk.datasets.types.dataset_api_service import ApiGetDatasetRequest
+
+        request = ApiGetDatasetRequest()
+        request.owner_slug, request.dataset_slug = owner, slug
+        datasets = self.sdk.datasets.dataset_api_client
+        try:
+            answer = self.call("dataset version", lambda: datasets.get_dataset(request))
+        except RemoteNotFound:
+            return None
+        return _int_or_none(answer.current_version_number)
+
+    def open_dataset_zip(self, owner: str, slug: str, version: int) -> Any:
+        """The streaming answer (a ``requests.Response``) carrying one version's files as a
+        zip; kagglesdk's DownloadDataset answers with a redirect to a signed URL, followed
+        here. Raises RemoteNotFound when the dataset or version is gone."""
+        from kagglesdk.datasets.types.dataset_api_service import ApiDownloadDatasetRequest
+
+        request = ApiDownloadDatasetRequest()
+        request.owner_slug, request.dataset_slug = owner, slug
+        request.dataset_version_number = version
+        datasets = self.sdk.datasets.dataset_api_client
+        return self.call(f"download {owner}/{slug}", lambda: datasets.download_dataset(request))
+
+    def open_range(self, url: str, start: int) -> Any:
+        """A streaming GET of a signed URL (no auth) from byte ``start`` on (HTTP Range)."""
+        timeout = (self._timeout[0], self.config.download_timeout)
+        headers = {"Range": f"bytes={start}-"} if start else {}
+
+        def get() -> Any:
+            response = self._plain_session().get(url, stream=True, timeout=timeout, headers=headers)
+            response.raise_for_status()
+            return response
+
+        return self.call("resume download", get)
+
     # -- output files -----------------------------------------------------------------------
 
     def download(self, url: str, target: Path) -> None:

@@ -1,4 +1,5 @@
-"""The private dataset that carries one attempt's inputs into its kernel.
+"""The private dataset that carries one attempt's inputs into its kernel; and an existing
+dataset downloaded for a session elsewhere (``download_input``).
 
 It holds the marker file (which attempt, how to run it), the code bundle, gpupool's runtime
 and the checkpoint to resume from. The archives get a ``.gpupool`` suffix so Kaggle keeps them
@@ -9,23 +10,28 @@ dataset asynchronously, so the kernel is pushed only once the dataset reads READ
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
 import tarfile
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from gpupool.bundle import pack_runtime
-from gpupool.errors import ProviderError, ProviderUnavailable
+from gpupool.errors import InputUnavailable, ProviderError, ProviderUnavailable
+from gpupool.inputs import CHUNK, progress_bar
 from gpupool.provider import Launch
 
-from .client import KaggleRemote, OutcomeUnknown
+from .client import KaggleRemote, OutcomeUnknown, RemoteNotFound
 from .config import KaggleConfig
 from .kernel import MARKER
 
 CODE, RUNTIME, CHECKPOINT = "code.gpupool", "runtime.gpupool", "checkpoint.gpupool"
 FAILED_STATUSES = frozenset({"FAILED", "DELETED"})
+log = logging.getLogger(__name__)
 
 
 def stage_inputs(launch: Launch, staging: Path, marker: dict[str, Any]) -> list[Path]:
@@ -83,3 +89,99 @@ def wait_ready(remote: KaggleRemote, config: KaggleConfig, owner: str, slug: str
                                                 f"{status or 'not found'} after "
                                                 f"{config.dataset_ready_timeout:g}s")
         remote.sleep(config.dataset_poll_seconds)
+
+
+# -- an existing dataset, downloaded for another provider's session ---------------------------
+
+def download_input(remote: KaggleRemote, ref: str, dest: Path) -> Path:
+    """The files of Kaggle dataset ``ref`` (``owner/slug[@version]``; no version: the current
+    one) in ``dest/v<N>/``, downloaded only when that version is not there complete already
+    (``v<N>.done`` is written last). A cut download resumes by HTTP Range; every file is
+    checked against the zip's CRC-32 and the zip against its length as it is unpacked.
+
+    Raises InputUnavailable when the dataset or version does not exist or is not readable
+    by this account; ProviderError when the download keeps failing."""
+    owner, slug = ref.partition("@")[0].split("/")
+    wanted = ref.partition("@")[2]
+    version = int(wanted) if wanted else remote.dataset_version(owner, slug)
+    if version is None:
+        raise _gone(ref)
+    folder, done = dest / f"v{version}", dest / f"v{version}.done"
+    if done.exists() and folder.is_dir():
+        return folder
+    dest.mkdir(parents=True, exist_ok=True)
+    packed = dest / f"v{version}.zip.partial"
+    try:
+        _fetch_zip(remote, f"{owner}/{slug}", version, packed)
+    except RemoteNotFound:
+        raise _gone(ref) from None
+    _unpack(packed, folder, ref)
+    done.write_text(json.dumps({"ref": f"{owner}/{slug}", "version": version}))
+    packed.unlink()
+    return folder
+
+
+def _gone(ref: str) -> InputUnavailable:
+    return InputUnavailable("kaggle", f"Kaggle dataset {ref} does not exist or is not readable "
+                                      "by the configured account")
+
+
+def _fetch_zip(remote: KaggleRemote, ref: str, version: int, target: Path) -> None:
+    owner, slug = ref.split("/")
+    response = remote.open_dataset_zip(owner, slug, version)
+    url, total = response.url, int(response.headers.get("Content-Length") or 0)
+    ranges = response.headers.get("Accept-Ranges") == "bytes"
+    have = target.stat().st_size if ranges and target.exists() else 0
+    if have:  # an earlier download of this version was cut: go on from where it stopped
+        response.close()
+        response = remote.open_range(url, have)
+    with progress_bar(f"downloading {ref}", total) as advance:
+        advance(have)
+        for cut in range(remote.config.max_retries + 1):
+            have, whole = _append(response, target, have, advance)
+            if whole and (not total or have == total):
+                return
+            if not ranges:
+                break
+            remote.sleep(min(remote.config.backoff_max, remote.config.backoff_base * 2 ** cut))
+            response = remote.open_range(url, have)
+    raise ProviderError("kaggle", f"the download of {ref} (version {version}) kept being cut "
+                                  f"({have} of {total or '?'} bytes); the next attempt resumes it")
+
+
+def _append(response: Any, target: Path, have: int, advance: Callable[[int], None]) -> tuple[int, bool]:
+    """Write ``response``'s body after the ``have`` bytes of ``target``; returns the bytes now
+    held and whether the body arrived whole."""
+    import requests
+
+    if have and response.status_code != 206:  # the server sent everything again
+        have = 0
+    try:
+        with response, open(target, "ab" if have else "wb") as out:
+            for chunk in response.iter_content(CHUNK):
+                out.write(chunk)
+                have += len(chunk)
+                advance(len(chunk))
+    except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as err:
+        log.info("kaggle: download cut after %d bytes (%s); resuming", have, type(err).__name__)
+        return have, False
+    return have, True
+
+
+def _unpack(packed: Path, folder: Path, ref: str) -> None:
+    """Unpack into ``folder`` (read-only files); zipfile checks every file's CRC-32."""
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        with zipfile.ZipFile(packed) as archive:
+            archive.extractall(staging)
+    except (zipfile.BadZipFile, OSError) as err:
+        packed.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ProviderError("kaggle", f"the download of {ref} is damaged ({err}); the next "
+                                      "attempt downloads it again") from None
+    for path in staging.rglob("*"):
+        if path.is_file():
+            path.chmod(0o444)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(staging, folder)

@@ -6,6 +6,8 @@
   later attempt, and every other experiment with the same data, finds it READY and uploads
   nothing. Hashes come from the local cache (size + mtime), so an unchanged input is not re-read.
 * A Kaggle input (``owner/slug[@version]``) is attached as a dataset source: no transfer.
+* A Drive input is downloaded once into the pool's cache by the adapter that owns Drive
+  (``gpupool.inputs.InputSources``), then shipped like a local input: one dataset per content.
 * A url input is fetched inside the kernel and verified (``gpupool.session_inputs``).
 
 The kernel finds each dataset's folder under ``/kaggle/input`` and verifies uploaded content
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpupool.errors import InputUnavailable
-from gpupool.inputs import Content, HashCache, hash_content, pack_content
+from gpupool.inputs import Content, HashCache, InputSources, hash_content, pack_content
 from gpupool.session_inputs import CONTENT_FILE
 
 from .client import KaggleRemote
@@ -53,8 +55,9 @@ class InputShipper:
     """Makes sure every input of an experiment is on Kaggle, uploading only what is missing."""
 
     def __init__(self, remote: KaggleRemote, config: KaggleConfig, owner: str, data_dir: Path,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, fetch: InputSources | None = None):
         self.remote, self.config, self.owner, self.clock = remote, config, owner, clock
+        self.fetch = fetch  # downloads inputs whose source lives at another provider
         self.data_dir = Path(data_dir)
         self.cache = HashCache(self.data_dir / "inputs" / "hashes.json")
 
@@ -96,8 +99,12 @@ class InputShipper:
             return {"kind": "dataset", "ref": ref, "packed": False}
         if item.url is not None:
             return {"kind": "url", "url": item.url, "sha256": item.sha256}
-        raise InputUnavailable("kaggle", f"input {name!r}: {item.kind} inputs cannot be brought "
-                                         "to a Kaggle session yet")
+        if self.fetch is None:
+            raise InputUnavailable("kaggle", f"input {name!r}: {item.kind} inputs need a pool "
+                                             "that can ask the provider holding them")
+        ref = self.ensure_content(hash_content(self.fetch.fetch(name, item), self.cache))
+        sources.append(ref)
+        return {"kind": "dataset", "ref": ref, "packed": True}
 
     def ensure_content(self, content: Content) -> str:
         """The dataset holding ``content``, uploaded now only if Kaggle does not have it.

@@ -46,7 +46,7 @@ from . import livelog, outputs
 from .client import KaggleRemote, KernelStatus, OutcomeUnknown, RemoteNotFound, detail
 from .config import KAGGLE_CAP_SECONDS, KaggleConfig
 from .credentials import HINT, Credentials, find_credentials
-from .datasets import CHECKPOINT, CODE, RUNTIME, ensure_dataset, stage_inputs
+from .datasets import CHECKPOINT, CODE, RUNTIME, download_input, ensure_dataset, stage_inputs
 from .inputs import InputPlan, InputShipper
 from .janitor import Janitor, Leftover
 from .kernel import (
@@ -62,7 +62,7 @@ from .records import Records
 
 if TYPE_CHECKING:
     from gpupool.manifest import Manifest
-    from gpupool.spec import ExperimentSpec
+    from gpupool.spec import ExperimentSpec, InputSpec
     from gpupool.state import Attempt
     from gpupool.store import CheckpointStore
 
@@ -80,7 +80,8 @@ class KaggleProvider(Provider):
     Config = KaggleConfig
     config: KaggleConfig
     status_map = STATUS_MAP
-    input_kinds = frozenset({"local", "kaggle", "url"})
+    input_kinds = frozenset({"local", "kaggle", "url", "drive"})  # drive: downloaded, then as local
+    input_sources = frozenset({"kaggle"})  # downloaded for other providers' sessions
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -106,7 +107,7 @@ class KaggleProvider(Provider):
     def shipper(self) -> InputShipper:
         if self._shipper is None:
             self._shipper = InputShipper(self.remote, self.config, self.owner, self.data_dir,
-                                         clock=self._monotonic)
+                                         clock=self._monotonic, fetch=self.sources)
         return self._shipper
 
     @property
@@ -173,9 +174,17 @@ class KaggleProvider(Provider):
             return problems
         try:
             return self.shipper.check(spec)
+        except CredentialsError as err:  # no account to read them with: say so now
+            return [(("inputs", name, "kaggle"), f"cannot read Kaggle dataset {item.kaggle}: "
+                                                 f"{detail(err)}")
+                    for name, item in spec.inputs.items() if item.kaggle is not None]
         except GpupoolError as err:
             log.warning("kaggle: cannot check the Kaggle inputs now (%s)", detail(err))
             return []
+
+    def download_input(self, item: InputSpec, dest: Path) -> Path:
+        """A Kaggle dataset for another provider's session (see ``datasets.download_input``)."""
+        return download_input(self.remote, str(item.kaggle), dest)
 
     # -- what Kaggle offers -----------------------------------------------------------------
 

@@ -392,6 +392,15 @@ def get_dataset_status(emu: KaggleEmulator, user: str, body: dict[str, Any]) -> 
     return {"status": "READY"}
 
 
+@rpc("datasets.DatasetApiService", "GetDataset")
+def get_dataset(emu: KaggleEmulator, user: str, body: dict[str, Any]) -> dict[str, Any]:
+    dataset = _find_dataset(emu, user, body.get("ownerSlug") or user, body.get("datasetSlug", ""))
+    latest = dataset.latest_ready()
+    return {"ref": dataset.ref, "ownerRef": dataset.owner, "title": dataset.title,
+            "isPrivate": dataset.is_private, "totalBytes": dataset.size,
+            "currentVersionNumber": latest.number if latest else None}
+
+
 @rpc("datasets.DatasetApiService", "DownloadDataset")
 def download_dataset(emu: KaggleEmulator, user: str, body: dict[str, Any]) -> Redirect:
     dataset = _find_dataset(emu, user, body.get("ownerSlug") or user, body.get("datasetSlug", ""))

@@ -294,6 +294,19 @@ class KaggleEmulator:
         with self.lock:
             return sum(len(r.body) for r in self.requests if r.endpoint == "upload")
 
+    def dataset_downloads(self) -> list[str]:
+        """"owner/slug" of every DownloadDataset call received (one per download started; a
+        resumed part is a plain GET of the signed URL, not counted here)."""
+        with self.lock:
+            return [f"{r.json.get('ownerSlug', '')}/{r.json.get('datasetSlug', '')}"
+                    for r in self.requests if r.endpoint == "DownloadDataset" and r.json]
+
+    def dataset_file_gets(self) -> list[str | None]:
+        """The Range header (None: the whole file) of every GET of a dataset's signed URL."""
+        with self.lock:
+            return [r.headers.get("Range") for r in self.requests
+                    if r.method == "GET" and "/emu/datasets/" in r.target]
+
     def dataset_writes(self) -> list[str]:
         """"owner/slug" of every CreateDataset / CreateDatasetVersion call received."""
         with self.lock:

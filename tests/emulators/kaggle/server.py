@@ -230,7 +230,8 @@ class Handler(BaseHTTPRequestHandler):
             return _output_file(emu, int(match.group(1)), unquote(match.group(2)))
         if self.command == "GET" and (match := DATASET_PATH.match(path)):
             owner, slug, number, name = match.groups()
-            return _dataset_download(emu, owner, slug, int(number), name and unquote(name))
+            reply = _dataset_download(emu, owner, slug, int(number), name and unquote(name))
+            return _ranged(reply, self.headers.get("Range"))
         if self.command == "PUT" and (match := UPLOAD_PATH.match(path)):
             return _upload(emu, match.group(1), self.headers.get("Content-Range", ""), body)
         return json_reply(404, {"code": 404, "message": f"No route for {self.command} {path}"})
@@ -305,9 +306,25 @@ def _dataset_download(
         return _file_reply(version.files[name])
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
-        for file_name, data in version.files.items():
-            archive.writestr(file_name, data)
+        for file_name, data in version.files.items():  # fixed dates: the same bytes each time
+            archive.writestr(zipfile.ZipInfo(file_name, (1980, 1, 1, 0, 0, 0)), data)
     return _file_reply(buffer.getvalue())
+
+
+def _ranged(reply: Reply, wanted: str | None) -> Reply:
+    """A signed-URL file answer as storage serves it: ``Accept-Ranges: bytes``, and 206 with
+    the bytes from ``Range: bytes=N-`` on (what a client resuming a cut download sends)."""
+    if reply.code != 200:
+        return reply
+    headers = {**reply.headers, "Accept-Ranges": "bytes"}
+    match = re.fullmatch(r"bytes=(\d+)-", wanted or "")
+    if match is None:
+        return Reply(200, reply.body, headers)
+    start, size = int(match.group(1)), len(reply.body)
+    if start >= size:
+        return Reply(416, b"", {**headers, "Content-Range": f"bytes */{size}"})
+    return Reply(206, reply.body[start:], {**headers,
+                                           "Content-Range": f"bytes {start}-{size - 1}/{size}"})
 
 
 def _upload(emu: KaggleEmulator, token: str, content_range: str, body: bytes) -> Reply:
