@@ -156,7 +156,10 @@ class InputSources:
 
 
 def source_key(source: str) -> str:
-    """A folder name for one source (readable, and unique through a short hash)."""
+    """A folder name for one source (readable, and unique through a short hash). A version
+    (``@N``) is left out: the versions of one source share its folder, which the owning
+    adapter keeps apart by version."""
+    source = source.partition("@")[0]
     readable = re.sub(r"[^A-Za-z0-9._-]+", "-", source)[:60]
     return f"{readable}-{hashlib.sha256(source.encode()).hexdigest()[:12]}"
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from gpupool.bundle import pack_runtime
 from gpupool.errors import InputUnavailable, ProviderError, ProviderUnavailable
-from gpupool.inputs import CHUNK, progress_bar
+from gpupool.inputs import progress_bar
 from gpupool.provider import Launch
 
 from .client import KaggleRemote, OutcomeUnknown, RemoteNotFound
@@ -31,6 +31,7 @@ from .kernel import MARKER
 
 CODE, RUNTIME, CHECKPOINT = "code.gpupool", "runtime.gpupool", "checkpoint.gpupool"
 FAILED_STATUSES = frozenset({"FAILED", "DELETED"})
+STREAM_CHUNK = 64 * 1024  # small reads: a cut keeps all but the last few KiB
 log = logging.getLogger(__name__)
 
 
@@ -158,7 +159,7 @@ def _append(response: Any, target: Path, have: int, advance: Callable[[int], Non
         have = 0
     try:
         with response, open(target, "ab" if have else "wb") as out:
-            for chunk in response.iter_content(CHUNK):
+            for chunk in response.iter_content(STREAM_CHUNK):
                 out.write(chunk)
                 have += len(chunk)
                 advance(len(chunk))
