@@ -16,7 +16,15 @@ import pytest
 import yaml
 
 from gpupool.errors import InputUnavailable, SpecError
-from gpupool.inputs import HashCache, env_name, fetch_url, hash_content, pack_content
+from gpupool.inputs import (
+    HashCache,
+    InputSources,
+    env_name,
+    fetch_url,
+    hash_content,
+    pack_content,
+    source_key,
+)
 from gpupool.lifecycle import ExperimentState
 from gpupool.pool import Pool
 from gpupool.session_inputs import InputProblem, prepare
@@ -247,6 +255,21 @@ def test_local_input_deleted_later_fails_the_attempt_with_the_reason(tmp_path: P
     assert done.state == ExperimentState.FAILED
     attempts = pool.state.attempts(experiment.id)
     assert len(attempts) == 1 and "no longer exists" in (attempts[0].end_reason or "")
+
+
+def test_a_kind_no_installed_adapter_downloads_is_refused_up_front(tmp_path: Path) -> None:
+    spec = load_experiment(write(tmp_path, {"shards": {"drive": "1AbCdEf"}}))
+    sources = InputSources(tmp_path / "cache", lambda kind: None)
+    assert sources.check(spec, set()) == [(("inputs", "shards", "drive"), "no configured provider "
+                                           "can read drive inputs (is its adapter installed?)")]
+    with pytest.raises(InputUnavailable, match="no configured provider downloads drive inputs"):
+        sources.fetch("shards", spec.inputs["shards"])
+
+
+def test_versions_of_one_source_share_its_cache_folder() -> None:
+    assert source_key("bob/corpus-set@3") == source_key("bob/corpus-set")
+    assert source_key("bob/corpus-set") != source_key("bob/corpus_set")  # hashed, not only cleaned
+    assert "/" not in source_key("bob/corpus-set")
 
 
 @pytest.mark.parametrize("name", ["experiment.yaml", "kaggle-dataset.yaml", "drive.yaml"])

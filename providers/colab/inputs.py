@@ -43,9 +43,9 @@ class DriveInputs:
     """Puts an experiment's inputs on Drive, uploading only contents Drive does not hold."""
 
     def __init__(self, drive: Drive, root_title: str, data_dir: Path,
-                 fetch: InputSources | None = None):
+                 foreign: InputSources | None = None):
         self.drive, self.root_title = drive, root_title
-        self.fetch = fetch  # downloads inputs whose source lives at another provider
+        self.foreign = foreign  # downloads inputs whose source lives at another provider
         self.cache = HashCache(Path(data_dir) / "inputs" / "hashes.json")
 
     def check(self, spec: ExperimentSpec) -> list[tuple[tuple[Any, ...], str]]:
@@ -74,10 +74,10 @@ class DriveInputs:
                     "is_dir": meta.get("mimeType") == FOLDER_MIME}
         if item.url is not None:
             return {"kind": "url", "url": item.url, "sha256": item.sha256}
-        if self.fetch is None:
+        if self.foreign is None:
             raise InputUnavailable("colab", f"input {name!r}: {item.kind} inputs need a pool "
                                             "that can ask the provider holding them")
-        content = hash_content(self.fetch.fetch(name, item), self.cache)
+        content = hash_content(self.foreign.fetch(name, item), self.cache)
         return {"kind": "drive_content", "id": self.ensure_content(content)}
 
     def ensure_content(self, content: Content) -> str:

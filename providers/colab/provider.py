@@ -90,7 +90,8 @@ class ColabProvider(Provider):
         return self._drive
 
     def inputs(self) -> DriveInputs:
-        return DriveInputs(self.drive(), self.config.folder, self.data_dir, fetch=self.sources)
+        return DriveInputs(self.drive(), self.config.folder, self.data_dir,
+                           foreign=self.sources)
 
     def check_inputs(self, spec: ExperimentSpec) -> list[tuple[tuple[Any, ...], str]]:
         """Also: every Drive input exists and is readable by the signed-in account. When

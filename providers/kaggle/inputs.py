@@ -55,9 +55,9 @@ class InputShipper:
     """Makes sure every input of an experiment is on Kaggle, uploading only what is missing."""
 
     def __init__(self, remote: KaggleRemote, config: KaggleConfig, owner: str, data_dir: Path,
-                 clock: Callable[[], float] = time.monotonic, fetch: InputSources | None = None):
+                 clock: Callable[[], float] = time.monotonic, foreign: InputSources | None = None):
         self.remote, self.config, self.owner, self.clock = remote, config, owner, clock
-        self.fetch = fetch  # downloads inputs whose source lives at another provider
+        self.foreign = foreign  # downloads inputs whose source lives at another provider
         self.data_dir = Path(data_dir)
         self.cache = HashCache(self.data_dir / "inputs" / "hashes.json")
 
@@ -99,10 +99,10 @@ class InputShipper:
             return {"kind": "dataset", "ref": ref, "packed": False}
         if item.url is not None:
             return {"kind": "url", "url": item.url, "sha256": item.sha256}
-        if self.fetch is None:
+        if self.foreign is None:
             raise InputUnavailable("kaggle", f"input {name!r}: {item.kind} inputs need a pool "
                                              "that can ask the provider holding them")
-        ref = self.ensure_content(hash_content(self.fetch.fetch(name, item), self.cache))
+        ref = self.ensure_content(hash_content(self.foreign.fetch(name, item), self.cache))
         sources.append(ref)
         return {"kind": "dataset", "ref": ref, "packed": True}
 

@@ -107,7 +107,7 @@ class KaggleProvider(Provider):
     def shipper(self) -> InputShipper:
         if self._shipper is None:
             self._shipper = InputShipper(self.remote, self.config, self.owner, self.data_dir,
-                                         clock=self._monotonic, fetch=self.sources)
+                                         clock=self._monotonic, foreign=self.sources)
         return self._shipper
 
     @property

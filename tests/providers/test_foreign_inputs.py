@@ -326,3 +326,17 @@ def test_a_damaged_partial_kaggle_download_is_caught_and_fetched_again(
     assert emu.dataset_file_gets()[-1] == f"bytes={len(damaged)}-"  # it had resumed
     got = kaggle.download_input(InputSpec(kaggle="bob/big-set"), dest)
     assert (got / "big.bin").read_bytes() == data
+
+
+def test_drive_file_deleted_after_submit_fails_the_local_attempt(emu: KaggleEmulator, drive_emulator,
+                                                                 tmp_path: Path) -> None:
+    item = drive_emulator.state.create("vocab.txt", content=b"words")
+    pool = make_pool(tmp_path, colab=make_provider(drive_emulator, tmp_path))
+    path = local_file(tmp_path, {"vocab": {"drive": item.id}})
+    experiment = pool.submit(load_experiment(path), path)
+    with drive_emulator.state.lock:
+        del drive_emulator.state.files[item.id]
+    assert drive_until_done(pool, experiment.id, timeout=60).state == ExperimentState.FAILED
+    [attempt] = pool.state.attempts(experiment.id)
+    assert attempt.state == AttemptState.FAILED
+    assert f"{item.id} does not exist or is not readable" in (attempt.end_reason or "")
