@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from gpupool.errors import InputUnavailable, SpecError
+from gpupool.errors import CredentialsError, InputUnavailable, SpecError
 from gpupool.session_inputs import ENV_PREFIX
 
 if TYPE_CHECKING:
@@ -129,13 +129,18 @@ class InputSources:
         """The file or folder holding input ``name``'s content on this machine, downloaded
         now only when the cache lacks its current version.
 
-        Raises InputUnavailable when no adapter downloads the kind or the source is gone or
-        unreadable; ProviderError when the owning service fails."""
+        Raises InputUnavailable when no adapter downloads the kind, the source is gone or
+        unreadable, or the owner's credentials do not work (the attempt fails with the reason
+        instead of waiting for a provider); ProviderError when the owning service fails."""
         owner = self.owner_of(item.kind)
         if owner is None:
             raise InputUnavailable("inputs", f"input {name!r}: no configured provider downloads "
                                              f"{item.kind} inputs")
-        return owner.download_input(item, self.cache_dir / item.kind / source_key(item.source))
+        try:
+            return owner.download_input(item, self.cache_dir / item.kind / source_key(item.source))
+        except (InputUnavailable, CredentialsError) as err:  # gone, or no account to read it:
+            reason = str(err).removeprefix(f"{err.provider}: ")  # another place cannot help
+            raise InputUnavailable(err.provider, f"input {name!r}: {reason}") from None
 
     def check(self, spec: ExperimentSpec, checked: set[str]) -> list[Problem]:
         """Problems with every input that some adapter downloads, asked of that adapter's own

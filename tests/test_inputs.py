@@ -257,6 +257,21 @@ def test_local_input_deleted_later_fails_the_attempt_with_the_reason(tmp_path: P
     assert len(attempts) == 1 and "no longer exists" in (attempts[0].end_reason or "")
 
 
+def test_a_kaggle_input_with_no_kaggle_account_is_refused_up_front(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "kaggle-config"))
+    for name in [k for k in os.environ if k.startswith("KAGGLE_") and k != "KAGGLE_CONFIG_DIR"]:
+        monkeypatch.delenv(name)
+    path = write(tmp_path, {"corpus": {"kaggle": "bob/corpus-set"}})
+    pool = make_pool(tmp_path)
+    with pytest.raises(SpecError) as caught:
+        pool.submit(load_experiment(path), path)
+    where, what = caught.value.problems[0]
+    assert where.startswith("inputs.corpus.kaggle (line ") and "cannot read Kaggle dataset" in what
+    assert pool.state.experiments() == []
+
+
 def test_a_kind_no_installed_adapter_downloads_is_refused_up_front(tmp_path: Path) -> None:
     spec = load_experiment(write(tmp_path, {"shards": {"drive": "1AbCdEf"}}))
     sources = InputSources(tmp_path / "cache", lambda kind: None)

@@ -156,7 +156,8 @@ def test_kaggle_dataset_deleted_after_submit_fails_the_local_attempt(emu: Kaggle
     assert drive_until_done(pool, experiment.id, timeout=60).state == ExperimentState.FAILED
     [attempt] = pool.state.attempts(experiment.id)
     assert attempt.state == AttemptState.FAILED
-    assert "bob/corpus-set does not exist or is not readable" in (attempt.end_reason or "")
+    assert "input 'corpus': Kaggle dataset bob/corpus-set does not exist or is not readable" \
+        in (attempt.end_reason or "")
 
 
 def test_colab_session_gets_a_kaggle_dataset_through_drive(emu: KaggleEmulator, drive_emulator,
@@ -340,3 +341,18 @@ def test_drive_file_deleted_after_submit_fails_the_local_attempt(emu: KaggleEmul
     [attempt] = pool.state.attempts(experiment.id)
     assert attempt.state == AttemptState.FAILED
     assert f"{item.id} does not exist or is not readable" in (attempt.end_reason or "")
+
+
+def test_drive_sign_in_revoked_after_submit_fails_the_attempt_with_the_reason(
+        emu: KaggleEmulator, drive_emulator, tmp_path: Path) -> None:
+    item = drive_emulator.state.create("vocab.txt", content=b"words")
+    pool = make_pool(tmp_path, colab=make_provider(drive_emulator, tmp_path))
+    path = local_file(tmp_path, {"vocab": {"drive": item.id}})
+    experiment = pool.submit(load_experiment(path), path)
+    drive_emulator.state.revoke_refresh_token()
+    drive_emulator.state.expire_access_tokens()
+    assert drive_until_done(pool, experiment.id, timeout=60).state == ExperimentState.FAILED
+    [attempt] = pool.state.attempts(experiment.id)  # failed once, not waited on as unavailable
+    assert attempt.state == AttemptState.FAILED
+    reason = attempt.end_reason or ""
+    assert "input 'vocab'" in reason and "gpupool auth colab" in reason
