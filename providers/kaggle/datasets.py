@@ -135,7 +135,7 @@ def _fetch_zip(remote: KaggleRemote, ref: str, version: int, target: Path) -> No
     have = target.stat().st_size if ranges and target.exists() else 0
     if have:  # an earlier download of this version was cut: go on from where it stopped
         response.close()
-        response = remote.open_range(url, have)
+        response, url = _resume(remote, ref, version, url, have)
     with progress_bar(f"downloading {ref}", total) as advance:
         advance(have)
         for cut in range(remote.config.max_retries + 1):
@@ -145,9 +145,21 @@ def _fetch_zip(remote: KaggleRemote, ref: str, version: int, target: Path) -> No
             if not ranges:
                 break
             remote.sleep(min(remote.config.backoff_max, remote.config.backoff_base * 2 ** cut))
-            response = remote.open_range(url, have)
+            response, url = _resume(remote, ref, version, url, have)
     raise ProviderError("kaggle", f"the download of {ref} (version {version}) kept being cut "
                                   f"({have} of {total or '?'} bytes); the next attempt resumes it")
+
+
+def _resume(remote: KaggleRemote, ref: str, version: int, url: str, have: int) -> tuple[Any, str]:
+    """The rest of the zip from byte ``have`` on, and the signed URL it came from: the one
+    used so far, or a fresh one when that has expired (signed URLs answer 403 then)."""
+    try:
+        return remote.open_range(url, have), url
+    except RemoteNotFound:
+        owner, slug = ref.split("/")
+        fresh = remote.open_dataset_zip(owner, slug, version)
+        fresh.close()
+        return remote.open_range(fresh.url, have), fresh.url
 
 
 def _append(response: Any, target: Path, have: int, advance: Callable[[int], None]) -> tuple[int, bool]:

@@ -134,6 +134,21 @@ def test_a_cut_kaggle_download_resumes_by_range_and_verifies(emu: KaggleEmulator
     assert emu.dataset_downloads() == ["bob/big-set"]
 
 
+def test_an_expired_download_link_is_asked_for_again_and_the_download_resumed(
+        emu: KaggleEmulator, tmp_path: Path) -> None:
+    data = os.urandom(400_000)
+    emu.add_dataset("bob/big-set", {"big.bin": data}, private=False)
+    # Half the zip arrives; then the signed URL answers 403, as an expired one does.
+    emu.inject("download", Fault.truncate(), Fault.http(403, {"message": "expired"}))
+    dest = tmp_path / "cache"
+    got = make_pool(tmp_path).provider("kaggle").download_input(InputSpec(kaggle="bob/big-set"), dest)
+    assert (got / "big.bin").read_bytes() == data
+    assert emu.dataset_downloads() == ["bob/big-set"] * 2  # a fresh link
+    whole, refused, fresh, rest = emu.dataset_file_gets()
+    assert whole is None and fresh is None  # the fresh link's answer is closed unread
+    assert refused == rest and (rest or "").startswith("bytes=")
+
+
 def test_missing_kaggle_dataset_is_refused_before_a_local_placement(emu: KaggleEmulator,
                                                                     tmp_path: Path) -> None:
     pool = make_pool(tmp_path)
