@@ -430,18 +430,9 @@ def _provider_row(pool: Any, name: str) -> dict[str, Any]:
 @click.pass_context
 def quota(ctx: click.Context, as_json: bool) -> None:
     """GPU time used and left on each provider account, and when it resets."""
-    from gpupool.views import quota_row
+    from gpupool.views import quota_rows
 
-    pool = _open_pool(ctx)
-    now = time.time()
-    rows = []
-    for name in pool.provider_names():
-        provider = pool.try_provider(name)
-        if provider is None or not provider.enabled:
-            continue
-        for account in provider.accounts():
-            charged = pool.state.charged_seconds(name, account, provider.quota_window_start(now))
-            rows.append(quota_row(name, account, provider.quota(account, now, charged), now))
+    rows = quota_rows(_open_pool(ctx), time.time())
     if as_json:
         _print_json(rows)
         return

@@ -28,7 +28,9 @@ experiments = sa.Table(
     sa.Column("updated_at", sa.Float, nullable=False),
     sa.Column("bundle", sa.Text, nullable=False),
     sa.Column("hops", sa.Integer, nullable=False, default=0),
-    sa.Column("errors", sa.Integer, nullable=False, default=0),
+    # how many of its attempts ended FAILED (since it was last resumed); the column keeps the
+    # name it was created with, the code calls it by its key
+    sa.Column("errors", sa.Integer, nullable=False, default=0, key="failed_attempts"),
     sa.Column("gpu_seconds", sa.Float, nullable=False, default=0.0),
     sa.Column("last_step", sa.Integer),
     sa.Column("last_checkpoint", sa.String(128)),
@@ -96,6 +98,8 @@ events = sa.Table(
     sa.Column("message", sa.Text, nullable=False),
 )
 
+# The one record of cool-downs: a provider account gpupool places nothing on until a time
+# (gpupool.state.State.cool_down); the table keeps its first name.
 provider_health = sa.Table(
     "provider_health", metadata,
     sa.Column("provider", sa.String(32), primary_key=True),
@@ -104,6 +108,9 @@ provider_health = sa.Table(
     sa.Column("reason", sa.Text),
     sa.Column("failures", sa.Integer, nullable=False, default=0),
     sa.Column("updated_at", sa.Float, nullable=False),
+    # the provider itself said the account's GPU quota is used up (Colab's "no GPU")
+    sa.Column("quota_spent", sa.Boolean, nullable=False, default=False,
+              server_default=sa.false()),
 )
 
 leases = sa.Table(

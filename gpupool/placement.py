@@ -8,13 +8,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from gpupool.durations import format_duration
 from gpupool.spec import CheckpointPolicy, Resources
-
-if TYPE_CHECKING:
-    from gpupool.state import Attempt
 
 DEFAULT_INTERVAL = 600.0
 
@@ -127,20 +123,6 @@ def _at(when: float | None, now: float) -> str:
     if when is None:
         return "unknown"
     return f"in {format_duration(when - now)}"
-
-
-def reserved_seconds(attempts: list[Attempt], now: float, session_seconds: float | None) -> float:
-    """GPU seconds the account's running ``attempts`` may still spend: each up to its deadline,
-    or, with none known, to the provider's session length (seconds). A new session gets only
-    the quota left beyond them, so two sessions never both plan on the same remaining hours."""
-    ahead = 0.0
-    for attempt in attempts:
-        if attempt.deadline is not None:
-            ahead += max(0.0, attempt.deadline - now)
-        elif session_seconds is not None:
-            began = attempt.started_at if attempt.started_at is not None else attempt.created_at
-            ahead += max(0.0, session_seconds - max(0.0, now - began))
-    return ahead
 
 
 def backoff_seconds(failures: int, base: float = 60.0, cap: float = 6 * 3600.0) -> float:

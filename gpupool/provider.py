@@ -97,6 +97,11 @@ class PollResult:
     metrics: dict[str, float] | None = None  # the latest metrics the script reported
     checkpoint: str | None = None  # the newest checkpoint this session published (its name)
     checkpoint_at: float | None = None  # when it was published (epoch seconds, session clock)
+    # With UNAVAILABLE: until when the provider says the account cannot be used (epoch
+    # seconds; None: the scheduler backs off), and whether it said the GPU quota is used up.
+    # The scheduler records the cool-down in the state database (``State.cool_down``).
+    unavailable_until: float | None = None
+    quota_spent: bool = False
 
 
 class Provider(abc.ABC):
@@ -188,10 +193,15 @@ class Provider(abc.ABC):
         """(usable, hint): whether credentials are found and work, and what to do if not."""
 
     def availability(self, account: str, now: float) -> Availability:
+        """Whether the account can take a session now by the provider's own rules (a local
+        time window...). Refusals it reported are cool-downs the scheduler keeps in the state
+        database, not here (``PollResult.unavailable_until``, ``ProviderUnavailable.until``)."""
         return Availability(True)
 
     def quota(self, account: str, now: float, charged: float) -> Quota | None:
-        """Remaining GPU time; ``charged`` is what the ledger charged in the current window."""
+        """The account's GPU time in its current window (seconds), None if unlimited.
+        ``charged``: GPU-seconds the ledger charged it since ``quota_window_start(now)``. Only
+        ``gpupool.quota.gpu_seconds_left`` calls this; everyone else asks that."""
         return None
 
     def quota_window_start(self, now: float) -> float:

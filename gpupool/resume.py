@@ -43,7 +43,7 @@ def resume(pool: Pool, experiment_id: str, spec: ExperimentSpec | None, now: flo
         "step 0: it has no verified checkpoint"
     return pool.state.move_experiment(
         experiment.id, ExperimentState.PENDING, now, event=f"resumed by the user from {start}",
-        errors=0, wait_reason=None, not_before=None, message=f"resumed from {start}",
+        failed_attempts=0, wait_reason=None, not_before=None, message=f"resumed from {start}",
         last_checkpoint=latest.name if latest else None, last_step=latest.step if latest else None,
         **fields,
     )

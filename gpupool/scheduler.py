@@ -32,13 +32,13 @@ from gpupool.placement import (
     backoff_seconds,
     checkpoint_interval,
     choose,
-    reserved_seconds,
 )
 from gpupool.pool import Pool
 from gpupool.progress import FALLBACK_EVENT, record_session_news
-from gpupool.provider import Launch, PollResult, Provider, Quota
+from gpupool.provider import Availability, Launch, PollResult, Provider
+from gpupool.quota import gpu_seconds_left
 from gpupool.spec import ExperimentSpec
-from gpupool.state import Attempt, Experiment
+from gpupool.state import Attempt, Cooldown, Experiment
 
 MAX_PLACEMENT_TRIES = 4  # providers tried in one step when each refuses at submit
 # Endings of attempts that ran a session: they count toward the no-progress streaks.
@@ -146,7 +146,7 @@ class Scheduler:
         if result.state == AttemptState.RUNNING and attempt.state == AttemptState.SUBMITTED:
             self.state.move_attempt(attempt.id, AttemptState.RUNNING, now, event="session started",
                                     started_at=result.started_at or now)
-            self.state.mark_healthy(attempt.provider, attempt.account)
+            self.state.clear_cooldown(attempt.provider, attempt.account)
         elif result.state.terminal:
             self._finish(provider, self.state.attempt(attempt.id), result, now)
             report.finished.append(attempt.id)
@@ -180,7 +180,8 @@ class Scheduler:
         except CheckpointError as err:  # torn or corrupt output: never published
             self.state.add_event(now, attempt.experiment_id, attempt.id, "corrupt-checkpoint", str(err))
         latest = store.latest()
-        self._end(attempt, result.state, result.message or result.state.value, now, latest=latest)
+        self._end(attempt, result.state, result.message or result.state.value, now, latest=latest,
+                  until=result.unavailable_until, quota_spent=result.quota_spent)
         keep_last = self.spec_of(self.state.experiment(attempt.experiment_id)).checkpoint.keep_last
         store.prune(keep_last, protect=[latest.name] if latest else [])
         provider.cleanup(attempt)
@@ -203,8 +204,11 @@ class Scheduler:
                    for e in self.state.events(attempt.experiment_id))
 
     def _end(self, attempt: Attempt, outcome: AttemptState, message: str, now: float, *,
-             latest: Manifest | None = None, until: float | None = None) -> None:
-        """End ``attempt`` with ``outcome`` and move its experiment on, in one transaction."""
+             latest: Manifest | None = None, until: float | None = None,
+             quota_spent: bool = False) -> None:
+        """End ``attempt`` with ``outcome`` and move its experiment on, in one transaction.
+        An UNAVAILABLE end cools the account down: until ``until`` when the provider said so,
+        else with back-off; ``quota_spent``: the provider said its GPU quota is used up."""
         experiment = self.state.experiment(attempt.experiment_id)
         seconds = attempt.duration(now) if attempt.started_at else 0.0
         produced = latest.name if latest is not None and latest.attempt == attempt.id else None
@@ -220,8 +224,10 @@ class Scheduler:
             target, why = self._next_state(experiment, self.spec_of(experiment), ended, message,
                                            fields, history)
         fields["message"] = why
-        if outcome == AttemptState.UNAVAILABLE:
-            self._cool_down(attempt, message, now, until)
+        if outcome == AttemptState.UNAVAILABLE:  # the reason is shown after the provider's name
+            self.state.cool_down(attempt.provider, attempt.account, now,
+                                 unprefixed(attempt.provider, message), backoff=backoff_seconds,
+                                 until=until, quota_spent=quota_spent)
         self.state.end_attempt(
             attempt, outcome, now, message=message, why=why, next_state=target,
             attempt_fields=dict(end_reason=message, gpu_seconds=seconds, checkpoint_out=produced,
@@ -246,7 +252,7 @@ class Scheduler:
             return ExperimentState.FAILED, f"GPU-hour budget of {budget} h is spent"
         errors, stalled = no_progress_streaks(history)
         if outcome == AttemptState.FAILED:
-            fields["errors"] = experiment.errors + 1
+            fields["failed_attempts"] = experiment.failed_attempts + 1
             if errors > limits.retries_on_error:
                 return ExperimentState.FAILED, (
                     f"failed {errors} times in a row without a new checkpoint "
@@ -262,13 +268,6 @@ class Scheduler:
         if fields["hops"] > limits.max_hops:
             return ExperimentState.FAILED, f"reached max_hops ({limits.max_hops})"
         return ExperimentState.PENDING, f"session ended ({message}); resuming"
-
-    def _cool_down(self, attempt: Attempt, reason: str, now: float, until: float | None = None) -> None:
-        health = self.state.health().get((attempt.provider, attempt.account), {})
-        failures = int(health.get("failures") or 0) + 1
-        until = until or now + backoff_seconds(failures)
-        self.state.mark_unavailable(attempt.provider, attempt.account, until,
-                                    unprefixed(attempt.provider, reason), now)  # shown after its name
 
     # -- placement ------------------------------------------------------------------------
 
@@ -304,7 +303,7 @@ class Scheduler:
         return checkpoint_interval(spec.checkpoint, save, mtbf)
 
     def candidates(self, spec: ExperimentSpec, now: float) -> list[Candidate]:
-        health = self.state.health()
+        cooldowns = self.state.cooldowns()
         active = self._active_counts()
         views = []
         for name in spec.providers:
@@ -316,49 +315,30 @@ class Scheduler:
             if not accounts:  # the experiment names members' accounts the pool does not list
                 views.append(Candidate(name, ",".join(spec.accounts[name]), configured=False))
             for account in accounts:
-                views.append(self._candidate(provider, account, health, active, now))
+                views.append(self._candidate(provider, account, cooldowns.get((name, account)),
+                                             active, now))
         return views
 
-    def _candidate(
-        self, provider: Provider, account: str, health: dict, active: dict, now: float
-    ) -> Candidate:
+    def _candidate(self, provider: Provider, account: str, cooldown: Cooldown | None,
+                   active: dict, now: float) -> Candidate:
         ok, hint = provider.check_account(account)
-        cooldown = health.get((provider.name, account), {})
         available = provider.availability(account, now)
-        charged = self.state.charged_seconds(provider.name, account, provider.quota_window_start(now))
-        quota = provider.quota(account, now, charged) if ok else None
+        if cooldown is not None and cooldown.in_force(now):  # gpupool's record, over the answer
+            available = Availability(False, cooldown.reason, until=cooldown.until)
+        left = gpu_seconds_left(self.state, provider, account, now) if ok else None
         kinds = provider.gpu_kinds()
         return Candidate(
             provider.name, account, credentials_ok=ok, credentials_hint=hint,
-            available=available.ok,
-            unavailable_reason=unprefixed(provider.name, cooldown.get("reason") or available.reason),
-            unavailable_until=cooldown.get("unavailable_until") or available.until,
+            available=available.ok, unavailable_reason=unprefixed(provider.name, available.reason),
+            unavailable_until=available.until,
             active=active.get((provider.name, account), 0),
             max_concurrent=provider.max_concurrent(account),
-            remaining_seconds=self._beyond_running(quota, provider, account, now),
-            quota_resets_at=quota.resets_at if quota else None,
+            remaining_seconds=left.placeable_seconds if left else None,
+            quota_resets_at=left.resets_at if left else None,
             gpu_kinds=frozenset(kinds) if kinds is not None else None,
             cpu_only_ok=bool(getattr(provider, "accepts_cpu", lambda: False)()),
             startup_seconds=provider.startup_seconds(),
         )
-
-    def _quota_left(self, provider: Provider, account: str, now: float,
-                    attempt_id: str | None = None) -> float | None:
-        charged = self.state.charged_seconds(provider.name, account, provider.quota_window_start(now))
-        quota = provider.quota(account, now, charged)
-        if quota is None or quota.source == "estimate":
-            return None  # a guess (Colab) must not cut a session short
-        return self._beyond_running(quota, provider, account, now, exclude=attempt_id)
-
-    def _beyond_running(self, quota: Quota | None, provider: Provider, account: str, now: float,
-                        exclude: str | None = None) -> float | None:
-        """The account's quota left once its running sessions spend what they may (seconds)."""
-        if quota is None or quota.remaining_seconds is None:
-            return None
-        running = [a for a in self.state.attempts(active=True)
-                   if (a.provider, a.account) == (provider.name, account) and a.id != exclude]
-        return max(0.0, quota.remaining_seconds
-                   - reserved_seconds(running, now, provider.session_seconds()))
 
     def _active_counts(self) -> dict[tuple[str, str], int]:
         counts: dict[tuple[str, str], int] = {}
@@ -376,7 +356,8 @@ class Scheduler:
             attempt_id=attempt.id, experiment_id=experiment.id, account=attempt.account, spec=spec,
             bundle=Path(experiment.bundle), store=store, restore=restore,
             checkpoint_interval=self.interval_for(spec, provider, restore), now=now,
-            quota_seconds=self._quota_left(provider, attempt.account, now, attempt.id),
+            quota_seconds=gpu_seconds_left(self.state, provider, attempt.account, now,
+                                           starting=attempt.id).session_limit_seconds,
         )
         try:
             submission = provider.submit(launch)

@@ -32,7 +32,7 @@ class Experiment:
     updated_at: float
     bundle: str
     hops: int
-    errors: int
+    failed_attempts: int  # its attempts that ended FAILED, since it was last resumed
     gpu_seconds: float
     last_step: int | None
     last_checkpoint: str | None
@@ -75,6 +75,25 @@ class Attempt:
 CLAIM_COLUMNS = ("claimed_by", "claim_expires")  # the schedulers' business, not the experiment's
 
 
+@dataclass(frozen=True)
+class Cooldown:
+    """A provider account gpupool places nothing on until ``until`` (epoch seconds), and why.
+
+    ``failures``: refusals in a row since a session last started there (the back-off grows
+    with them; kept after ``until`` passes); ``quota_spent``: the provider itself said the
+    account's GPU quota is used up (an estimated quota then counts as spent until ``until``)."""
+
+    provider: str
+    account: str
+    until: float | None
+    reason: str
+    failures: int
+    quota_spent: bool = False
+
+    def in_force(self, now: float) -> bool:
+        return self.until is not None and self.until > now
+
+
 class State:
     """Typed access to the state database."""
 
@@ -92,7 +111,7 @@ class State:
         ident = f"{name}-{secrets.token_hex(3)}"
         row = dict(
             id=ident, name=name, spec=json.dumps(spec), state=ExperimentState.PENDING.value,
-            created_at=now, updated_at=now, bundle=bundle, hops=0, errors=0, gpu_seconds=0.0,
+            created_at=now, updated_at=now, bundle=bundle, hops=0, failed_attempts=0, gpu_seconds=0.0,
         )
         with self.engine.begin() as conn:
             conn.execute(db.experiments.insert().values(**row))
@@ -178,10 +197,15 @@ class State:
             raise NotFound(f"no attempt {ident}")
         return _attempt(row)
 
-    def attempts(self, experiment_id: str | None = None, *, active: bool | None = None) -> list[Attempt]:
+    def attempts(self, experiment_id: str | None = None, *, active: bool | None = None,
+                 on: tuple[str, str] | None = None) -> list[Attempt]:
+        """Attempts by experiment and seq; only ``experiment_id``'s, only active (or ended)
+        ones, only those ``on`` one (provider, account), when given."""
         query = db.attempts.select().order_by(db.attempts.c.experiment_id, db.attempts.c.seq)
         if experiment_id is not None:
             query = query.where(db.attempts.c.experiment_id == experiment_id)
+        if on is not None:
+            query = query.where(db.attempts.c.provider == on[0], db.attempts.c.account == on[1])
         if active is not None:
             clause = db.attempts.c.state.in_(db.ACTIVE_STATES)
             query = query.where(clause if active else sa.not_(clause))
@@ -257,6 +281,8 @@ class State:
     # -- quota ledger ---------------------------------------------------------------------
 
     def charged_seconds(self, provider: str, account: str, since: float) -> float:
+        """GPU-seconds charged to the account for sessions that ended at or after ``since``
+        (epoch seconds): each ended session is charged once, in ``end_attempt``."""
         ledger = db.quota_ledger
         query = sa.select(sa.func.coalesce(sa.func.sum(ledger.c.seconds), 0.0)).where(
             ledger.c.provider == provider, ledger.c.account == account, ledger.c.ended_at >= since
@@ -264,32 +290,46 @@ class State:
         with self.engine.connect() as conn:
             return float(conn.execute(query).scalar_one())
 
-    # -- provider health ------------------------------------------------------------------
+    # -- cool-downs ------------------------------------------------------------------------
 
-    def mark_unavailable(self, provider: str, account: str, until: float, reason: str, now: float) -> int:
-        """Record a refusal; returns how many times in a row the provider has failed."""
+    def cool_down(self, provider: str, account: str, now: float, reason: str, *,
+                  backoff: Callable[[int], float], until: float | None = None,
+                  quota_spent: bool = False) -> Cooldown:
+        """Record a refusal of ``(provider, account)`` and return the cool-down now in force.
+
+        It lasts until ``until`` (epoch seconds) when the provider said so, else ``now +
+        backoff(failures)`` (seconds, growing with the refusals in a row). A cool-down still
+        in force that ends later is kept, with its reason: two sessions refused at once never
+        shorten each other's rest. One transaction, so two schedulers count every refusal."""
         table = db.provider_health
+        key = (table.c.provider == provider, table.c.account == account)
         with self.engine.begin() as conn:
-            row = conn.execute(table.select().where(
-                table.c.provider == provider, table.c.account == account)).first()
-            failures = (row.failures if row else 0) + 1
-            values = dict(unavailable_until=until, reason=reason, failures=failures, updated_at=now)
+            row = conn.execute(table.select().where(*key).with_for_update()).first()
+            previous = _cooldown(row) if row is not None else None
+            failures = (previous.failures if previous else 0) + 1
+            ends = until if until is not None else now + backoff(failures)
+            if previous is not None and previous.in_force(now) and (previous.until or 0) >= ends:
+                ends, reason, quota_spent = previous.until or ends, previous.reason, previous.quota_spent
+            values = dict(unavailable_until=ends, reason=reason, failures=failures,
+                          quota_spent=quota_spent, updated_at=now)
             if row is None:
                 conn.execute(table.insert().values(provider=provider, account=account, **values))
             else:
-                conn.execute(table.update().where(
-                    table.c.provider == provider, table.c.account == account).values(**values))
-        return failures
+                conn.execute(table.update().where(*key).values(**values))
+        return Cooldown(provider, account, ends, reason, failures, quota_spent)
 
-    def mark_healthy(self, provider: str, account: str) -> None:
+    def clear_cooldown(self, provider: str, account: str) -> None:
+        """A session started on the account: its cool-down and refusal count end."""
         table = db.provider_health
         with self.engine.begin() as conn:
             conn.execute(table.delete().where(table.c.provider == provider, table.c.account == account))
 
-    def health(self) -> dict[tuple[str, str], dict[str, Any]]:
+    def cooldowns(self) -> dict[tuple[str, str], Cooldown]:
+        """Every account's recorded cool-down, by (provider, account), ended ones included
+        (their refusal count still sets the next back-off)."""
         with self.engine.connect() as conn:
-            rows = conn.execute(db.provider_health.select()).mappings().all()
-        return {(r["provider"], r["account"]): dict(r) for r in rows}
+            rows = conn.execute(db.provider_health.select()).all()
+        return {(r.provider, r.account): _cooldown(r) for r in rows}
 
     # -- events and leases ----------------------------------------------------------------
 
@@ -439,8 +479,13 @@ def _unique_prefix(conn: sa.Connection, prefix: str) -> Any:
     return rows[0]
 
 
+def _cooldown(row: Any) -> Cooldown:
+    return Cooldown(row.provider, row.account, row.unavailable_until, row.reason or "",
+                    int(row.failures or 0), bool(row.quota_spent))
+
+
 def _experiment(row: Any) -> Experiment:
-    data = {k: v for k, v in row._mapping.items() if k not in CLAIM_COLUMNS}
+    data = {c.key: row._mapping[c] for c in db.experiments.c if c.key not in CLAIM_COLUMNS}
     data["spec"] = json.loads(data["spec"])
     data["state"] = ExperimentState(data["state"])
     return Experiment(**data)

@@ -8,7 +8,7 @@ from gpupool.durations import format_duration
 from gpupool.lifecycle import AttemptState, ExperimentState
 from gpupool.pool import Pool
 from gpupool.progress import checkpoint_step, fallback_reason, latest_metrics, work_at_risk
-from gpupool.provider import Quota
+from gpupool.quota import QuotaLeft, gpu_seconds_left
 from gpupool.state import Attempt, Experiment
 
 
@@ -124,20 +124,37 @@ def _news_parts(row: dict[str, Any], now: float) -> list[str]:
     return parts
 
 
-def quota_row(provider: str, account: str, quota: Quota | None, now: float) -> dict[str, Any]:
-    if quota is None:
-        return {"provider": provider, "account": account, "used_hours": None, "total_hours": None,
-                "remaining_hours": None, "resets_at": None, "resets_in": None, "source": "unlimited"}
-    remaining = quota.remaining_seconds
+def quota_rows(pool: Pool, now: float) -> list[dict[str, Any]]:
+    """``gpupool quota``: one row per account of each enabled provider, from the one rule
+    (``gpupool.quota.gpu_seconds_left``)."""
+    rows = []
+    for name in pool.provider_names():
+        provider = pool.try_provider(name)
+        if provider is None or not provider.enabled:
+            continue
+        rows += [quota_row(gpu_seconds_left(pool.state, provider, account, now), now)
+                 for account in provider.accounts()]
+    return rows
+
+
+def quota_row(left: QuotaLeft, now: float) -> dict[str, Any]:
+    """One account's GPU time in hours: used and total in the window, what is left in it,
+    what its running sessions may still spend of that, and when it resets (epoch seconds)."""
+    quota, remaining = left.quota, left.remaining_seconds
     return {
-        "provider": provider, "account": account,
-        "used_hours": round(quota.used_seconds / 3600, 2),
-        "total_hours": None if quota.total_seconds is None else round(quota.total_seconds / 3600, 2),
-        "remaining_hours": None if remaining is None else round(remaining / 3600, 2),
-        "resets_at": quota.resets_at,
-        "resets_in": format_duration(quota.resets_at - now) if quota.resets_at else None,
-        "source": quota.source,
+        "provider": left.provider, "account": left.account,
+        "used_hours": None if quota is None else _hours(quota.used_seconds),
+        "total_hours": None if quota is None else _hours(quota.total_seconds),
+        "remaining_hours": _hours(remaining),
+        "running_hours": _hours(left.reserved_seconds) if remaining is not None else None,
+        "resets_at": left.resets_at,
+        "resets_in": format_duration(left.resets_at - now) if left.resets_at else None,
+        "source": left.source,
     }
+
+
+def _hours(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds / 3600, 2)
 
 
 def scheduler_row(pool: Pool, now: float) -> dict[str, Any]:

@@ -181,8 +181,8 @@ def test_cooldown_of_one_account_leaves_the_other(kaggle: KaggleEmulator, tmp_pa
     assert (refused.account, refused.state) == ("alice", AttemptState.UNAVAILABLE)
     assert "Maximum batch GPU session count" in (refused.end_reason or "")
     assert taken.account == "bob"  # the same step: alice cools down, bob is free
-    health = pool.state.health()
-    assert ("kaggle", "alice") in health and ("kaggle", "bob") not in health
+    cooldowns = pool.state.cooldowns()
+    assert ("kaggle", "alice") in cooldowns and ("kaggle", "bob") not in cooldowns
 
     alice_only = pool.submit(experiment("exp-third", accounts={"kaggle": ["alice"]}))
     scheduler.reconcile_once(NOW + 2)  # alice's cool-down is hers: it waits, nothing is pushed
@@ -349,7 +349,7 @@ def test_auth_on_a_teams_pool_says_how_members_sign_in(
 def test_reserved_seconds_counts_what_running_sessions_may_still_spend() -> None:
     from types import SimpleNamespace
 
-    from gpupool.placement import reserved_seconds
+    from gpupool.quota import reserved_seconds
 
     def running(deadline=None, started=None, created=0.0):
         return SimpleNamespace(deadline=deadline, started_at=started, created_at=created)

@@ -6,6 +6,7 @@ Two Drive emulators stand for two people's Google accounts; the real pydrive2 cl
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from gpupool.lifecycle import AttemptState
 from gpupool.notify import Message, Notifier
 from gpupool.pool import Pool
 from gpupool.provider import Provider
+from gpupool.quota import gpu_seconds_left
 from gpupool.scheduler import Scheduler
 from gpupool.settings import PoolSettings
 from gpupool_providers.colab import ColabProvider
@@ -95,11 +97,28 @@ def test_each_members_notebook_goes_to_their_drive_and_to_them(drives, tmp_path:
 
 
 def test_a_no_gpu_cooldown_is_one_members_own(drives, tmp_path: Path) -> None:
+    """Alice's notebook reports no GPU: the scheduler rests her account only (in the state
+    database, like every provider's cool-down), and her estimated quota counts as spent."""
     colab = team(drives, tmp_path)
     members = colab.members  # type: ignore[attr-defined]
+    pool = Pool(PoolSettings(data_dir=tmp_path / "pool"), providers={"colab": colab})
+    scheduler = Scheduler(pool)
+    experiments = [pool.submit(mlp_spec(["colab"])) for _ in range(2)]
     now = time.time()
-    members["alice"].cooldowns.set("alice", now + 3600, "no GPU (usage limits)")
-    assert not colab.availability("alice", now).ok
-    assert colab.availability("bob", now).ok
-    assert colab.quota("alice", now, 0.0).remaining_seconds == 0
-    assert colab.quota("bob", now, 0.0).remaining_seconds == 4 * 3600
+    scheduler.reconcile_once(now)
+    [alices] = [a for e in experiments for a in pool.state.attempts(e.id) if a.account == "alice"]
+    alice = members["alice"]
+    folder = alice.records.get(alices.id)["folder_id"]
+    alice.drive().upload(folder, "status.json", json.dumps(
+        {"state": "no-gpu", "time": now, "started": now}).encode(), "application/json")
+    scheduler.reconcile_once(now + 1)
+    assert pool.state.attempt(alices.id).state == AttemptState.UNAVAILABLE
+    assert set(pool.state.cooldowns()) == {("colab", "alice")}
+    views = {c.account: c for c in scheduler.candidates(mlp_spec(["colab"]), now + 2)}
+    assert views["alice"].unavailable_until == pytest.approx(now + 1 + 6 * 3600)
+    assert "no GPU" in views["alice"].unavailable_reason
+    assert views["bob"].unavailable_until is None
+    assert gpu_seconds_left(pool.state, colab, "alice", now + 2).remaining_seconds == 0
+    assert gpu_seconds_left(pool.state, colab, "bob", now + 2).remaining_seconds == 4 * 3600
+    assert not (tmp_path / "colab-data" / "accounts" / "alice" / "cooldowns.json").exists()
+    pool.close()

@@ -104,7 +104,7 @@ def test_resume_of_a_failed_experiment_resets_its_error_count(tmp_path):
     assert pool.state.experiment(ident).state == ExperimentState.FAILED
     assert invoke(pool, "resume", ident, "--detach").exit_code == 0
     experiment = pool.state.experiment(ident)
-    assert experiment.state == ExperimentState.PENDING and experiment.errors == 0
+    assert experiment.state == ExperimentState.PENDING and experiment.failed_attempts == 0
     assert experiment.last_step == 20 and "resumed from step 20" in (experiment.message or "")
     while not pool.state.experiment(ident).state.terminal:
         scheduler.reconcile_once(now)

@@ -69,8 +69,8 @@ def test_refusal_cools_provider_down_and_falls_back(tmp_path: Path) -> None:
     assert [(a.provider, a.state) for a in attempts] == [
         ("colab", AttemptState.UNAVAILABLE), ("kaggle", AttemptState.SUBMITTED)]
     assert report.placed == [attempts[1].id]
-    health = pool.state.health()[("colab", "default")]
-    assert health["unavailable_until"] > T0 and "no capacity" in health["reason"]
+    cooldown = pool.state.cooldowns()[("colab", "default")]
+    assert cooldown.until > T0 and "no capacity" in cooldown.reason
 
 
 def test_errors_are_retried_then_fail_with_log_tail(tmp_path: Path) -> None:
@@ -338,7 +338,7 @@ def test_errors_count_in_a_row_and_reset_when_a_checkpoint_is_published(tmp_path
     pool, scheduler, ident = make(tmp_path, local, limits={"retries_on_error": 1})
     run_until_terminal(pool, scheduler, ident)
     experiment = pool.state.experiment(ident)
-    assert experiment.state == ExperimentState.SUCCEEDED and experiment.errors == 5
+    assert experiment.state == ExperimentState.SUCCEEDED and experiment.failed_attempts == 5
     stuck = FakeProvider("local", Script([(F, 60, 10), (F, 60, 0), (F, 60, 0), (S, 60, 10)]))
     pool, scheduler, ident = make(tmp_path / "b", stuck, limits={"retries_on_error": 1})
     run_until_terminal(pool, scheduler, ident)
@@ -434,7 +434,7 @@ def test_provider_names_are_not_repeated_in_messages(tmp_path: Path) -> None:
     experiment = pool.state.experiment(ident)
     assert experiment.wait_reason == "kaggle: no capacity right now (retry in 1m00s)"
     shown = [e["message"] for e in pool.state.events(ident)]
-    shown.append(pool.state.health()[("kaggle", "default")]["reason"])
+    shown.append(pool.state.cooldowns()[("kaggle", "default")].reason)
     assert "kaggle unavailable: no capacity right now" in shown
     assert not [m for m in shown if "kaggle: kaggle" in m or "unavailable: kaggle" in m], shown
     assert str(ProviderUnavailable("kaggle", "kaggle: kaggle: quota")) == "kaggle: quota"

@@ -239,14 +239,32 @@ def test_charges_sum_across_attempts(state):
     assert state.charged_seconds("kaggle", "me", since=0) == 50.0 + 51.0 + 52.0
 
 
-def test_provider_health_counts_failures_until_healthy(state):
-    assert state.mark_unavailable("colab", "me", T0 + 60, "usage limits", T0) == 1
-    assert state.mark_unavailable("colab", "me", T0 + 120, "usage limits", T0 + 60) == 2
-    health = state.health()[("colab", "me")]
-    assert health["failures"] == 2 and health["unavailable_until"] == T0 + 120
-    state.mark_healthy("colab", "me")
-    assert state.health() == {}
-    assert state.mark_unavailable("colab", "me", T0 + 300, "again", T0 + 250) == 1
+def doubling(failures: int) -> float:
+    return 60.0 * 2 ** (failures - 1)
+
+
+def test_cooldowns_count_refusals_until_a_session_starts(state):
+    assert state.cool_down("colab", "me", T0, "not opened", backoff=doubling).until == T0 + 60
+    second = state.cool_down("colab", "me", T0 + 60, "not opened", backoff=doubling)
+    assert (second.failures, second.until) == (2, T0 + 180)  # backed off twice as long
+    assert state.cooldowns()[("colab", "me")] == second
+    state.clear_cooldown("colab", "me")
+    assert state.cooldowns() == {}
+    again = state.cool_down("colab", "me", T0 + 250, "again", backoff=doubling, until=T0 + 300)
+    assert (again.failures, again.until, again.reason) == (1, T0 + 300, "again")
+
+
+def test_a_shorter_cooldown_never_shortens_one_in_force(state):
+    """Two sessions of one account refused at once: Colab's 6 h "no GPU" rest is not cut to
+    the minute of back-off a notebook nobody opened would give."""
+    state.cool_down("colab", "me", T0, "no GPU", backoff=doubling, until=T0 + 6 * 3600,
+                    quota_spent=True)
+    kept = state.cool_down("colab", "me", T0 + 10, "not opened", backoff=doubling)
+    assert (kept.until, kept.reason, kept.quota_spent, kept.failures) == (
+        T0 + 6 * 3600, "no GPU", True, 2)
+    assert state.cooldowns()[("colab", "me")] == kept
+    later = state.cool_down("colab", "me", T0 + 6 * 3600 + 1, "not opened", backoff=doubling)
+    assert (later.reason, later.quota_spent) == ("not opened", False)  # the old one had ended
 
 
 def test_lease_second_owner_refused_until_expiry(state):

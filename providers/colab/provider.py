@@ -20,7 +20,6 @@ from gpupool.errors import CancelFailed, CheckpointError, CredentialsError, Gpup
 from gpupool.lifecycle import AttemptState
 from gpupool.manifest import MANIFEST, Manifest, ManifestError, check_name, read_local, verify_local
 from gpupool.provider import (
-    Availability,
     Launch,
     PollResult,
     Provider,
@@ -34,7 +33,7 @@ from . import drive as gdrive
 from . import notebook
 from .config import ColabConfig
 from .inputs import DriveInputs, download_drive_input
-from .ledger import AttemptRecords, Cooldowns
+from .records import AttemptRecords
 
 if TYPE_CHECKING:
     from gpupool.spec import ExperimentSpec, InputSpec
@@ -72,7 +71,6 @@ class ColabProvider(Provider):
         super().__init__(config, data_dir, clock)
         self.auth_factory = auth_factory
         self.sleep = sleep
-        self.cooldowns = Cooldowns(self.data_dir / "cooldowns.json")
         self.records = AttemptRecords(self.data_dir / "attempts")
         self._drive: gdrive.Drive | None = None
 
@@ -139,22 +137,14 @@ class ColabProvider(Provider):
     def startup_seconds(self) -> float:
         return self.config.startup_seconds
 
-    def availability(self, account: str, now: float) -> Availability:
-        cooldown = self.cooldowns.get(account, now)
-        if cooldown is None:
-            return Availability(True)
-        return Availability(False, cooldown[1], until=cooldown[0])
-
     def quota_window_start(self, now: float) -> float:
         return now - WINDOW_SECONDS
 
     def quota(self, account: str, now: float, charged: float) -> Quota:
-        """Colab publishes no quota: an estimate per rolling day, exhausted while cooling down."""
-        total = self.config.estimated_gpu_hours_per_day * 3600
-        cooldown = self.cooldowns.get(account, now)
-        if cooldown is not None:
-            return Quota(max(charged, total), total, resets_at=cooldown[0], source="estimate")
-        return Quota(charged, total, source="estimate")
+        """Colab publishes no quota: gpupool's estimate per rolling day (``estimated_gpu_hours_
+        per_day``) against the ledger's ``charged`` seconds. After a "no GPU" report it counts
+        as spent until the cool-down ends (``gpupool.quota``, the estimate rule)."""
+        return Quota(charged, self.config.estimated_gpu_hours_per_day * 3600, source="estimate")
 
     # -- attempts --------------------------------------------------------------------------
 
@@ -255,10 +245,10 @@ class ColabProvider(Provider):
             return self._drive_error(attempt, status, now, common)
         if state == "stopped":
             return PollResult(AttemptState.CANCELLED, message=status.get("message"), **common)
-        if state == "no-gpu":
-            reason = "Colab gave no GPU (usage limits reached?)"
-            self.cooldowns.set(attempt.account, now + self.config.no_gpu_cooldown, reason)
-            return PollResult(AttemptState.UNAVAILABLE, message=reason, **common)
+        if state == "no-gpu":  # Colab's usage limits: its quota is spent for a while
+            return PollResult(AttemptState.UNAVAILABLE, message="Colab gave no GPU (usage limits "
+                              "reached?)", unavailable_until=now + self.config.no_gpu_cooldown,
+                              quota_spent=True, **common)
         if state == "failed":
             return PollResult(AttemptState.FAILED, message=status.get("message"), **common)
         if now - float(status.get("time") or 0) > self.config.heartbeat_timeout:
@@ -277,11 +267,13 @@ class ColabProvider(Provider):
         if status.get("reason") == "storage-full":
             message = (f"{message}; Drive storage is full (Trash counts too): free space "
                        "on the Google account, gpupool deletes its own old files")
-            self.cooldowns.set(attempt.account, now + self.config.drive_full_cooldown, message)
-            return PollResult(AttemptState.UNAVAILABLE, message=message, **common)
+            return PollResult(AttemptState.UNAVAILABLE, message=message,
+                              unavailable_until=now + self.config.drive_full_cooldown, **common)
         return PollResult(AttemptState.LOST, message=message, **common)
 
     def _not_started(self, attempt: Attempt, now: float) -> PollResult:
+        """Submitted and not opened: waiting, or given up after ``start_timeout`` (UNAVAILABLE
+        with no end of its own: the scheduler backs off, longer after each in a row)."""
         record = self.records.get(attempt.id) or {}
         since = float(record.get("submitted") or attempt.created_at)
         if now - since > self.config.start_timeout:

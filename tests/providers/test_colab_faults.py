@@ -303,11 +303,16 @@ def test_drive_full_is_reported_within_one_heartbeat_and_stops_training(drive_em
     assert agent.stops == ["stop"]
     agent.heartbeat.beat()  # later beats keep the reason (and stop training only once)
     assert agent.stops == ["stop"]
-    result = colab.poll(attempt, time.time())
+    now = time.time()
+    result = colab.poll(attempt, now)
     assert result.state == AttemptState.UNAVAILABLE
     assert "Drive storage is full" in result.message
     assert "disconnected" not in result.message
-    assert not colab.availability(attempt.account, time.time()).ok
+    rest = now + colab.config.drive_full_cooldown
+    assert result.unavailable_until == rest and not result.quota_spent  # space, not GPU time
+    Scheduler(pool).reconcile_once(now)  # ends the attempt: the account rests until then
+    cooldown = pool.state.cooldowns()[("colab", attempt.account)]
+    assert cooldown.until == rest and "Drive storage is full" in cooldown.reason
 
 
 def test_refused_credentials_are_reported_within_one_heartbeat(drive_emulator, tmp_path):

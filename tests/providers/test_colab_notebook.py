@@ -89,4 +89,5 @@ def test_notebook_without_gpu_reports_it_and_local_takes_over(drive_emulator, tm
     first, second = pool.state.attempts(experiment.id)
     assert first.state == AttemptState.UNAVAILABLE and "no GPU" in first.end_reason
     assert (second.provider, second.state) == ("local", AttemptState.SUCCEEDED)
-    assert not colab.availability("default", time.time()).ok
+    cooldown = pool.state.cooldowns()[("colab", "default")]
+    assert cooldown.in_force(time.time()) and cooldown.quota_spent and "no GPU" in cooldown.reason

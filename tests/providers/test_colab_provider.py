@@ -16,6 +16,7 @@ from gpupool.errors import CredentialsError
 from gpupool.lifecycle import AttemptState
 from gpupool.manifest import publish_local
 from gpupool.provider import Launch
+from gpupool.quota import gpu_seconds_left
 from gpupool.scheduler import Scheduler
 from gpupool_providers.colab.agent import DriveFailure, DriveREST, Uploader
 from tests.emulators.drive import DriveEmulator, drive_emulator_fixture, faults  # noqa: F401
@@ -86,17 +87,49 @@ def test_poll_reads_heartbeats_and_declares_stale_sessions_lost(drive_emulator, 
 def test_quota_is_an_estimate_and_no_gpu_cools_colab_down(drive_emulator, tmp_path):
     colab = make_provider(drive_emulator, tmp_path, estimated_gpu_hours_per_day=2,
                           no_gpu_cooldown=3600)
-    now = time.time()
-    quota = colab.quota("default", now, charged=1800)
+    quota = colab.quota("default", time.time(), charged=1800)
     assert (quota.source, quota.remaining_seconds) == ("estimate", 5400)
-    assert colab.quota_window_start(now) == now - 86400
+    assert colab.quota_window_start(1000.0) == 1000.0 - 86400
     pool = make_pool(tmp_path, colab=colab)
-    _, attempt = submit(pool, Scheduler(pool), mlp_spec(["colab"]))
+    scheduler = Scheduler(pool)
+    _, attempt = submit(pool, scheduler, mlp_spec(["colab"]))
     write_status(drive_emulator, colab, attempt, state="no-gpu")
-    assert colab.poll(attempt, now).state == AttemptState.UNAVAILABLE
-    assert not colab.availability("default", now + 60).ok
-    assert colab.quota("default", now + 60, charged=0).remaining_seconds == 0
-    assert colab.availability("default", now + 3601).ok
+    now = time.time()
+    result = colab.poll(attempt, now)  # Colab says when, through the interface's answer
+    assert (result.state, result.unavailable_until, result.quota_spent) == (
+        AttemptState.UNAVAILABLE, now + 3600, True)
+    scheduler.reconcile_once(now)  # the scheduler records the cool-down: the one owner
+    [view] = scheduler.candidates(mlp_spec(["colab"]), now + 60)
+    assert (view.unavailable_until, view.unavailable_reason) == (
+        now + 3600, "Colab gave no GPU (usage limits reached?)")
+    spent = gpu_seconds_left(pool.state, colab, "default", now + 60)
+    assert (spent.remaining_seconds, spent.resets_at, spent.source) == (0, now + 3600, "estimate")
+    after = gpu_seconds_left(pool.state, colab, "default", now + 3601)
+    assert after.remaining_seconds == pytest.approx(7200, abs=5) and after.resets_at is None
+    [view] = scheduler.candidates(mlp_spec(["colab"]), now + 3601)
+    assert view.available and view.unavailable_until is None and view.remaining_seconds > 7000
+    assert not (colab.data_dir / "cooldowns.json").exists()
+
+
+def test_notebooks_not_opened_back_off_longer_each_time_and_spend_no_quota(drive_emulator,
+                                                                          tmp_path):
+    colab = make_provider(drive_emulator, tmp_path, start_timeout=10)
+    pool = make_pool(tmp_path, colab=colab)
+    scheduler = Scheduler(pool)
+    experiment = pool.submit(mlp_spec(["colab"]))
+    t = time.time()
+    rests = []
+    for _ in range(3):
+        scheduler.reconcile_once(t)  # a notebook goes to Drive; nobody opens it
+        t += 11
+        scheduler.reconcile_once(t)  # given up: Colab rests, then the experiment waits
+        cooldown = pool.state.cooldowns()[("colab", "default")]
+        assert "not opened in time" in cooldown.reason and not cooldown.quota_spent
+        rests.append(cooldown.until - t)
+        assert gpu_seconds_left(pool.state, colab, "default", t).remaining_seconds == 4 * 3600
+        t = cooldown.until + 1
+    assert rests == [60, 120, 240]
+    assert [a.state for a in pool.state.attempts(experiment.id)] == [AttemptState.UNAVAILABLE] * 3
 
 
 def test_revoked_credentials_give_a_clear_error_and_no_browser(drive_emulator, tmp_path):

@@ -368,8 +368,7 @@ def test_push_refusal_is_unavailable_and_cools_down(emu: KaggleEmulator, tmp_pat
     attempt = pool.state.attempts(experiment.id)[0]
     assert attempt.state == AttemptState.UNAVAILABLE
     assert "Maximum batch GPU session count" in (attempt.end_reason or "")
-    health = pool.state.health()[("kaggle", "default")]
-    assert health["unavailable_until"] > time.time()
+    assert pool.state.cooldowns()[("kaggle", "default")].in_force(time.time())
     assert pool.state.experiment(experiment.id).state == ExperimentState.PENDING
     Scheduler(pool).reconcile_once(time.time())
     assert len(pool.state.attempts(experiment.id)) == 1  # cooled down: not tried again

@@ -250,7 +250,7 @@ def test_session_kaggle_ended_without_an_exit_record_is_lost(
     attempt = pool.state.attempts(experiment.id)[0]
     assert attempt.state == AttemptState.LOST, attempt.end_reason
     assert message in (attempt.end_reason or "") and "deadline" not in (attempt.end_reason or "")
-    assert done.errors == 0 and "max_hops" in (done.message or "")
+    assert done.failed_attempts == 0 and "max_hops" in (done.message or "")
 
 
 def test_kernel_deleted_on_kaggle_while_running_is_lost_not_polled_forever(
@@ -275,7 +275,7 @@ def test_new_dataset_answering_404_is_waited_for(emu: KaggleEmulator, tmp_path) 
     experiment = pool.submit(spec(tmp_path, run=QUICK))
     report = Scheduler(pool).reconcile_once(time.time())
     assert report.placed, report
-    assert ("kaggle", "default") not in pool.state.health()  # not cooled down
+    assert ("kaggle", "default") not in pool.state.cooldowns()  # not cooled down
     assert len(emu.datasets) == 1 and len(emu.sessions) == 1
     assert drive(pool, experiment.id, timeout=60).state == ExperimentState.SUCCEEDED
 
