@@ -173,7 +173,8 @@ def test_a_run_killed_after_its_last_checkpoint_is_not_repeated_forever(tmp_path
     assert done.state == ExperimentState.FAILED
     assert [a.state for a in attempts] == [F, F, F]
     assert [bool(a.checkpoint_out) for a in attempts] == [True, False, False]
-    assert done.failed_attempts == 3 and "failed 3 times in a row without a new checkpoint" in (done.message or "")
+    assert done.failed_attempts == 3
+    assert "failed 3 times in a row without a new checkpoint" in (done.message or "")
     assert "SIGKILL" in (done.message or "") and "out-of-memory" in (done.message or "")
 
 

@@ -236,8 +236,8 @@ class ColabProvider(Provider):
         if status is None:
             return self._not_started(attempt, now)
         state = status.get("state")
-        common = dict(step=status.get("step"), total=status.get("total"),
-                      heartbeat=status.get("time"), started_at=status.get("started"))
+        common: dict[str, Any] = dict(step=status.get("step"), total=status.get("total"),
+                                      heartbeat=status.get("time"), started_at=status.get("started"))
         if state == "finished":
             ended, message = _classify_exit(status)
             return PollResult(ended, message=message, **common)
