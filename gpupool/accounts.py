@@ -161,9 +161,12 @@ class TeamAccounts(Provider):
         return self.member(account).availability(account, now)
 
     def quota(self, account: str, now: float, charged: float) -> Quota | None:
+        """The member's own answer (``gpupool.quota.gpu_seconds_left`` combines it with the
+        ledger and the running sessions of that account, and applies its cool-down)."""
         return self.member(account).quota(account, now, charged)
 
     def quota_window_start(self, now: float) -> float:
+        """The members share one provider's rule for the window (epoch seconds)."""
         return self._first().quota_window_start(now)
 
     def submit(self, launch: Launch) -> Submission:
