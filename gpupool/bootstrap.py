@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gpupool.errors import CheckpointError
+
 GRACE_SECONDS = 30.0
 EXIT_YIELD = 75  # gpupool.runtime.EXIT_YIELD: the script saved and stopped on purpose
 
@@ -200,7 +202,7 @@ def main(config_path: str) -> int:
     stopped_by: str | None = None
     try:
         run, snapshots = prepare_folders(session_dir, workdir, env, config["run"])
-    except (OSError, ValueError) as err:  # a failed restore must not train from scratch
+    except (OSError, ValueError, CheckpointError) as err:  # a failed restore must not train from scratch
         print(f"[gpupool] cannot restore the checkpoint folder: {err}", flush=True)
         run, snapshots, code = config["run"], None, 1
     else:

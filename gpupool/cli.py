@@ -363,7 +363,7 @@ def pull(ctx: click.Context, experiment_id: str, target: Path | None, step: int 
 @click.option("--once", is_flag=True, help="Run one reconcile step and exit (for cron or tests).")
 @click.pass_context
 def daemon(ctx: click.Context, once: bool) -> None:
-    """Keep every experiment moving: poll sessions, relay checkpoints, place the next attempt."""
+    """Keep every experiment moving: poll sessions, collect checkpoints, place the next attempt."""
     import logging
 
     from gpupool.driver import Driver

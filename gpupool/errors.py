@@ -9,12 +9,15 @@
     ├── NotFound                      no experiment / attempt with that id
     ├── CheckpointError               the checkpoint store refused or failed
     │   ├── CorruptCheckpoint         a checkpoint's files do not match its manifest
-    │   └── UnsafePath                a manifest names a path outside its checkpoint
+    │   ├── UnsafePath                a manifest names a path outside its checkpoint
+    │   └── ManifestError             a manifest is malformed or unsafe, or a local checkpoint
+    │                                 folder does not match it (raised by gpupool.manifest)
     ├── ProviderError                 a provider failed (network, protocol, remote error)
     │   ├── CredentialsError          credentials missing, invalid, expired or revoked
     │   ├── ProviderUnavailable       no capacity now: the scheduler should try elsewhere
     │   ├── CancelFailed              a session could not be stopped; the person must act
     │   ├── InputUnavailable          an experiment's input is gone or wrong: the attempt fails
+    │   ├── RemoteNotFound            the service has no such object (Drive 404, Kaggle 403/404)
     │   └── RateLimited               the service asked us to slow down (``retry_after``)
     └── RuntimeErrorInSession         misuse of gpupool.runtime inside a training script
 """
@@ -78,6 +81,12 @@ class UnsafePath(CheckpointError):
     pass
 
 
+class ManifestError(CheckpointError):
+    """A manifest is malformed or names an unsafe path, or a local checkpoint folder does not
+    match its manifest (``gpupool.manifest``, which runs inside sessions, raises it; this
+    module is shipped with it)."""
+
+
 class ProviderError(GpupoolError):
     def __init__(self, provider: str, message: str):
         self.provider = provider
@@ -113,6 +122,12 @@ class CancelFailed(ProviderError):
 class InputUnavailable(ProviderError):
     """An input cannot be brought into the session (deleted dataset, wrong sha256, unreadable
     file). Retrying elsewhere cannot help, so the scheduler fails the attempt with this reason."""
+
+
+class RemoteNotFound(ProviderError):
+    """The service has no object with that id or name: Drive answered 404, Kaggle 403/404 (a
+    kernel or dataset that does not exist, or is not ours). Mapped where the answer enters
+    gpupool, so it is never mistaken for a missing local file; a delete treats it as done."""
 
 
 class RateLimited(ProviderError):

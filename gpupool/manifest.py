@@ -21,14 +21,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpupool.errors import ManifestError as ManifestError  # raised here, defined with the others
+
 MANIFEST = "manifest.json"
 PREFIX = "ckpt-"
 FORMAT = 1
 CHUNK = 4 * 1024 * 1024
-
-
-class ManifestError(ValueError):
-    """A manifest is malformed or names an unsafe path."""
 
 
 @dataclass(frozen=True)

@@ -23,12 +23,14 @@ import sqlalchemy as sa
 
 from gpupool import db
 from gpupool.errors import NotFound
+from gpupool.lifecycle import AttemptState, ExperimentState
 from gpupool.pool import Pool
 
 log = logging.getLogger("gpupool.notify")
 
 MAX_AGE_SECONDS = 3600.0  # older events are history, not news: skipped after a long pause
 CURSOR_FILE = "notify-cursor.json"
+ENDINGS_TOLD = frozenset({ExperimentState.SUCCEEDED, ExperimentState.FAILED})  # cancelling: the user knows
 
 
 @dataclass(frozen=True)
@@ -113,9 +115,10 @@ class Notifier:
 
     def message_for(self, event: dict[str, Any]) -> Message | None:
         """The message an event deserves, or None for the many that need nobody."""
-        if event["attempt_id"] is None and event["kind"] in ("succeeded", "failed"):
+        # a state change's event is named by its target state (State._transition's callers)
+        if event["attempt_id"] is None and event["kind"] in ENDINGS_TOLD:
             return self._ended(event)
-        if event["attempt_id"] is not None and event["kind"] == "submitted":
+        if event["attempt_id"] is not None and event["kind"] == AttemptState.SUBMITTED:
             return self._waiting(event)
         return None
 
@@ -126,7 +129,7 @@ class Notifier:
             return None
         hours = experiment.gpu_seconds / 3600
         attempts = len(self.pool.state.attempts(experiment.id))
-        verb = "finished" if event["kind"] == "succeeded" else "failed"
+        verb = "finished" if event["kind"] == ExperimentState.SUCCEEDED else "failed"
         return Message(f"gpupool: {experiment.name} {verb}",
                        f"{experiment.id} {verb}: {event['message']} ({attempts} session(s), "
                        f"{hours:.2f} GPU-hours). `gpupool status {experiment.id}` shows it.")

@@ -243,7 +243,7 @@ class Provider(abc.ABC):
 
     @abc.abstractmethod
     def collect(self, attempt: Attempt, store: CheckpointStore) -> list[Manifest]:
-        """Relay the checkpoints this attempt produced into ``store`` (verified); idempotent."""
+        """Collect the checkpoints this attempt produced into ``store`` (verified); idempotent."""
 
     def cleanup(self, attempt: Attempt) -> None:  # noqa: B027 - optional hook, no-op by default
         """Free remote resources after the attempt's checkpoints are collected."""

@@ -36,7 +36,7 @@ def resume(pool: Pool, experiment_id: str, spec: ExperimentSpec | None, now: flo
     fields: dict[str, Any] = {}
     if spec is not None:
         fields.update(_replacement(pool, experiment, spec, now, source))
-    current = spec or ExperimentSpec.model_validate(experiment.spec)
+    current = spec or experiment.parsed_spec
     _check_limits(experiment, current)
     latest = pool.store_for(experiment.id).latest()
     start = f"step {latest.step} (checkpoint {latest.name})" if latest else \

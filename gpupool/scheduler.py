@@ -12,8 +12,6 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from gpupool.errors import (
     CancelFailed,
     CheckpointError,
@@ -113,18 +111,6 @@ class Scheduler:
             self.state.move_experiment(experiment_id, ExperimentState.FAILED, now,
                                        event=str(err), message=str(err))
 
-    def spec_of(self, experiment: Experiment) -> ExperimentSpec:
-        """The experiment's stored spec; ``StoredSpecError`` when this gpupool cannot read it
-        (written by an older or newer version)."""
-        try:
-            return ExperimentSpec.model_validate(experiment.spec)
-        except ValidationError as err:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}"
-                                 for e in err.errors())
-            raise StoredSpecError(
-                f"experiment {experiment.id}: its stored experiment file no longer validates "
-                f"({problems}); resubmit it with `gpupool run`") from None
-
     # -- running attempts -----------------------------------------------------------------
 
     def _reconcile_attempt(self, attempt: Attempt, now: float, report: Report) -> None:
@@ -182,7 +168,7 @@ class Scheduler:
         latest = store.latest()
         self._end(attempt, result.state, result.message or result.state.value, now, latest=latest,
                   until=result.unavailable_until, quota_spent=result.quota_spent)
-        keep_last = self.spec_of(self.state.experiment(attempt.experiment_id)).checkpoint.keep_last
+        keep_last = self.state.experiment(attempt.experiment_id).parsed_spec.checkpoint.keep_last
         store.prune(keep_last, protect=[latest.name] if latest else [])
         provider.cleanup(attempt)
 
@@ -221,7 +207,7 @@ class Scheduler:
         else:
             ended = attempt_ending(attempt, outcome, produced)
             history = [*self.state.attempts(attempt.experiment_id, active=False), ended]
-            target, why = self._next_state(experiment, self.spec_of(experiment), ended, message,
+            target, why = self._next_state(experiment, experiment.parsed_spec, ended, message,
                                            fields, history)
         fields["message"] = why
         if outcome == AttemptState.UNAVAILABLE:  # the reason is shown after the provider's name
@@ -272,7 +258,7 @@ class Scheduler:
     # -- placement ------------------------------------------------------------------------
 
     def _place(self, experiment: Experiment, now: float, report: Report) -> None:
-        spec = self.spec_of(experiment)
+        spec = experiment.parsed_spec
         for _ in range(MAX_PLACEMENT_TRIES):
             decision = choose(spec.providers, spec.resources, self.candidates(spec, now),
                               self._slice_seconds(spec), now)
@@ -349,7 +335,7 @@ class Scheduler:
 
     def _submit(self, provider: Provider, experiment: Experiment, attempt: Attempt, now: float,
                 report: Report) -> bool:
-        spec = self.spec_of(experiment)
+        spec = experiment.parsed_spec
         store = self.pool.store_for(experiment.id)
         restore = store.latest(rehash=True)  # what a new session resumes from: no bit rot
         launch = Launch(

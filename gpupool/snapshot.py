@@ -6,7 +6,7 @@ The experiment file names a checkpoint folder (``checkpoint.path``) and output f
 (``ckpt-*`` with a manifest written last, see ``gpupool.manifest``) whose files are paths
 relative to the workdir, e.g. ``checkpoints/last.pt`` and ``runs/events.out...``. It is published
 into the session's ``checkpoints/`` folder, where the runtime's own checkpoints go, so every
-provider relays it the way it already relays those. Restoring one puts every file back in place,
+provider collects it the way it already collects those. Restoring one puts every file back in place,
 so the next session finds its checkpoint folder, and its outputs (TensorBoard curves go on).
 
 Only a consistent state is published: the checkpoint folder must be quiet (nothing modified in
@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gpupool.errors import CheckpointError
 from gpupool.manifest import (
     CHUNK,
     FileEntry,
@@ -440,7 +441,7 @@ class Background:
                     self.log(f"[gpupool] {err}")
                     self._warned = True
                 return None
-            except (OSError, ValueError) as err:  # keep training; the next try may succeed
+            except (OSError, ValueError, CheckpointError) as err:  # keep training; the next try may succeed
                 self.log(f"[gpupool] snapshot failed, will retry: {err}")
                 return None
         if manifest is not None:

@@ -10,20 +10,26 @@ import json
 import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import cached_property, lru_cache
 from typing import Any
 
 import sqlalchemy as sa
+from pydantic import ValidationError
 from sqlalchemy.dialects import postgresql, sqlite
 
 from gpupool import claims, db
-from gpupool.errors import IllegalTransition, NotFound, StateError
+from gpupool.errors import IllegalTransition, NotFound, StateError, StoredSpecError
 from gpupool.lifecycle import ATTEMPT_MOVES, EXPERIMENT_MOVES, AttemptState, ExperimentState
+from gpupool.spec import ExperimentSpec
 
 _KEPT_AFTER_END = frozenset({"gpu_seconds", "last_checkpoint", "last_step"})
 
 
 @dataclass(frozen=True)
 class Experiment:
+    """One experiment as the database holds it. ``spec`` is the stored experiment file (a
+    dict, as ``gpupool run`` recorded it); ``parsed_spec`` is that file validated, once."""
+
     id: str
     name: str
     spec: dict[str, Any]
@@ -39,6 +45,21 @@ class Experiment:
     wait_reason: str | None
     not_before: float | None
     message: str | None
+
+    @cached_property
+    def parsed_spec(self) -> ExperimentSpec:
+        """The stored spec, validated once per process (the scheduler reads an experiment's
+        row several times a step; the spec does not change while it runs). Raises
+        ``StoredSpecError`` naming each field when this gpupool cannot read it (a file stored
+        by an older or newer version), so a caller fails this experiment alone."""
+        try:
+            return _validated_spec(json.dumps(self.spec, sort_keys=True))
+        except ValidationError as err:  # pydantic's error stops here: mapped to gpupool's tree
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}"
+                                 for e in err.errors())
+            raise StoredSpecError(
+                f"experiment {self.id}: its stored experiment file no longer validates "
+                f"({problems}); resubmit it with `gpupool run`") from None
 
 
 @dataclass(frozen=True)
@@ -482,6 +503,12 @@ def _unique_prefix(conn: sa.Connection, prefix: str) -> Any:
 def _cooldown(row: Any) -> Cooldown:
     return Cooldown(row.provider, row.account, row.unavailable_until, row.reason or "",
                     int(row.failures or 0), bool(row.quota_spent))
+
+
+@lru_cache(maxsize=256)
+def _validated_spec(stored: str) -> ExperimentSpec:
+    """``stored`` (a spec as JSON) validated; the model is frozen, so one copy is shared."""
+    return ExperimentSpec.model_validate(json.loads(stored))
 
 
 def _experiment(row: Any) -> Experiment:

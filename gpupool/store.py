@@ -6,6 +6,11 @@ Layout under the store's root::
         state.pt ...            training files, written once, never overwritten
         manifest.json           written last: the checkpoint exists once this does
 
+Two words for the two ways a checkpoint enters: a provider *collects* a session's checkpoints
+(``Provider.collect``: from the session's folder, Kaggle's output or Drive, through
+``import_local`` with a local folder); the store *relays* a checkpoint from another store
+(``import_local`` with a store as its source, a verified store-to-store copy).
+
 Who guarantees "verified" (one sha256 per byte per copy made, never a re-read to check):
 
 * the session seals a checkpoint (``gpupool.manifest.publish_local``): the manifest's sizes and
@@ -235,7 +240,7 @@ class CheckpointStore:
 
     def import_local(self, source: Path | CheckpointStore, manifest: Manifest) -> Manifest:
         """Copy a checkpoint into this store: from a session's local folder (``source`` a
-        directory) or from another store (a relay). Every byte is hashed while it is written
+        directory: a provider collecting it) or from another store (a relay). Every byte is hashed while it is written
         and the manifest is written last, only when all match (``CorruptCheckpoint``
         otherwise, leaving nothing behind). A checkpoint already here is left as it is."""
         _check_paths(manifest)

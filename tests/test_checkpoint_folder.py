@@ -356,6 +356,17 @@ def test_a_failed_restore_fails_the_session_instead_of_starting_over(tmp_path):
     assert not (second / "code" / "out").exists(), "the script never ran"
 
 
+def test_a_restore_with_a_malformed_manifest_fails_the_session_too(tmp_path):
+    """ManifestError is part of gpupool's tree (issue 13 item 2), no longer a ValueError: the
+    supervisor still reports a restore it cannot read and fails the session, no traceback."""
+    first = run_session(tmp_path, "s1")
+    [snap] = list_local(first / "checkpoints")
+    (first / "checkpoints" / snap.name / "manifest.json").write_text('{"name": "../x"}')
+    second = run_session(tmp_path, "s2", restore=first / "checkpoints" / snap.name)
+    assert json.loads((second / "exit.json").read_text())["returncode"] == 1
+    assert not (second / "code" / "out").exists(), "the script never ran"
+
+
 def test_a_file_rewritten_with_the_same_bytes_is_read_once(tmp_path):
     snapper, work, _ = make_snapshotter(tmp_path)
     (work / "out" / "config.json").write_bytes(b"{}")

@@ -403,6 +403,28 @@ def test_a_stored_spec_broken_while_its_session_runs_stops_and_keeps_it(tmp_path
     assert attempt.state.terminal and attempt.gpu_seconds > 0
 
 
+def test_a_broken_stored_spec_stalls_no_other_experiment_in_the_same_step(tmp_path: Path) -> None:
+    """Issue 13 item 2: the spec is parsed once where it leaves the database; one that no
+    longer validates fails its experiment only, while in the same step another experiment's
+    session ends and is finished, and a pending one is placed."""
+    local = FakeProvider("local", Script([(S, 600, 10)] * 3))
+    pool, scheduler, broken = make(tmp_path, local)
+    spec = pool.state.experiment(broken).parsed_spec
+    healthy = pool.submit(spec).id
+    scheduler.reconcile_once(T0)  # both run; the broken one's attempt is reconciled first
+    waiting = pool.submit(spec).id
+    with pool.state.engine.begin() as conn:
+        conn.execute(db.experiments.update().where(db.experiments.c.id == broken)
+                     .values(spec=json.dumps({"name": "exp", "gpus": 2})))
+    report = scheduler.reconcile_once(T0 + 700)
+    failed = pool.state.experiment(broken)
+    assert failed.state == ExperimentState.FAILED
+    assert "no longer validates" in (failed.message or "") and "gpupool run" in (failed.message or "")
+    assert pool.state.experiment(healthy).state == ExperimentState.SUCCEEDED
+    assert [a.state for a in pool.state.attempts(waiting)] == [AttemptState.SUBMITTED]
+    assert [p for p in report.problems if broken not in p] == []
+
+
 def test_an_unexpected_exception_in_one_experiment_does_not_stop_the_others(tmp_path: Path) -> None:
     class Broken(FakeProvider):
         def poll(self, attempt, now):  # type: ignore[no-untyped-def]

@@ -1,6 +1,6 @@
 """End to end across all three providers: one experiment starts on Colab (the generated notebook
 run in a real Jupyter kernel against the Drive emulator), loses its runtime, continues on the
-Kaggle emulator from the relayed checkpoint, runs out of Kaggle GPU quota, and finishes on the
+Kaggle emulator from the collected checkpoint, runs out of Kaggle GPU quota, and finishes on the
 local provider, with final weights bit-identical to an uninterrupted run.
 
 Every cut is triggered by "the session has published a checkpoint", never by a fixed time, so

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from gpupool.errors import CredentialsError, ProviderError
+from gpupool.errors import CredentialsError, ProviderError, RemoteNotFound
 
 PROVIDER = "colab"
 DRIVE_SCOPE = "https://www.googleapis.com/auth/drive"
@@ -207,8 +207,8 @@ class Drive:
             if reason == "storageQuotaExceeded":
                 return ProviderError(PROVIDER, "Drive storage is full (free accounts have 15 GB; "
                                                "Trash counts); free some space")
-            if status == 404:
-                return FileNotFoundError(str(err))
+            if status == 404:  # gpupool's own error: never mistaken for a missing local file
+                return RemoteNotFound(PROVIDER, f"Drive has no such file or folder ({reason})")
             return ProviderError(PROVIDER, f"Drive answered {status} {reason or ''}".strip()
                                  + (f" after {self.retries} retries" if why else ""))
         if why is not None:
@@ -361,7 +361,7 @@ class Drive:
         against the account's storage quota until the trash is emptied. Gone already is fine."""
         try:
             self.execute(self.service.files().delete(fileId=file_id))
-        except FileNotFoundError:
+        except RemoteNotFound:
             pass
 
     def about(self) -> dict:

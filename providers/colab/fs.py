@@ -22,6 +22,7 @@ What this class changes in PyDrive2's behaviour, and why:
 
 from __future__ import annotations
 
+import errno
 import http.client
 import threading
 import time
@@ -32,7 +33,7 @@ from typing import IO, Any
 
 from pydrive2.fs import GDriveFileSystem
 
-from gpupool.errors import CredentialsError
+from gpupool.errors import CredentialsError, RemoteNotFound
 
 from .config import DEFAULT_CLIENT_SECRETS, DEFAULT_CREDENTIALS
 from .drive import (
@@ -103,7 +104,10 @@ class DriveFileSystem(GDriveFileSystem):
     def _retry(self, call: Callable[[], Any], *, gone_is_done: bool = False) -> Any:
         """``call()``, sent again after a temporary failure, at most ``retries`` times; the
         last error is raised as it is (timeouts and resets are ``OSError``s), but refused
-        credentials become a ``CredentialsError`` that says how to sign in again."""
+        credentials become a ``CredentialsError`` that says how to sign in again, and Drive's
+        404 (an object deleted since its id was looked up, e.g. a checkpoint another machine
+        pruned) becomes ``FileNotFoundError``: the one error fsspec's users, the checkpoint
+        store among them, expect for a missing path."""
         for attempt in range(self.retries + 1):
             try:
                 return call()
@@ -111,8 +115,10 @@ class DriveFileSystem(GDriveFileSystem):
                 raise CredentialsError(PROVIDER, f"Google refused the saved credentials "
                                                  f"({err}); {AUTH_HINT}") from None
             except Exception as err:
-                if gone_is_done and attempt > 0 and _status(err) == 404:
-                    return None  # an earlier try did it; its answer was lost
+                if _status(err) == 404 or isinstance(err, RemoteNotFound):
+                    if gone_is_done and attempt > 0:
+                        return None  # an earlier try did it; its answer was lost
+                    raise _missing(err) from None
                 if not _temporary(err) or attempt == self.retries:
                     raise
                 time.sleep(min(20.0, self.retry_delay * 2 ** attempt))
@@ -143,16 +149,22 @@ class DriveFileSystem(GDriveFileSystem):
     def _gdrive_create_dir(self, parent_id: str, title: str) -> dict:
         drive = self._drive()
         body = {"title": title, "mimeType": FOLDER_MIME, "parents": [{"id": parent_id}]}
-        return drive.create_once(parent_id, title,
-                                 lambda: drive.service.files().insert(body=body).execute(),
-                                 same=lambda i: i.get("mimeType") == FOLDER_MIME,
-                                 known_absent=True)  # PyDrive2 has just looked
+        try:
+            return drive.create_once(parent_id, title,
+                                     lambda: drive.service.files().insert(body=body).execute(),
+                                     same=lambda i: i.get("mimeType") == FOLDER_MIME,
+                                     known_absent=True)  # PyDrive2 has just looked
+        except RemoteNotFound as err:  # the parent folder was deleted meanwhile
+            raise _missing(err) from None
 
     def _gdrive_upload_fobj(self, title: str, parent_id: str, stream: IO[bytes],
                             callback: Any = None) -> dict:
         """Upload ``stream`` as ``title`` in ``parent_id``: one resumable session, and one
         live file of that name afterwards (one with these bytes already there is kept)."""
-        return self._drive().put(parent_id, title, stream)
+        try:
+            return self._drive().put(parent_id, title, stream)
+        except RemoteNotFound as err:  # the parent folder was deleted meanwhile
+            raise _missing(err) from None
 
 
 def _unwrapped(name: str) -> Callable[..., Any]:
@@ -168,6 +180,11 @@ def _bound_requests(auth: Any, timeout: float) -> None:
         auth.http_timeout = timeout
         auth.thread_local = threading.local()
         auth.http = auth.service = None  # rebuilt by the next call (PyDrive2's LoadAuth)
+
+
+def _missing(err: Exception) -> FileNotFoundError:
+    """Drive's 404 as fsspec's users expect a missing path (``CheckpointStore`` maps it on)."""
+    return FileNotFoundError(errno.ENOENT, f"Drive has no such file or folder ({err})")
 
 
 def _status(err: Exception) -> int | None:

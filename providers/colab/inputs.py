@@ -27,7 +27,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gpupool.errors import InputUnavailable, ProviderError
+from gpupool.errors import InputUnavailable, ProviderError, RemoteNotFound
 from gpupool.inputs import Content, HashCache, InputSources, hash_content, progress_bar
 from gpupool.session_inputs import CONTENT_FILE, PACKED_DIR
 
@@ -125,7 +125,7 @@ def download_drive_input(drive: Drive, file_id: str, dest: Path) -> Path:
 def _metadata(drive: Drive, file_id: str) -> dict | None:
     try:
         return dict(drive.execute(drive.service.files().get(fileId=file_id)))
-    except FileNotFoundError:
+    except RemoteNotFound:
         return None
 
 

@@ -295,7 +295,7 @@ class ColabProvider(Provider):
                 return  # nothing was ever put on Drive: nothing can run
             drive = self.drive()
             drive.put(folder, STOP_FILE, b'{"cancel": true}', "application/json")
-        except (ProviderError, FileNotFoundError) as err:
+        except ProviderError as err:  # RemoteNotFound too: the attempt's folder is gone
             raise CancelFailed(self.name, f"could not ask attempt {attempt.id}'s notebook to "
                                           f"stop ({err})",
                                action=STOP_ACTION.format(url=attempt.url or "the notebook")
@@ -324,7 +324,7 @@ class ColabProvider(Provider):
         try:
             for item in sorted(drive.children(checkpoints["id"]), key=lambda i: i["title"]):
                 if item["title"] in have or drive.find(item["id"], MANIFEST) is None:
-                    continue  # already relayed, or torn (its manifest never arrived)
+                    continue  # already collected, or torn (its manifest never arrived)
                 try:  # Drive titles are untrusted: "../x" or "/x" would escape the staging folder
                     local = staging / check_name(item["title"])
                     manifest = self._download_checkpoint(item["id"], local)
@@ -387,7 +387,7 @@ def _classify_exit(status: dict) -> tuple[AttemptState, str]:
 def _quietly(call: Any, *args: Any) -> None:
     try:
         call(*args)
-    except (GpupoolError, FileNotFoundError):
+    except GpupoolError:
         pass
 
 

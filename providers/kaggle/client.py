@@ -27,7 +27,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gpupool.errors import CredentialsError, ProviderError, RateLimited
+from gpupool.errors import CredentialsError, ProviderError, RateLimited, RemoteNotFound
 
 from .config import KaggleConfig
 from .credentials import Credentials
@@ -36,10 +36,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 CHUNK = 1 << 20
-
-
-class RemoteNotFound(ProviderError):
-    """Kaggle answered 403/404: the kernel or dataset does not exist (or is not ours)."""
 
 
 class OutcomeUnknown(ProviderError):
@@ -266,14 +262,8 @@ class KaggleRemote:
         request = ApiDeleteKernelRequest()
         request.user_name, request.kernel_slug = owner, slug
         kernels = self.sdk.kernels.kernels_api_client
-        try:
-            answer = self.call("delete kernel", lambda: kernels.delete_kernel(request))
-        except RemoteNotFound:
-            return False
-        if answer.error_message:
-            raise ProviderError("kaggle", f"deleting kernel {owner}/{slug} failed: "
-                                          f"{answer.error_message}")
-        return True
+        return self._delete("kernel", f"{owner}/{slug}", lambda: kernels.delete_kernel(request),
+                            lambda answer: answer.error_message)
 
     def delete_dataset(self, owner: str, slug: str) -> bool:
         """Delete the dataset (every version); False when it was already gone."""
@@ -282,12 +272,19 @@ class KaggleRemote:
         request = ApiDeleteDatasetRequest()
         request.owner_slug, request.dataset_slug = owner, slug
         datasets = self.sdk.datasets.dataset_api_client
+        return self._delete("dataset", f"{owner}/{slug}", lambda: datasets.delete_dataset(request),
+                            lambda answer: answer.error)
+
+    def _delete(self, kind: str, name: str, send: Callable[[], Any],
+                refusal: Callable[[Any], str | None]) -> bool:
+        """Send one delete call; False when Kaggle has no such ``kind`` (already gone), and a
+        ``ProviderError`` when it refused (``refusal(answer)``: the answer's error text)."""
         try:
-            answer = self.call("delete dataset", lambda: datasets.delete_dataset(request))
+            answer = self.call(f"delete {kind}", send)
         except RemoteNotFound:
             return False
-        if answer.error:
-            raise ProviderError("kaggle", f"deleting dataset {owner}/{slug} failed: {answer.error}")
+        if refusal(answer):
+            raise ProviderError("kaggle", f"deleting {kind} {name} failed: {refusal(answer)}")
         return True
 
     def quota(self) -> RemoteQuota:

@@ -41,7 +41,7 @@ def test_notebook_yields_then_resumes_and_the_scheduler_collects(drive_emulator,
     store = pool.store_for(experiment.id)
     assert store.latest().attempt == first.id
 
-    # Second session: restores from the relayed checkpoint on Drive and finishes.
+    # Second session: restores from the collected checkpoint on Drive and finishes.
     run_until(scheduler, lambda: len(pool.state.attempts(experiment.id)) == 2, timeout=10)
     second = pool.state.attempts(experiment.id)[1]
     assert second.provider == "colab" and second.checkpoint_in == first.checkpoint_out

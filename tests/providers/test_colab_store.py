@@ -7,6 +7,7 @@ import pytest
 from gpupool.manifest import publish_local
 from gpupool.store import CheckpointStore
 from gpupool_providers.colab.fs import register
+from tests.emulators.drive import faults
 from tests.emulators.drive import (  # noqa: F401 - fixture
     LoopbackGoogleAuth,
     drive_emulator_fixture,
@@ -74,6 +75,40 @@ def test_a_checkpoint_without_manifest_is_invisible_and_a_corrupt_one_skipped(au
     skipped = []
     store.on_corrupt = lambda what, why: skipped.append(why)
     assert store.latest() == good and skipped
+
+
+def test_a_checkpoint_deleted_on_drive_meanwhile_is_missing_not_a_foreign_error(auth, tmp_path,
+                                                                                drive_emulator):
+    """Drive's 404 for a file whose id was just looked up (another machine pruned it) enters
+    as fsspec's FileNotFoundError, which the store maps on: that checkpoint is skipped as
+    missing and the previous one is used. Before, PyDrive2's ApiRequestError escaped
+    ``latest()`` (issue 13 item 2)."""
+    store = CheckpointStore("gdrive://gpupool-test/gone", google_auth=auth)
+    old, new = local_checkpoint(tmp_path, 5), local_checkpoint(tmp_path, 6)
+    for manifest in (old, new):
+        store.import_local(tmp_path / "local" / manifest.name, manifest)
+    skipped: list[str] = []
+    store.on_corrupt = lambda what, why: skipped.append(why)
+    drive_emulator.inject("files.get", faults.http_error(404, "notFound", "File not found"))
+    assert store.latest() == old  # recorded as verified: a size check only, which met the 404
+    assert skipped == ["model.pt is missing"]
+    drive_emulator.inject("*", faults.http_error(404, "notFound", "File not found"), times=20)
+    with pytest.raises(FileNotFoundError):
+        store.fs.open(f"{store.root}/{new.name}/model.pt", "rb").read()
+
+
+def test_a_manifest_deleted_on_drive_while_listed_is_absent_not_corrupt(auth, tmp_path,
+                                                                         drive_emulator):
+    """A manifest gone between listing and reading is a checkpoint being deleted (pruned
+    elsewhere): invisible, as a torn one is, and not reported as corrupt."""
+    store = CheckpointStore("gdrive://gpupool-test/pruned", google_auth=auth)
+    only = local_checkpoint(tmp_path, 3)
+    store.import_local(tmp_path / "local" / only.name, only)
+    reported: list[str] = []
+    store.on_corrupt = lambda what, why: reported.append(why)
+    drive_emulator.inject("files.download", faults.http_error(404, "notFound", "File not found"))
+    assert store.list() == [] and reported == []
+    assert store.list() == [only]
 
 
 def test_auth_setup_saves_credentials_0600_and_creates_the_folder(drive_emulator, tmp_path,

@@ -1,5 +1,5 @@
 """The plain-script example (configs/examples/plain) on the Kaggle emulator: its checkpoint
-folder is snapshotted inside the kernel, relayed through the kernel's output like runtime
+folder is snapshotted inside the kernel, collected through the kernel's output like runtime
 checkpoints, restored into the next kernel, and the final model comes back with `pull`."""
 
 from __future__ import annotations
