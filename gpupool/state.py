@@ -141,10 +141,8 @@ class State:
 
     def experiment(self, ident: str) -> Experiment:
         with self.engine.connect() as conn:
-            row = conn.execute(db.experiments.select().where(db.experiments.c.id == ident)).first()
-            if row is None:
-                row = _unique_prefix(conn, ident)
-        return _experiment(row)
+            row = _by_id(conn, db.experiments, ident)
+            return _experiment(row if row is not None else _unique_prefix(conn, ident))
 
     def experiments(
         self, states: Iterable[ExperimentState] | None = None, *, limit: int | None = None,
@@ -213,7 +211,7 @@ class State:
 
     def attempt(self, ident: str) -> Attempt:
         with self.engine.connect() as conn:
-            row = conn.execute(db.attempts.select().where(db.attempts.c.id == ident)).first()
+            row = _by_id(conn, db.attempts, ident)
         if row is None:
             raise NotFound(f"no attempt {ident}")
         return _attempt(row)
@@ -485,6 +483,11 @@ def _event(conn: sa.Connection, now: float, experiment_id: str | None, attempt_i
            kind: str, message: str) -> None:
     conn.execute(db.events.insert().values(
         at=now, experiment_id=experiment_id, attempt_id=attempt_id, kind=kind, message=message))
+
+
+def _by_id(conn: sa.Connection, table: sa.Table, ident: str) -> Any:
+    """The row of ``table`` whose id is ``ident``, or None."""
+    return conn.execute(table.select().where(table.c.id == ident)).first()
 
 
 def _unique_prefix(conn: sa.Connection, prefix: str) -> Any:

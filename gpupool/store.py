@@ -240,9 +240,10 @@ class CheckpointStore:
 
     def import_local(self, source: Path | CheckpointStore, manifest: Manifest) -> Manifest:
         """Copy a checkpoint into this store: from a session's local folder (``source`` a
-        directory: a provider collecting it) or from another store (a relay). Every byte is hashed while it is written
-        and the manifest is written last, only when all match (``CorruptCheckpoint``
-        otherwise, leaving nothing behind). A checkpoint already here is left as it is."""
+        directory: a provider collecting it) or from another store (a relay). Every byte is
+        hashed while it is written and the manifest is written last, only when all match
+        (``CorruptCheckpoint`` otherwise, leaving nothing behind). A checkpoint already here is
+        left as it is."""
         _check_paths(manifest)
         if self._read_manifest(manifest.name) is not None:
             return manifest  # immutable: already here

@@ -12,8 +12,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpupool.errors import CheckpointError, ConfigError, SpecError
-from gpupool.manifest import ManifestError, publish_local, verify_local
+from gpupool.errors import CheckpointError, ConfigError, GpupoolError, SpecError
+from gpupool.manifest import Manifest, ManifestError, publish_local, verify_local
 from gpupool.provider import load_provider_class
 from gpupool.settings import load_settings
 from gpupool.store import CheckpointStore
@@ -148,6 +148,17 @@ def test_symlinked_checkpoint_file_is_rejected(tmp_path: Path) -> None:
     os.symlink(secret, directory / "state.pt")
     with pytest.raises(ManifestError):
         verify_local(directory, manifest)
+
+
+def test_a_hostile_manifest_raises_gpupools_error_not_a_value_error() -> None:
+    """Issue 13 item 2: ManifestError is part of gpupool's tree (a CheckpointError), so a
+    caller catching gpupool's errors sees it and one catching ValueError for JSON does not."""
+    for text in ("{", '{"name": "../x", "step": 1, "created": 0, "files": []}',
+                 '{"name": "ckpt-1", "step": 1, "created": 0,'
+                 ' "files": [{"path": "/etc/passwd", "size": 1, "sha256": "x"}]}'):
+        with pytest.raises(CheckpointError) as raised:
+            Manifest.from_json(text)
+        assert isinstance(raised.value, GpupoolError) and not isinstance(raised.value, ValueError)
 
 
 # -- names in a Drive query and in paths --------------------------------------------------------

@@ -106,15 +106,7 @@ def save_training_state(
     refuses); nothing is left out silently, and nothing is written then. OSError if the
     directory can't be written.
     """
-    parts: dict[str, Any] = dict(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=lr_scheduler,
-        grad_scaler=grad_scaler,
-        generators=generators,
-        loaders=loaders,
-        modules=modules,
-    )
+    parts = _parts(model, optimizer, lr_scheduler, grad_scaler, generators, loaders, modules)
     return _write_payload(directory, _components.collect(parts, step, extra))
 
 
@@ -136,16 +128,16 @@ def snapshot_training_state(
     snapshot is written, e.g. ``session.checkpoint_in_background(step, snapshot.write)``. Raises
     CheckpointError now, like save_training_state, for anything that cannot be saved.
     """
-    parts: dict[str, Any] = dict(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=lr_scheduler,
-        grad_scaler=grad_scaler,
-        generators=generators,
-        loaders=loaders,
-        modules=modules,
-    )
+    parts = _parts(model, optimizer, lr_scheduler, grad_scaler, generators, loaders, modules)
     return _snapshot(parts, step, extra)
+
+
+PART_NAMES = ("model", "optimizer", "lr_scheduler", "grad_scaler", "generators", "loaders", "modules")
+
+
+def _parts(*objects: Any) -> dict[str, Any]:
+    """The objects the three public functions take, by keyword name (in ``PART_NAMES`` order)."""
+    return dict(zip(PART_NAMES, objects, strict=True))
 
 
 def _snapshot(parts: dict[str, Any], step: int, extra: Mapping[str, Any] | None) -> TrainingSnapshot:
@@ -216,15 +208,7 @@ def load_training_state(
     machine lacks, a part or generator passed here that was not saved, a state that does not fit
     its object.
     """
-    parts: dict[str, Any] = dict(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=lr_scheduler,
-        grad_scaler=grad_scaler,
-        generators=generators,
-        loaders=loaders,
-        modules=modules,
-    )
+    parts = _parts(model, optimizer, lr_scheduler, grad_scaler, generators, loaders, modules)
     path = os.path.join(os.fspath(directory), STATE_FILE)
     payload = _file.read_payload(path, map_location)
     if not isinstance(payload, dict) or payload.get("format") != _components.FORMAT:

@@ -261,9 +261,8 @@ class KaggleRemote:
 
         request = ApiDeleteKernelRequest()
         request.user_name, request.kernel_slug = owner, slug
-        kernels = self.sdk.kernels.kernels_api_client
-        return self._delete("kernel", f"{owner}/{slug}", lambda: kernels.delete_kernel(request),
-                            lambda answer: answer.error_message)
+        return self._delete("kernel", f"{owner}/{slug}", lambda answer: answer.error_message,
+                            lambda: self.sdk.kernels.kernels_api_client.delete_kernel(request))
 
     def delete_dataset(self, owner: str, slug: str) -> bool:
         """Delete the dataset (every version); False when it was already gone."""
@@ -271,12 +270,11 @@ class KaggleRemote:
 
         request = ApiDeleteDatasetRequest()
         request.owner_slug, request.dataset_slug = owner, slug
-        datasets = self.sdk.datasets.dataset_api_client
-        return self._delete("dataset", f"{owner}/{slug}", lambda: datasets.delete_dataset(request),
-                            lambda answer: answer.error)
+        return self._delete("dataset", f"{owner}/{slug}", lambda answer: answer.error,
+                            lambda: self.sdk.datasets.dataset_api_client.delete_dataset(request))
 
-    def _delete(self, kind: str, name: str, send: Callable[[], Any],
-                refusal: Callable[[Any], str | None]) -> bool:
+    def _delete(self, kind: str, name: str, refusal: Callable[[Any], str | None],
+                send: Callable[[], Any]) -> bool:
         """Send one delete call; False when Kaggle has no such ``kind`` (already gone), and a
         ``ProviderError`` when it refused (``refusal(answer)``: the answer's error text)."""
         try:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gpupool.errors import CancelFailed
+from gpupool.errors import CancelFailed, RemoteNotFound
 from gpupool.lifecycle import AttemptState
 from gpupool.manifest import publish_local
 from gpupool.scheduler import Scheduler
@@ -213,6 +213,17 @@ def test_cancel_that_cannot_reach_drive_raises_cancel_failed_with_the_action(dri
         colab.cancel(attempt)
     assert "Disconnect and delete runtime" in caught.value.action
     assert attempt.url in caught.value.action
+
+
+def test_drive_answering_404_is_gpupools_error_not_a_missing_local_file(drive_emulator, tmp_path):
+    """Issue 13 item 2: Drive's 404 enters as ``RemoteNotFound`` (a ProviderError naming
+    colab), not as the builtin FileNotFoundError a missing local file raises."""
+    colab = make_provider(drive_emulator, tmp_path)
+    drive = colab.drive()
+    with pytest.raises(RemoteNotFound) as caught:
+        drive.read("no-such-file")
+    assert not isinstance(caught.value, OSError) and str(caught.value).startswith("colab: ")
+    drive.delete("no-such-file")  # deleting what is gone already is done, not an error
 
 
 def test_stop_request_reaches_a_running_notebook_which_saves_and_stops(drive_emulator, tmp_path):

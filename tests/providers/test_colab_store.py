@@ -7,11 +7,11 @@ import pytest
 from gpupool.manifest import publish_local
 from gpupool.store import CheckpointStore
 from gpupool_providers.colab.fs import register
-from tests.emulators.drive import faults
 from tests.emulators.drive import (  # noqa: F401 - fixture
     LoopbackGoogleAuth,
     drive_emulator_fixture,
     emulator_settings,
+    faults,
     write_credentials_file,
 )
 
