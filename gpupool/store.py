@@ -36,6 +36,7 @@ Torn checkpoints (no manifest) are never visible; corrupt ones are skipped and r
 from __future__ import annotations
 
 import builtins
+import contextlib
 import errno
 import hashlib
 import os
@@ -103,7 +104,8 @@ class CheckpointStore:
     def _checkpoint_dirs(self) -> builtins.list[str]:
         self._forget_listing()
         try:
-            entries = self.fs.ls(self.root, detail=False)
+            with self._reading("its list of checkpoints"):
+                entries = self.fs.ls(self.root, detail=False)
         except FileNotFoundError:
             return []
         names = (posixpath.basename(str(e).rstrip("/")) for e in entries)
@@ -131,13 +133,29 @@ class CheckpointStore:
         since; a stale listing would resume from an old checkpoint (no-op for local files)."""
         self.fs.invalidate_cache(self._path(*parts))
 
+    @contextlib.contextmanager
+    def _reading(self, what: str) -> Iterator[None]:
+        """Where the store's filesystem is read for a decision: fsspec's ``FileNotFoundError``
+        is left to the caller (a missing file means something); any other I/O failure (Drive
+        or S3 unreachable once its client's retries are spent) becomes a ``CheckpointError``,
+        so nothing foreign leaves the store and a scheduler step records it and tries again."""
+        try:
+            yield
+        except FileNotFoundError:
+            raise
+        except OSError as err:
+            raise CheckpointError(f"checkpoint store {self.url}: cannot read {what} ({err}); "
+                                  "gpupool tries again at its next step") from None
+
     def verify(self, manifest: Manifest) -> None:
-        """Raise ``CorruptCheckpoint`` unless every file has the size and sha256 listed."""
+        """Raise ``CorruptCheckpoint`` unless every file has the size and sha256 listed, and
+        ``CheckpointError`` when the store cannot be read."""
         self._forget_listing(manifest.name)
         for entry in manifest.files:
             path = self._path(manifest.name, entry.path)
             try:
-                digest, size = _hash_stream(self.fs, path)
+                with self._reading(f"{manifest.name}/{entry.path}"):
+                    digest, size = _hash_stream(self.fs, path)
             except FileNotFoundError:
                 raise CorruptCheckpoint(manifest.name, f"{entry.path} is missing") from None
             if size != entry.size or digest != entry.sha256:
@@ -152,7 +170,8 @@ class CheckpointStore:
             return
         for entry in manifest.files:
             try:
-                size = self.fs.size(self._path(manifest.name, entry.path))
+                with self._reading(f"{manifest.name}/{entry.path}"):
+                    size = self.fs.size(self._path(manifest.name, entry.path))
             except FileNotFoundError:
                 raise CorruptCheckpoint(manifest.name, f"{entry.path} is missing") from None
             if size != entry.size:
@@ -160,6 +179,7 @@ class CheckpointStore:
 
     def latest(self, *, verify: bool = True, rehash: bool = False) -> Manifest | None:
         """The newest complete checkpoint that verifies; corrupt ones are reported and skipped.
+        Raises ``CheckpointError`` when the store cannot be read (see ``_reading``).
 
         ``rehash``: hash its bytes again even if this store recorded them as verified (the
         checkpoint a new session will resume from: bit rot at rest since it entered the store

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from gpupool.errors import CheckpointError
 from gpupool.manifest import publish_local
 from gpupool.store import CheckpointStore
 from gpupool_providers.colab.fs import register
@@ -109,6 +110,21 @@ def test_a_manifest_deleted_on_drive_while_listed_is_absent_not_corrupt(auth, tm
     drive_emulator.inject("files.download", faults.http_error(404, "notFound", "File not found"))
     assert store.list() == [] and reported == []
     assert store.list() == [only]
+
+
+def test_drive_unreachable_once_retries_are_spent_is_a_checkpoint_error(auth, tmp_path,
+                                                                        drive_emulator):
+    """A listing that keeps failing (Drive's 500s past the client's retries) leaves the store
+    as gpupool's CheckpointError naming the store, not PyDrive2's ApiRequestError, so the
+    CLI prints it and the scheduler records it and tries again."""
+    store = CheckpointStore("gdrive://gpupool-test/down", google_auth=auth, retries=0)
+    only = local_checkpoint(tmp_path, 4)
+    store.import_local(tmp_path / "local" / only.name, only)
+    drive_emulator.inject("files.list", faults.server_error(500), times=5)
+    with pytest.raises(CheckpointError, match="gdrive://gpupool-test/down: cannot read"):
+        store.latest()
+    drive_emulator.faults.clear()  # Drive is back
+    assert store.latest() == only
 
 
 def test_auth_setup_saves_credentials_0600_and_creates_the_folder(drive_emulator, tmp_path,
