@@ -115,11 +115,11 @@ class CheckpointStore:
         path = self._path(name, MANIFEST)
         self._forget_listing(name)
         try:
-            with self.fs.open(path, "rb") as handle:
+            with self._reading(f"{name}/{MANIFEST}"), self.fs.open(path, "rb") as handle:
                 manifest = Manifest.from_json(handle.read())
         except FileNotFoundError:
-            return None  # still being written, or torn: never visible
-        except (ManifestError, OSError) as err:
+            return None  # still being written, torn, or being deleted: never visible
+        except ManifestError as err:
             self._report(name, f"unreadable manifest: {err}")
             return None
         if manifest.name != name:

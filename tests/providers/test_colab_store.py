@@ -127,6 +127,24 @@ def test_drive_unreachable_once_retries_are_spent_is_a_checkpoint_error(auth, tm
     assert store.latest() == only
 
 
+def test_a_manifest_drive_fails_to_send_is_not_skipped_for_an_older_checkpoint(auth, tmp_path,
+                                                                               drive_emulator):
+    """A manifest that could not be read (Drive's 500 past the retries) is neither reported
+    as corrupt nor skipped: skipping it made ``latest()`` hand the next session an older
+    checkpoint. The store raises CheckpointError and the scheduler asks again next step."""
+    store = CheckpointStore("gdrive://gpupool-test/flaky", google_auth=auth, retries=0)
+    old, new = local_checkpoint(tmp_path, 1), local_checkpoint(tmp_path, 2)
+    for manifest in (old, new):
+        store.import_local(tmp_path / "local" / manifest.name, manifest)
+    reported: list[str] = []
+    store.on_corrupt = lambda what, why: reported.append(why)
+    drive_emulator.inject("files.download", faults.server_error(500))
+    with pytest.raises(CheckpointError, match="cannot read"):
+        store.latest()
+    assert reported == []
+    assert store.latest() == new
+
+
 def test_auth_setup_saves_credentials_0600_and_creates_the_folder(drive_emulator, tmp_path,
                                                                    monkeypatch):
     import stat
