@@ -10,6 +10,7 @@
     ├── CheckpointError               the checkpoint store refused or failed
     │   ├── CorruptCheckpoint         a checkpoint's files do not match its manifest
     │   ├── UnsafePath                a manifest names a path outside its checkpoint
+    │   ├── StoreUnreachable          the store could not be read (network, I/O): ask again later
     │   └── ManifestError             a manifest is malformed or unsafe, or a local checkpoint
     │                                 folder does not match it (raised by gpupool.manifest)
     ├── ProviderError                 a provider failed (network, protocol, remote error)
@@ -79,6 +80,12 @@ class CorruptCheckpoint(CheckpointError):
 
 class UnsafePath(CheckpointError):
     pass
+
+
+class StoreUnreachable(CheckpointError):
+    """The store could not be read (Drive or S3 unreachable once its client's retries are
+    spent, an I/O error): nothing is known about its checkpoints, so nothing may be decided
+    from it (not "corrupt", not "absent"); the scheduler records it and asks again."""
 
 
 class ManifestError(CheckpointError):

@@ -21,6 +21,7 @@ from gpupool.errors import (
     ProviderUnavailable,
     RateLimited,
     StoredSpecError,
+    StoreUnreachable,
 )
 from gpupool.lifecycle import AttemptState, ExperimentState
 from gpupool.manifest import Manifest
@@ -163,6 +164,8 @@ class Scheduler:
         store = self.pool.store_for(attempt.experiment_id)
         try:
             provider.collect(attempt, store)
+        except StoreUnreachable:
+            raise  # nothing known, nothing decided: the attempt is collected at the next step
         except CheckpointError as err:  # torn or corrupt output: never published
             self.state.add_event(now, attempt.experiment_id, attempt.id, "corrupt-checkpoint", str(err))
         latest = store.latest()

@@ -51,7 +51,7 @@ from typing import Any
 
 import fsspec
 
-from gpupool.errors import CheckpointError, CorruptCheckpoint, UnsafePath
+from gpupool.errors import CheckpointError, CorruptCheckpoint, StoreUnreachable, UnsafePath
 from gpupool.manifest import (
     CHUNK,
     MANIFEST,
@@ -137,19 +137,19 @@ class CheckpointStore:
     def _reading(self, what: str) -> Iterator[None]:
         """Where the store's filesystem is read for a decision: fsspec's ``FileNotFoundError``
         is left to the caller (a missing file means something); any other I/O failure (Drive
-        or S3 unreachable once its client's retries are spent) becomes a ``CheckpointError``,
+        or S3 unreachable once its client's retries are spent) becomes ``StoreUnreachable``,
         so nothing foreign leaves the store and a scheduler step records it and tries again."""
         try:
             yield
         except FileNotFoundError:
             raise
         except OSError as err:
-            raise CheckpointError(f"checkpoint store {self.url}: cannot read {what} ({err}); "
+            raise StoreUnreachable(f"checkpoint store {self.url}: cannot read {what} ({err}); "
                                   "gpupool tries again at its next step") from None
 
     def verify(self, manifest: Manifest) -> None:
         """Raise ``CorruptCheckpoint`` unless every file has the size and sha256 listed, and
-        ``CheckpointError`` when the store cannot be read."""
+        ``StoreUnreachable`` when the store cannot be read."""
         self._forget_listing(manifest.name)
         for entry in manifest.files:
             path = self._path(manifest.name, entry.path)
@@ -179,7 +179,7 @@ class CheckpointStore:
 
     def latest(self, *, verify: bool = True, rehash: bool = False) -> Manifest | None:
         """The newest complete checkpoint that verifies; corrupt ones are reported and skipped.
-        Raises ``CheckpointError`` when the store cannot be read (see ``_reading``).
+        Raises ``StoreUnreachable`` when the store cannot be read (see ``_reading``).
 
         ``rehash``: hash its bytes again even if this store recorded them as verified (the
         checkpoint a new session will resume from: bit rot at rest since it entered the store

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import fsspec
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 
 from gpupool import db
 from gpupool.lifecycle import AttemptState, ExperimentState
@@ -423,6 +425,51 @@ def test_a_broken_stored_spec_stalls_no_other_experiment_in_the_same_step(tmp_pa
     assert pool.state.experiment(healthy).state == ExperimentState.SUCCEEDED
     assert [a.state for a in pool.state.attempts(waiting)] == [AttemptState.SUBMITTED]
     assert [p for p in report.problems if broken not in p] == []
+
+
+class FlakyLocal(LocalFileSystem):
+    """A local store whose listing fails while ``down`` (Drive or S3 unreachable)."""
+
+    protocol = "flaky"
+    down = False
+
+    @classmethod
+    def _strip_protocol(cls, path):  # type: ignore[no-untyped-def]
+        return super()._strip_protocol(str(path).removeprefix("flaky://"))
+
+    def ls(self, path, detail=True, **kwargs):  # type: ignore[no-untyped-def]
+        if FlakyLocal.down:
+            raise ConnectionResetError("the store's server reset the connection")
+        return super().ls(path, detail=detail, **kwargs)
+
+
+def test_an_unreachable_store_at_a_session_end_leaves_it_to_be_collected_later(tmp_path: Path) -> None:
+    """Issue 13 item 2: the store's read failure is StoreUnreachable (gpupool's), which the
+    scheduler does not take for corrupt output: the attempt is neither ended nor charged
+    until its checkpoint could be collected at a later step."""
+    fsspec.register_implementation("flaky", FlakyLocal, clobber=True)
+    local = FakeProvider("local", Script([(Y, 600, 10), (S, 60, 5)]))
+    pool = Pool(PoolSettings(data_dir=tmp_path / "data", store_url=f"flaky://{tmp_path}/store"),
+                clock=lambda: T0, providers={"local": local})
+    (tmp_path / "code").mkdir()
+    ident = pool.submit(ExperimentSpec.model_validate(
+        {"name": "exp", "run": "python train.py", "workdir": tmp_path / "code",
+         "providers": ["local"], "checkpoint": {"interval": 600}})).id
+    scheduler = Scheduler(pool)
+    scheduler.reconcile_once(T0)
+    FlakyLocal.down = True
+    try:
+        report = scheduler.reconcile_once(T0 + 700)
+    finally:
+        FlakyLocal.down = False
+    [attempt] = pool.state.attempts(ident)
+    assert attempt.state == AttemptState.SUBMITTED and not report.finished
+    assert any("cannot read" in p for p in report.problems)
+    assert not pool.state.events(ident, kinds=["corrupt-checkpoint"])
+    run_until_terminal(pool, scheduler, ident)
+    first, _ = pool.state.attempts(ident)
+    assert first.state == Y and first.checkpoint_out is not None
+    assert pool.state.experiment(ident).state == ExperimentState.SUCCEEDED
 
 
 def test_an_unexpected_exception_in_one_experiment_does_not_stop_the_others(tmp_path: Path) -> None:
