@@ -193,9 +193,9 @@ class KaggleRemote:
 
         request = ApiGetKernelRequest()
         request.user_name, request.kernel_slug = owner, slug
-        try:
-            answer = self.call("get kernel", lambda: self.sdk.kernels.kernels_api_client.get_kernel(request))
-        except RemoteNotFound:
+        answer = self._unless_gone("get kernel",
+                                   lambda: self.sdk.kernels.kernels_api_client.get_kernel(request))
+        if answer is None:
             return None
         return int(answer.metadata.current_version_number or 0) or None
 
@@ -273,13 +273,20 @@ class KaggleRemote:
         return self._delete("dataset", f"{owner}/{slug}", lambda answer: answer.error,
                             lambda: self.sdk.datasets.dataset_api_client.delete_dataset(request))
 
+    def _unless_gone(self, what: str, send: Callable[[], T]) -> T | None:
+        """``send()`` through ``call`` (its retries and errors); None when Kaggle answers that
+        there is no such kernel or dataset (``RemoteNotFound``)."""
+        try:
+            return self.call(what, send)
+        except RemoteNotFound:
+            return None
+
     def _delete(self, kind: str, name: str, refusal: Callable[[Any], str | None],
                 send: Callable[[], Any]) -> bool:
         """Send one delete call; False when Kaggle has no such ``kind`` (already gone), and a
         ``ProviderError`` when it refused (``refusal(answer)``: the answer's error text)."""
-        try:
-            answer = self.call(f"delete {kind}", send)
-        except RemoteNotFound:
+        answer = self._unless_gone(f"delete {kind}", send)
+        if answer is None:
             return False
         if refusal(answer):
             raise ProviderError("kaggle", f"deleting {kind} {name} failed: {refusal(answer)}")
@@ -309,11 +316,8 @@ class KaggleRemote:
         request = ApiGetDatasetStatusRequest()
         request.owner_slug, request.dataset_slug = owner, slug
         datasets = self.sdk.datasets.dataset_api_client
-        try:
-            answer = self.call("dataset status", lambda: datasets.get_dataset_status(request))
-        except RemoteNotFound:
-            return None
-        return answer.status.name
+        answer = self._unless_gone("dataset status", lambda: datasets.get_dataset_status(request))
+        return answer.status.name if answer is not None else None
 
     def upload(self, path: Path) -> str:
         """Upload one file as a dataset blob; returns its token."""
@@ -357,11 +361,8 @@ class KaggleRemote:
         request = ApiGetDatasetRequest()
         request.owner_slug, request.dataset_slug = owner, slug
         datasets = self.sdk.datasets.dataset_api_client
-        try:
-            answer = self.call("dataset version", lambda: datasets.get_dataset(request))
-        except RemoteNotFound:
-            return None
-        return _int_or_none(answer.current_version_number)
+        answer = self._unless_gone("dataset version", lambda: datasets.get_dataset(request))
+        return _int_or_none(answer.current_version_number) if answer is not None else None
 
     def open_dataset_zip(self, owner: str, slug: str, version: int) -> Any:
         """The streaming answer (a ``requests.Response``) carrying one version's files as a
