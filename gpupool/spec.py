@@ -20,8 +20,10 @@ Shaped after SkyPilot's task YAML::
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
+from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -30,13 +32,14 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from gpupool.durations import parse_duration
-from gpupool.errors import SpecError
+from gpupool.errors import SpecError, StoredSpecError
 from gpupool.snapshot import RESUME, normalise, resume_problems
 from gpupool.yamlfile import compose, did_you_mean, load_yaml_model, locate, locate_in
 
@@ -303,6 +306,23 @@ class ExperimentSpec(_Strict):
     def _workdir(cls, value: Path, info: ValidationInfo) -> Path:
         base = (info.context or {}).get("base_dir")
         return (Path(base) / value).resolve() if base is not None else value
+
+
+@lru_cache(maxsize=256)
+def parse_stored(stored: str, experiment_id: str) -> ExperimentSpec:
+    """An experiment's spec as the state database stores it (``stored``, JSON), validated;
+    cached, so the scheduler's many reads of one experiment validate it once per process (the
+    model is frozen: one copy is shared). Raises ``StoredSpecError`` naming each bad field
+    when this gpupool cannot read it (written by an older or newer version): pydantic's
+    ``ValidationError`` stops here."""
+    try:
+        return ExperimentSpec.model_validate(json.loads(stored))
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}"
+                             for e in err.errors())
+        raise StoredSpecError(
+            f"experiment {experiment_id}: its stored experiment file no longer validates "
+            f"({problems}); resubmit it with `gpupool run`") from None
 
 
 def load_experiment(path: str | Path, *, check_workdir: bool = True) -> ExperimentSpec:

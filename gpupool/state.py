@@ -10,17 +10,16 @@ import json
 import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import cached_property
 from typing import Any
 
 import sqlalchemy as sa
-from pydantic import ValidationError
 from sqlalchemy.dialects import postgresql, sqlite
 
 from gpupool import claims, db
-from gpupool.errors import IllegalTransition, NotFound, StateError, StoredSpecError
+from gpupool.errors import IllegalTransition, NotFound, StateError
 from gpupool.lifecycle import ATTEMPT_MOVES, EXPERIMENT_MOVES, AttemptState, ExperimentState
-from gpupool.spec import ExperimentSpec
+from gpupool.spec import ExperimentSpec, parse_stored
 
 _KEPT_AFTER_END = frozenset({"gpu_seconds", "last_checkpoint", "last_step"})
 
@@ -48,18 +47,10 @@ class Experiment:
 
     @cached_property
     def parsed_spec(self) -> ExperimentSpec:
-        """The stored spec, validated once per process (the scheduler reads an experiment's
-        row several times a step; the spec does not change while it runs). Raises
-        ``StoredSpecError`` naming each field when this gpupool cannot read it (a file stored
-        by an older or newer version), so a caller fails this experiment alone."""
-        try:
-            return _validated_spec(json.dumps(self.spec, sort_keys=True))
-        except ValidationError as err:  # pydantic's error stops here: mapped to gpupool's tree
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}"
-                                 for e in err.errors())
-            raise StoredSpecError(
-                f"experiment {self.id}: its stored experiment file no longer validates "
-                f"({problems}); resubmit it with `gpupool run`") from None
+        """The stored spec, validated once per process (``gpupool.spec.parse_stored``);
+        ``StoredSpecError`` when this gpupool cannot read it, so a caller fails this
+        experiment alone."""
+        return parse_stored(json.dumps(self.spec, sort_keys=True), self.id)
 
 
 @dataclass(frozen=True)
@@ -506,12 +497,6 @@ def _unique_prefix(conn: sa.Connection, prefix: str) -> Any:
 def _cooldown(row: Any) -> Cooldown:
     return Cooldown(row.provider, row.account, row.unavailable_until, row.reason or "",
                     int(row.failures or 0), bool(row.quota_spent))
-
-
-@lru_cache(maxsize=256)
-def _validated_spec(stored: str) -> ExperimentSpec:
-    """``stored`` (a spec as JSON) validated; the model is frozen, so one copy is shared."""
-    return ExperimentSpec.model_validate(json.loads(stored))
 
 
 def _experiment(row: Any) -> Experiment:

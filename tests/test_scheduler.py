@@ -15,7 +15,7 @@ from gpupool.pool import Pool
 from gpupool.provider import Quota
 from gpupool.scheduler import Scheduler
 from gpupool.settings import PoolSettings
-from gpupool.spec import ExperimentSpec
+from gpupool.spec import ExperimentSpec, parse_stored
 from tests.fakes import FakeProvider, Script
 
 # Every test runs on each state backend (tests/conftest.py: SQLite, PostgreSQL).
@@ -408,14 +408,12 @@ def test_a_stored_spec_broken_while_its_session_runs_stops_and_keeps_it(tmp_path
 def test_the_stored_spec_is_validated_once_however_many_steps_read_it(tmp_path: Path) -> None:
     """Issue 13 item 2: the scheduler re-validated the stored spec dict at every use (four
     places a step); now it is parsed where it leaves the database, once per stored spec."""
-    from gpupool import state as state_module
-
     local = FakeProvider("local", Script([(Y, 300, 10), (L, 200, 5), (S, 100, 5)]))
     pool, scheduler, ident = make(tmp_path, local)
-    before = state_module._validated_spec.cache_info().misses
+    before = parse_stored.cache_info().misses
     run_until_terminal(pool, scheduler, ident)
     assert pool.state.experiment(ident).state == ExperimentState.SUCCEEDED
-    assert state_module._validated_spec.cache_info().misses - before == 1
+    assert parse_stored.cache_info().misses - before == 1
 
 
 def test_a_broken_stored_spec_stalls_no_other_experiment_in_the_same_step(tmp_path: Path) -> None:
