@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gpupool.errors import ConfigError
 from gpupool.provider import Availability, Clock, Launch, PollResult, Provider, Quota, Submission
+from gpupool.provider_config import ProviderConfig, ProviderModel
 
 if TYPE_CHECKING:
     from gpupool.manifest import Manifest
@@ -77,7 +78,7 @@ def one_account_per_person(accounts: Mapping[str, AccountSection],
             seen[key] = account
 
 
-def account_config(config: BaseModel, entry: AccountSection) -> BaseModel:
+def account_config(config: ProviderConfig, entry: AccountSection) -> ProviderConfig:
     """The section's settings with one member's own values over them, listing no accounts.
     A value left out or null is the section's (the pool file, once checked, spells out nulls)."""
     own = {key: getattr(entry, key) for key in entry.model_fields_set
@@ -90,7 +91,8 @@ class TeamAccounts(Provider):
     with its own client, caches, records and data folder (``<data_dir>/accounts/<name>``), and
     every call routed to the account it is about. Made per provider by ``team_class``."""
 
-    def __init__(self, members: dict[str, Provider], config: BaseModel, data_dir: Path, clock: Clock):
+    def __init__(self, members: dict[str, Provider], config: ProviderConfig, data_dir: Path,
+                 clock: Clock):
         super().__init__(config, data_dir, clock)
         self.members = members
 
@@ -151,8 +153,15 @@ class TeamAccounts(Provider):
     def gpu_kinds(self) -> set[str] | None:
         return self._first().gpu_kinds()
 
+    def accepts_cpu(self) -> bool:
+        return self._first().accepts_cpu()
+
     def startup_seconds(self) -> float:
         return self._first().startup_seconds()
+
+    def forecast_model(self) -> ProviderModel:
+        """The first member's: the forecast simulates one account of a team."""
+        return self._first().forecast_model()
 
     def loss_prior_seconds(self) -> float:
         return self._first().loss_prior_seconds()
@@ -192,12 +201,13 @@ _TEAM_CLASSES: dict[type[Provider], type[TeamAccounts]] = {}
 
 
 def team_class(cls: type[Provider]) -> type[TeamAccounts]:
-    """``TeamAccounts`` under the provider's own name, status map and unsupported features, so
-    the core and the CLI treat a team's section like any other."""
+    """``TeamAccounts`` under the provider's own name, status map and capabilities, so the
+    core and the CLI treat a team's section like any other."""
     if cls not in _TEAM_CLASSES:
         _TEAM_CLASSES[cls] = type(f"{cls.__name__}Team", (TeamAccounts,), {
             "name": cls.name, "Config": cls.Config, "status_map": cls.status_map,
-            "unsupported": cls.unsupported, "__module__": cls.__module__})
+            "capabilities": cls.capabilities, "input_kinds": cls.input_kinds,
+            "__module__": cls.__module__})
     return _TEAM_CLASSES[cls]
 
 
@@ -209,7 +219,8 @@ def team_sign_in_hint(provider: str, accounts: list[str], field: str) -> str:
             f"providers.{provider}.accounts.<name>.{field} at the file it saved")
 
 
-def team_of(cls: type[Provider], config: BaseModel, data_dir: Path, clock: Clock) -> TeamAccounts:
+def team_of(cls: type[Provider], config: ProviderConfig, data_dir: Path,
+            clock: Clock) -> TeamAccounts:
     """One ``cls`` adapter per account listed in ``config.accounts``, behind one ``TeamAccounts``."""
     listed: Mapping[str, AccountSection] = getattr(config, "accounts", {})
     members: dict[str, Provider] = {}

@@ -477,11 +477,10 @@ def auth(ctx: click.Context, provider_name: str, no_browser: bool, paste: bool,
     """
     pool = _open_pool(ctx)
     provider = pool.provider(provider_name)
-    authorize = getattr(provider, "authorize", None)
-    if authorize is None:
+    if not provider.capabilities.interactive_sign_in:
         raise click.UsageError(f"{provider_name} has no sign-in step (see `gpupool providers`)")
-    click.echo(authorize(launch_browser=not no_browser, paste=paste, username=username,
-                         key_file=key_file, prompt=_prompt_or_eof, echo=click.echo))
+    click.echo(provider.authorize(launch_browser=not no_browser, paste=paste, username=username,
+                                  key_file=key_file, prompt=_prompt_or_eof, echo=click.echo))
 
 
 def _prompt_or_eof(question: str, **options: Any) -> str:

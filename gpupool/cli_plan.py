@@ -55,7 +55,8 @@ def plan(ctx: click.Context, experiment_file: Path, hours: float | None, colab_h
     usable = usable_providers(pool, spec)
     simulated = spec.model_copy(update={"providers": usable.providers})
     now = time.time()
-    model = plan_model(simulated, pool.settings.providers,
+    adapters = {name: pool.try_provider(name) for name in usable.providers}
+    model = plan_model(simulated, {n: a for n, a in adapters.items() if a is not None},
                        colab_hours_per_day=colab_hours_per_day, loss_hours=_pairs(loss_hours),
                        save_seconds=save_seconds, utc_offset=time.localtime(now).tm_gmtoff,
                        horizon_days=days)

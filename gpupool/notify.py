@@ -141,8 +141,7 @@ class Notifier:
         except NotFound:
             return None
         provider = self.pool.try_provider(attempt.provider)
-        needs_person = provider is not None and "unattended start" in type(provider).unsupported
-        if provider is None or not needs_person or not attempt.url:
+        if provider is None or provider.capabilities.needs_person is None or not attempt.url:
             return None
         name = self.pool.state.experiment(attempt.experiment_id).name
         owner = provider.owner_of(attempt.account)  # a team's member: the one who can open it

@@ -8,46 +8,31 @@ its planned deadline (where a final checkpoint saves everything), an unplanned l
 (exponential, per-provider mean time between losses; work since the last checkpoint is lost),
 or its quota running out mid-session (also unplanned). Monte Carlo over seeds gives a range.
 
-The model's assumptions are data (``ProviderModel``, ``PlanModel``), with defaults that follow
-the providers' own configuration defaults: Kaggle's week starting Saturday 00:00 UTC, Colab's
-rolling-day estimate and a person who must open each notebook, local availability windows.
+The model's assumptions are data (``ProviderModel``, ``PlanModel``). Each adapter builds its
+own ``ProviderModel`` (``Provider.forecast_model``) from the settings the scheduler reads, with
+its own calendar rules as functions (Kaggle's week, Colab's rolling day, local windows), so the
+forecast and the scheduler read the same numbers and a new adapter needs no change here.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 import random
 import statistics
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpupool import placement
-from gpupool.errors import ConfigError
 from gpupool.placement import Candidate, Wait
+from gpupool.provider_config import ProviderModel
 from gpupool.spec import ExperimentSpec
 
-HOUR, DAY, WEEK = 3600.0, 86400.0, 7 * 86400.0
-SATURDAY_EPOCH = 2 * DAY  # 1970-01-03 00:00 UTC was a Saturday: Kaggle's week starts there
-# Mean hours between unplanned session losses: assumptions, overridable with --loss-hours.
-LOSS_HOURS = {"colab": 6.0, "kaggle": 72.0, "local": 336.0}
+if TYPE_CHECKING:
+    from gpupool.provider import Provider
 
-
-@dataclass(frozen=True)
-class ProviderModel:
-    """One provider as the simulation sees it."""
-
-    name: str
-    session_seconds: float | None = None  # planned session length (cap minus margin); None: no cap
-    startup_seconds: float = 60.0
-    loss_hours: float | None = None  # mean time between unplanned losses; None: never lost
-    weekly_seconds: float | None = None  # quota per week from Saturday 00:00 UTC (Kaggle)
-    daily_seconds: float | None = None  # quota per rolling 24 h (Colab's estimate)
-    windows: tuple[tuple[int, int], ...] = ()  # minutes of the local day when it may start
-    needs_person: bool = False  # somebody must open the session (Colab's notebook)
-    start_timeout: float = 1800.0
-    cpu_only_ok: bool = True
+HOUR, DAY = 3600.0, 86400.0
 
 
 @dataclass(frozen=True)
@@ -61,7 +46,7 @@ class PlanModel:
     presence: tuple[tuple[int, int], ...] = ((9 * 60, 21 * 60),)  # when a person can open Colab
     open_probability: float = 0.9  # chance the person opens a notebook while present
     restart_delay_hours: float = 0.0  # manual restarts: mean delay before the next session
-    utc_offset: float = 0.0  # local time minus UTC, seconds (for windows and presence)
+    utc_offset: float = 0.0  # local time minus UTC, seconds (for the presence hours)
     horizon_days: float = 56.0
 
 
@@ -104,65 +89,30 @@ class Forecast:
 
 # -- models from the pool configuration ---------------------------------------------------
 
-def provider_models(spec: ExperimentSpec, sections: dict[str, dict[str, Any]],
+def provider_models(spec: ExperimentSpec, providers: Mapping[str, Provider],
                     loss_hours: dict[str, float] | None = None) -> dict[str, ProviderModel]:
-    """Models of the experiment's providers, from their pool sections (defaults as theirs)."""
-    losses = {**LOSS_HOURS, **(loss_hours or {})}
+    """Models of the experiment's enabled providers, each built by its adapter; ``loss_hours``
+    (provider: mean hours between unplanned losses) replaces an adapter's prior."""
     models = {}
     for name in spec.providers:
-        section = sections.get(name, {})
-        if not section.get("enabled", True):
+        provider = providers.get(name)
+        if provider is None or not provider.enabled:
             continue
-        builder = _BUILDERS.get(name, _generic_model)
-        models[name] = replace(builder(name, section), loss_hours=losses.get(name))
+        model = provider.forecast_model()
+        if loss_hours and name in loss_hours:
+            model = replace(model, loss_hours=loss_hours[name] or None)
+        models[name] = model
     return models
 
 
-def plan_model(spec: ExperimentSpec, sections: dict[str, dict[str, Any]], *,
+def plan_model(spec: ExperimentSpec, providers: Mapping[str, Provider], *,
                colab_hours_per_day: float = 12.0, loss_hours: dict[str, float] | None = None,
                save_seconds: float = 10.0, utc_offset: float = 0.0,
                horizon_days: float = 56.0) -> PlanModel:
-    """The simulated world for ``spec`` from the pool's provider sections and the user's answers."""
-    return PlanModel(provider_models(spec, sections, loss_hours), save_seconds=save_seconds,
+    """The simulated world for ``spec`` on the pool's adapters and the user's answers."""
+    return PlanModel(provider_models(spec, providers, loss_hours), save_seconds=save_seconds,
                      presence=presence_for(colab_hours_per_day), utc_offset=utc_offset,
                      horizon_days=horizon_days)
-
-
-def _kaggle_model(name: str, s: dict[str, Any]) -> ProviderModel:
-    session = float(s.get("session_seconds", 9 * HOUR))
-    margin = s.get("deadline_margin")
-    margin = float(margin) if margin is not None else min(900.0, 0.1 * session)
-    return ProviderModel(name, session - margin, float(s.get("startup_seconds", 180.0)),
-                         weekly_seconds=float(s.get("weekly_gpu_hours", 30.0)) * HOUR,
-                         cpu_only_ok=False)
-
-
-def _colab_model(name: str, s: dict[str, Any]) -> ProviderModel:
-    session = float(s.get("session_seconds", 12 * HOUR)) - float(s.get("deadline_margin", 600.0))
-    return ProviderModel(name, session, float(s.get("startup_seconds", 300.0)),
-                         daily_seconds=float(s.get("estimated_gpu_hours_per_day", 4.0)) * HOUR,
-                         needs_person=True, start_timeout=float(s.get("start_timeout", 1800.0)),
-                         cpu_only_ok=False)
-
-
-def _generic_model(name: str, s: dict[str, Any]) -> ProviderModel:
-    cap = s.get("session_seconds")
-    margin = float(s.get("deadline_margin") or 0.0)
-    windows = tuple(parse_window(w) for w in s.get("windows", []))
-    return ProviderModel(name, None if cap is None else float(cap) - margin,
-                         float(s.get("startup_seconds", 60.0)), windows=windows)
-
-
-_BUILDERS = {"kaggle": _kaggle_model, "colab": _colab_model}
-
-
-def parse_window(text: str) -> tuple[int, int]:
-    """``"22:00-07:00"`` as minutes of the day (start, end)."""
-    try:
-        start, end = (dt.datetime.strptime(part.strip(), "%H:%M") for part in text.split("-"))
-    except ValueError:
-        raise ConfigError(f"{text!r} is not a window like 22:00-07:00") from None
-    return start.hour * 60 + start.minute, end.hour * 60 + end.minute
 
 
 def presence_for(hours_per_day: float) -> tuple[tuple[int, int], ...]:
@@ -192,7 +142,7 @@ class _World:
                 views.append(Candidate(name, "default", configured=False))
                 continue
             remaining, resets = self.remaining(p, now)
-            inside = not p.windows or _inside(self.minute(now), p.windows)
+            inside = p.open_at is None or p.open_at(now)[0]
             views.append(Candidate(
                 name, "default", available=inside,
                 unavailable_reason="notebook not opened" if name in self.cooldown else
@@ -203,14 +153,12 @@ class _World:
         return views
 
     def remaining(self, p: ProviderModel, now: float) -> tuple[float | None, float | None]:
-        if p.weekly_seconds is not None:
-            week = week_start(now)
-            used = sum(e - s for n, s, e in self.charges if n == p.name and e >= week)
-            return max(0.0, p.weekly_seconds - used), week + WEEK
-        if p.daily_seconds is not None:
-            used = sum(e - s for n, s, e in self.charges if n == p.name and e >= now - DAY)
-            return max(0.0, p.daily_seconds - used), None
-        return None, None
+        """(quota seconds left at ``now``, when the window resets): the adapter's window rule."""
+        if p.quota_seconds is None:
+            return None, None
+        start, resets = p.quota_window(now) if p.quota_window else (-math.inf, None)
+        used = sum(e - s for n, s, e in self.charges if n == p.name and e >= start)
+        return max(0.0, p.quota_seconds - used), resets
 
     def minute(self, now: float) -> int:
         return int((now + self.model.utc_offset) % DAY // 60)
@@ -219,15 +167,14 @@ class _World:
         """The next moment a refusal may lift that placement itself cannot tell."""
         times = []
         for p in self.model.providers.values():
-            times += [self._next_minute(now, start) for start, _ in p.windows]
-            if p.daily_seconds is not None:
-                times += [e + DAY for n, _, e in self.charges if n == p.name and e + DAY > now]
+            change = p.open_at(now)[1] if p.open_at else None
+            times += [change] if change is not None else []
+            if p.quota_seconds is not None and p.quota_window is not None:
+                start, resets = p.quota_window(now)
+                if resets is None:  # a rolling window: each charge ages out of it in turn
+                    span = now - start
+                    times += [e + span for n, _, e in self.charges if n == p.name and e + span > now]
         return min(times) if times else None
-
-    def _next_minute(self, now: float, minute: int) -> float:
-        local = now + self.model.utc_offset
-        at = local - local % DAY + minute * 60
-        return (at if at > local else at + DAY) - self.model.utc_offset
 
     def person_opens(self, now: float, rng: random.Random) -> bool:
         present = _inside(self.minute(now), self.model.presence)
@@ -344,11 +291,6 @@ def _summary(hours: list[float]) -> dict[str, float]:
     def at(q: float) -> float:
         return round(hours[min(len(hours) - 1, int(q * len(hours)))], 2)
     return {"mean": round(statistics.fmean(hours), 2), "p10": at(0.1), "p50": at(0.5), "p90": at(0.9)}
-
-
-def week_start(now: float) -> float:
-    """Start of Kaggle's week (Saturday 00:00 UTC) containing ``now``."""
-    return now - (now - SATURDAY_EPOCH) % WEEK
 
 
 def _inside(minute: int, windows: tuple[tuple[int, int], ...]) -> bool:

@@ -54,7 +54,7 @@ def check_provider(pool: Pool, spec: ExperimentSpec, name: str) -> ProviderCheck
     ok, reason = _check_accounts(provider, name, accounts)
     if not ok:
         return ProviderCheck(name, False, reason, _fix(name, where))
-    on_cpu = spec.resources.wants_gpu and bool(getattr(provider, "accepts_cpu", lambda: False)())
+    on_cpu = spec.resources.wants_gpu and provider.accepts_cpu()
     return ProviderCheck(name, True, reason, on_cpu=on_cpu)
 
 

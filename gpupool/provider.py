@@ -1,8 +1,8 @@
 """The one interface every provider adapter implements, and how adapters are found.
 
-Adapters are light objects built from their section of the pool configuration. What an adapter
-cannot do is data (``unsupported``), and each maps its remote status strings to
-``AttemptState`` in one dict (``status_map``). Adapters are discovered through the
+Adapters are light objects built from their section of the pool configuration (a
+``ProviderConfig`` subclass). What an adapter can do is data (``capabilities``), and each maps
+its remote status strings to ``AttemptState`` in one dict (``status_map``). Adapters are discovered through the
 ``gpupool.providers`` entry-point group and imported only when first used, so a third party can
 add one without touching the core and ``import gpupool`` loads no provider SDK.
 """
@@ -17,12 +17,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from gpupool import runtime
 from gpupool.errors import ConfigError, InputUnavailable, SpecError
 from gpupool.lifecycle import AttemptState
 from gpupool.manifest import Manifest
+from gpupool.provider_config import Capabilities, ProviderConfig, ProviderModel
 
 if TYPE_CHECKING:
     from gpupool.inputs import InputSources
@@ -105,15 +106,21 @@ class PollResult:
 
 
 class Provider(abc.ABC):
-    """A place where attempts run. Subclasses set ``name`` and implement the abstract methods."""
+    """A place where attempts run. Subclasses set ``name``, ``Config`` (a ``ProviderConfig``
+    subclass) and ``capabilities``, and implement the abstract methods.
+
+    Times are epoch seconds, durations seconds. Methods that talk to a service raise
+    ``ProviderError`` subclasses (``ProviderUnavailable``, ``CredentialsError``,
+    ``CancelFailed``...) from ``gpupool.errors``, never a client library's own exceptions.
+    """
 
     name: ClassVar[str]
     status_map: ClassVar[dict[str, AttemptState]] = {}
-    unsupported: ClassVar[dict[str, str]] = {}
+    capabilities: ClassVar[Capabilities] = Capabilities()
     input_kinds: ClassVar[frozenset[str]] = frozenset()  # inputs: sources it can bring in
-    Config: ClassVar[type[BaseModel]]
+    Config: ClassVar[type[ProviderConfig]]
 
-    def __init__(self, config: BaseModel, data_dir: Path, clock: Clock):
+    def __init__(self, config: ProviderConfig, data_dir: Path, clock: Clock):
         self.config = config
         self.data_dir = Path(data_dir)
         self.clock = clock
@@ -122,16 +129,22 @@ class Provider(abc.ABC):
     account_notify: list[str] = []  # apprise URLs reaching that person (never shown: secrets)
 
     @classmethod
-    def from_section(cls, section: dict[str, Any], data_dir: Path, clock: Clock) -> Provider:
-        """The adapter for ``providers.<name>``: one adapter, or one per account listed under
-        ``accounts`` (see ``TeamAccounts``). Raises ``SpecError`` naming each bad field."""
+    def config_from_section(cls, section: dict[str, Any]) -> ProviderConfig:
+        """``providers.<name>`` of the pool file as this adapter's ``Config``. Raises
+        ``SpecError`` naming each bad field as ``providers.<name>.<field>``."""
         try:
-            config = cls.Config.model_validate(section)
+            return cls.Config.model_validate(section)
         except ValidationError as err:
             problems = [(f"providers.{cls.name}." + ".".join(map(str, e["loc"])), e["msg"])
                         for e in err.errors()]
             raise SpecError("pool configuration", problems) from None
-        if not getattr(config, "accounts", None):
+
+    @classmethod
+    def from_section(cls, section: dict[str, Any], data_dir: Path, clock: Clock) -> Provider:
+        """The adapter for ``providers.<name>``: one adapter, or one per account listed under
+        ``accounts`` (see ``TeamAccounts``). Raises ``SpecError`` naming each bad field."""
+        config = cls.config_from_section(section)
+        if not getattr(config, "accounts", None):  # only some adapters have team accounts
             return cls(config, data_dir, clock)
         from gpupool.accounts import team_of
 
@@ -141,10 +154,11 @@ class Provider(abc.ABC):
 
     @property
     def enabled(self) -> bool:
-        return bool(getattr(self.config, "enabled", True))
+        """False when the pool file disables the provider: nothing is placed on it."""
+        return self.config.enabled
 
     def accounts(self) -> list[str]:
-        """The accounts attempts may run on: ``default`` unless the section lists members'."""
+        """The accounts attempts may run on: ``["default"]`` unless the section lists members'."""
         return ["default"]
 
     def check_account(self, account: str) -> tuple[bool, str]:
@@ -164,48 +178,81 @@ class Provider(abc.ABC):
         """Apprise URLs reaching the account's owner (from the pool file; they carry secrets)."""
         return list(self.account_notify)
 
+    def authorize(self, **options: Any) -> str:
+        """The one interactive sign-in (``gpupool auth NAME``), for adapters whose
+        ``capabilities.interactive_sign_in`` is true; returns what was done, in a sentence.
+        ``options`` are the CLI's (``launch_browser``, ``paste``, ``username``, ``key_file``,
+        ``prompt``, ``echo``); an adapter ignores those meant for others. Raises
+        ``ConfigError`` here (no sign-in step) and ``CredentialsError`` when signing in fails."""
+        raise ConfigError(f"{self.name} has no sign-in step (see `gpupool providers`)")
+
     def max_concurrent(self, account: str) -> int | None:
-        return getattr(self.config, "max_concurrent", None)
+        """Sessions that may run at once on ``account`` (None: no limit); from the config."""
+        return self.config.max_concurrent
 
     def session_seconds(self) -> float | None:
-        """The longest a session may last here (the provider's cap), None if unlimited."""
-        return getattr(self.config, "session_seconds", None)
+        """The longest a session may last here in seconds (the provider's cap), None if
+        unlimited; from the config's ``session_seconds``."""
+        return self.config.session_seconds
 
     def planned_session_seconds(self, launch: Launch) -> float | None:
-        """How long this attempt's session may run: the provider's cap, shortened to the quota
-        left, so the runtime saves before the quota (not only the cap) cuts the session."""
+        """How long this attempt's session may run (seconds): the provider's cap, shortened to
+        the quota left, so the runtime saves before the quota (not only the cap) cuts it."""
         limits = [s for s in (self.session_seconds(), launch.quota_seconds) if s is not None]
         return min(limits) if limits else None
 
     def gpu_kinds(self) -> set[str] | None:
-        """GPU kinds this provider can give (lowercase), None if it cannot tell."""
+        """GPU kinds this provider can give (lowercase names), an empty set when it has none,
+        None if it cannot tell."""
         return None
 
+    def accepts_cpu(self) -> bool:
+        """Whether a GPU experiment placed here now trains on the CPU: the adapter may fall
+        back (``capabilities.cpu_fallback``) and it has no GPU (``gpu_kinds()`` is empty)."""
+        return self.capabilities.cpu_fallback and self.gpu_kinds() == set()
+
     def startup_seconds(self) -> float:
-        return float(getattr(self.config, "startup_seconds", 60.0))
+        """Seconds from submit until training runs (placement and the forecast add it)."""
+        return self.config.startup_seconds
 
     def loss_prior_seconds(self) -> float:
-        """Assumed mean time between unplanned session losses before any is observed."""
-        return float(getattr(self.config, "loss_prior_seconds", 6 * 3600.0))
+        """Assumed mean seconds between unplanned session losses before any is observed."""
+        return self.config.loss_prior_seconds
+
+    def forecast_model(self) -> ProviderModel:
+        """How ``gpupool plan`` simulates this provider, from the same settings the scheduler
+        reads (planned session = cap less margin, start-up, loss prior, capabilities). Adapters
+        with a quota or a calendar override it to add their own rule (Kaggle's week, local
+        windows), so the forecast reuses the adapter's code instead of a copy."""
+        return ProviderModel(
+            self.name, self.config.planned_seconds, self.startup_seconds(),
+            loss_hours=self.loss_prior_seconds() / 3600,
+            needs_person=self.capabilities.needs_person is not None,
+            cpu_only_ok=self.capabilities.cpu_fallback)
 
     @abc.abstractmethod
     def check_credentials(self) -> tuple[bool, str]:
-        """(usable, hint): whether credentials are found and work, and what to do if not."""
+        """(usable, hint): whether credentials are found and work, and what to do if not.
+        Answers rather than raises: a failed check is ``(False, what to do)``."""
 
     def availability(self, account: str, now: float) -> Availability:
-        """Whether the account can take a session now by the provider's own rules (a local
-        time window...). Refusals it reported are cool-downs the scheduler keeps in the state
-        database, not here (``PollResult.unavailable_until``, ``ProviderUnavailable.until``)."""
+        """Whether ``account`` can take a session at ``now`` (epoch seconds) by the provider's
+        own rules (a local time window...), why not, and until when (``Availability.until``,
+        epoch seconds) when that is known. Refusals it reported are cool-downs the scheduler
+        keeps in the state database, not here (``PollResult.unavailable_until``,
+        ``ProviderUnavailable.until``)."""
         return Availability(True)
 
     def quota(self, account: str, now: float, charged: float) -> Quota | None:
         """The account's GPU time in its current window (seconds), None if unlimited.
         ``charged``: GPU-seconds the ledger charged it since ``quota_window_start(now)``. Only
-        ``gpupool.quota.gpu_seconds_left`` calls this; everyone else asks that."""
+        ``gpupool.quota.gpu_seconds_left`` calls this; everyone else asks that. Raises nothing
+        for a service that cannot be asked: it falls back to the ledger."""
         return None
 
     def quota_window_start(self, now: float) -> float:
-        """Start of the window the ledger sums over (the Kaggle week, a rolling day...)."""
+        """Start (epoch seconds) of the window the ledger sums over (Kaggle's week, a rolling
+        day...); 0.0 when the quota has no window."""
         return 0.0
 
     def check_inputs(self, spec: ExperimentSpec) -> list[tuple[tuple[Any, ...], str]]:
@@ -220,12 +267,17 @@ class Provider(abc.ABC):
 
     @abc.abstractmethod
     def submit(self, launch: Launch) -> Submission:
-        """Start the attempt. Must be idempotent per ``launch.attempt_id``: a scheduler that
-        crashed after submitting calls it again. Raise ``ProviderUnavailable`` for no capacity."""
+        """Start the attempt and say where it runs (``Submission.remote_id``, a URL for a
+        person, the deadline in epoch seconds when known). Must be idempotent per
+        ``launch.attempt_id``: a scheduler that crashed after submitting calls it again.
+        Raises ``ProviderUnavailable`` for no capacity, ``CredentialsError`` for bad keys,
+        ``InputUnavailable`` when an input cannot be brought in."""
 
     @abc.abstractmethod
     def poll(self, attempt: Attempt, now: float) -> PollResult:
-        """The attempt's state now, with progress when known."""
+        """The attempt's state at ``now`` (epoch seconds), with progress when known (step,
+        heartbeat, steps per second, metrics, newest checkpoint). Raises ``ProviderError``
+        when the service cannot be asked; the scheduler then tries again later."""
 
     @abc.abstractmethod
     def cancel(self, attempt: Attempt) -> None:
@@ -239,14 +291,19 @@ class Provider(abc.ABC):
 
     @abc.abstractmethod
     def logs(self, attempt: Attempt) -> str:
-        """The attempt's log text so far (kept readable after the session ends)."""
+        """The attempt's log text so far (kept readable after the session ends); "" when
+        there is none yet. Raises ``ProviderError`` when the service cannot be asked."""
 
     @abc.abstractmethod
     def collect(self, attempt: Attempt, store: CheckpointStore) -> list[Manifest]:
-        """Collect the checkpoints this attempt produced into ``store`` (verified); idempotent."""
+        """Collect the checkpoints this attempt produced into ``store``, each verified by
+        sha256, and return their manifests (newest first); idempotent. A torn or corrupt
+        checkpoint is skipped, never published; raises ``ProviderError`` when the service
+        cannot be read (the scheduler collects again later)."""
 
     def cleanup(self, attempt: Attempt) -> None:  # noqa: B027 - optional hook, no-op by default
-        """Free remote resources after the attempt's checkpoints are collected."""
+        """Free remote resources after the attempt's checkpoints are collected (idempotent;
+        failures are logged by the adapter, not raised)."""
 
     # -- inputs whose source lives at this provider -------------------------------------------
 
@@ -356,11 +413,15 @@ def _status(returncode: int | None) -> str:
 # -- discovery ---------------------------------------------------------------------------
 
 def available_providers() -> dict[str, metadata.EntryPoint]:
-    """Provider names found through entry points (nothing imported yet)."""
+    """Provider names found through the ``gpupool.providers`` entry points, each with its
+    entry point (nothing imported yet)."""
     return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
 
 
 def load_provider_class(name: str) -> type[Provider]:
+    """The adapter class registered as ``name`` in the ``gpupool.providers`` entry-point group,
+    imported now. Raises ``ConfigError`` for an unknown name, an import that fails (with what
+    to reinstall), or an entry point that is not a ``Provider`` with a ``ProviderConfig``."""
     entry = available_providers().get(name)
     if entry is None:
         known = ", ".join(sorted(available_providers())) or "none"
@@ -374,4 +435,7 @@ def load_provider_class(name: str) -> type[Provider]:
         ) from None
     if not (isinstance(cls, type) and issubclass(cls, Provider)):
         raise ConfigError(f"entry point {name!r} does not name a gpupool Provider")
+    if not issubclass(getattr(cls, "Config", object), ProviderConfig):
+        raise ConfigError(f"provider {name!r}: its Config must subclass "
+                          "gpupool.provider_config.ProviderConfig (the fields every provider has)")
     return cls

@@ -15,7 +15,8 @@ shows hours); times are epoch seconds. Four facts combine, each from its own own
 4. the running sessions: what the account's active attempts may still spend, each up to
    its deadline or, with none known, the provider's session cap (``reserved_seconds``).
 
-The estimate rule: an estimated quota places sessions like any other, but never cuts one
+The estimate rule: an estimated quota (an adapter whose ``capabilities.exact_quota`` is
+false, as Colab's) places sessions like any other, but never cuts one
 short (a new session is told no limit from a guess), and while the provider itself said the
 account's quota is spent (a cool-down with ``quota_spent``, Colab's "no GPU") the estimate
 counts as spent until that cool-down ends.
@@ -31,30 +32,25 @@ from gpupool.provider import Provider, Quota
 if TYPE_CHECKING:
     from gpupool.state import Attempt, Cooldown, State
 
-ESTIMATE = "estimate"  # Quota.source of a guess (no published quota)
-
-
 @dataclass(frozen=True)
 class QuotaLeft:
     """One account's GPU time now.
 
     ``quota``: the provider's answer with the estimate rule applied (None: unlimited);
-    ``reserved_seconds``: what the account's running sessions may still spend."""
+    ``reserved_seconds``: what the account's running sessions may still spend; ``exact``:
+    False for a guess (the adapter declares ``capabilities.exact_quota``), which may place a
+    session but not limit one."""
 
     provider: str
     account: str
     quota: Quota | None
     reserved_seconds: float = 0.0
+    exact: bool = True
 
     @property
     def source(self) -> str:
         """Where the figures come from: ``api``, ``ledger``, ``estimate`` or ``unlimited``."""
         return self.quota.source if self.quota is not None else "unlimited"
-
-    @property
-    def exact(self) -> bool:
-        """False for a guess (an estimate), which may place a session but not limit one."""
-        return self.source != ESTIMATE
 
     @property
     def remaining_seconds(self) -> float | None:
@@ -90,12 +86,13 @@ def gpu_seconds_left(state: State, provider: Provider, account: str, now: float,
     API's errors) and ``StateError`` when the state database cannot be read."""
     charged = state.charged_seconds(provider.name, account, provider.quota_window_start(now))
     quota = provider.quota(account, now, charged)
-    if quota is not None and quota.source == ESTIMATE:
+    exact = provider.capabilities.exact_quota
+    if quota is not None and not exact:
         quota = estimate_after_refusal(quota, state.cooldowns().get((provider.name, account)), now)
     running = [a for a in state.attempts(active=True, on=(provider.name, account))
                if a.id != starting]
     return QuotaLeft(provider.name, account, quota,
-                     reserved_seconds(running, now, provider.session_seconds()))
+                     reserved_seconds(running, now, provider.session_seconds()), exact)
 
 
 def estimate_after_refusal(estimate: Quota, cooldown: Cooldown | None, now: float) -> Quota:

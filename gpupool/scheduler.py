@@ -325,7 +325,7 @@ class Scheduler:
             remaining_seconds=left.placeable_seconds if left else None,
             quota_resets_at=left.resets_at if left else None,
             gpu_kinds=frozenset(kinds) if kinds is not None else None,
-            cpu_only_ok=bool(getattr(provider, "accepts_cpu", lambda: False)()),
+            cpu_only_ok=provider.accepts_cpu(),
             startup_seconds=provider.startup_seconds(),
         )
 

@@ -8,6 +8,7 @@ leaves training running, and finds it again from the files the supervisor wrote.
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import replace
 import fcntl
 import json
 import os
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from gpupool.durations import Seconds
 from gpupool.errors import CancelFailed, CorruptCheckpoint, InputUnavailable, ProviderError
@@ -36,6 +37,7 @@ from gpupool.provider import (
     classify_exit,
     runtime_env,
 )
+from gpupool.provider_config import Capabilities, ProviderConfig, ProviderModel
 from gpupool.runtime import ENV_ATTEMPT
 
 if TYPE_CHECKING:
@@ -48,12 +50,13 @@ LOCK_FILE = "session.lock"
 PROC = Path("/proc")
 
 
-class LocalConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    enabled: bool = True
-    max_concurrent: int = Field(1, ge=1)
-    session_seconds: Seconds | None = Field(None, gt=0, description="cap each session (None: no cap)")
-    deadline_margin: Seconds | None = Field(None, ge=0, description="stop this long before the cap")
+class LocalConfig(ProviderConfig):
+    """The ``providers.local`` section: this machine (shared fields in ``ProviderConfig``)."""
+
+    startup_seconds: Seconds = Field(5.0, ge=0, description="seconds from submit to training "
+                                     "(a local process starts at once)")
+    loss_prior_seconds: Seconds = Field(336 * 3600.0, gt=0, description="assumed mean seconds "
+                                        "between unplanned losses (a reboot, a crash): 2 weeks")
     gpus: Literal["auto", "none"] | list[str] = "auto"
     cpu_fallback: bool = Field(True, description="run GPU experiments on the CPU when no GPU")
     windows: list[str] = Field(default_factory=list, description='e.g. ["22:00-07:00"] local time')
@@ -73,6 +76,7 @@ class LocalProvider(Provider):
     name = "local"
     Config = LocalConfig
     config: LocalConfig
+    capabilities = Capabilities(cpu_fallback=True)
     input_kinds = frozenset({"local", "url", "kaggle", "drive"})  # kaggle, drive: see _input_env
     open_url: OpenUrl | None = None  # how url inputs are fetched: None is urllib; tests swap it
 
@@ -103,23 +107,28 @@ class LocalProvider(Provider):
     def gpu_kinds(self) -> set[str] | None:
         return {name.lower() for name in self.detected_gpus()}
 
-    def session_seconds(self) -> float | None:
-        return self.config.session_seconds
-
-    def startup_seconds(self) -> float:
-        return 5.0
-
     def availability(self, account: str, now: float) -> Availability:
-        if not self.config.windows:
+        """Inside one of the configured windows (this machine's local time), or not until
+        the next one opens (``until``, epoch seconds)."""
+        inside, change = self.open_at(now)
+        if inside:
             return Availability(True)
-        local = dt.datetime.fromtimestamp(now)
-        minute = local.hour * 60 + local.minute
-        if any(_inside(minute, _parse_window(w)) for w in self.config.windows):
-            return Availability(True)
-        return Availability(False, f"outside the local windows {', '.join(self.config.windows)}")
+        return Availability(False, f"outside the local windows {', '.join(self.config.windows)}",
+                            until=change)
+
+    def open_at(self, now: float) -> tuple[bool, float | None]:
+        """(inside a window at ``now``, epoch seconds of the next window edge); no windows:
+        always open. The one rule for local windows: availability and the forecast use it."""
+        return window_state([_parse_window(w) for w in self.config.windows], now)
 
     def accepts_cpu(self) -> bool:
-        return not self.detected_gpus() and self.config.cpu_fallback
+        """A GPU experiment trains on the CPU here: no GPU found and ``cpu_fallback`` is on."""
+        return self.config.cpu_fallback and super().accepts_cpu()
+
+    def forecast_model(self) -> ProviderModel:
+        """The generic model, plus this machine's windows (the same rule as ``availability``)."""
+        model = super().forecast_model()
+        return replace(model, open_at=self.open_at) if self.config.windows else model
 
     # -- inputs ----------------------------------------------------------------------------
 
@@ -462,3 +471,18 @@ def _parse_window(text: str) -> tuple[int, int]:
 def _inside(minute: int, window: tuple[int, int]) -> bool:
     start, end = window
     return start <= minute < end if start <= end else minute >= start or minute < end
+
+
+def window_state(windows: list[tuple[int, int]], now: float) -> tuple[bool, float | None]:
+    """Whether ``now`` (epoch seconds) falls in one of ``windows`` (minutes of this machine's
+    local day, start and end; an end before the start wraps past midnight), and the epoch
+    seconds of the next window edge after ``now`` (None without windows: always open)."""
+    if not windows:
+        return True, None
+    local = dt.datetime.fromtimestamp(now)
+    minute = local.hour * 60 + local.minute
+    inside = any(_inside(minute, w) for w in windows)
+    midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
+    edges = [midnight + dt.timedelta(days=day, minutes=edge)
+             for day in (0, 1) for window in windows for edge in window]
+    return inside, min(e.timestamp() for e in edges if e > local)

@@ -5,27 +5,24 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-
-from pydantic import BaseModel, ConfigDict
 
 from gpupool.errors import CancelFailed, ProviderUnavailable
 from gpupool.lifecycle import AttemptState
 from gpupool.manifest import Manifest, publish_local
 from gpupool.provider import Launch, PollResult, Provider, Quota, Submission
+from gpupool.provider_config import ProviderConfig, ProviderModel
 from gpupool.state import Attempt
 from gpupool.store import CheckpointStore
 
 
-class FakeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    enabled: bool = True
+class FakeConfig(ProviderConfig):
+    """The shared fields (``ProviderConfig``) with test defaults: no limit, instant start."""
+
     max_concurrent: int | None = None
-    session_seconds: float | None = None
     startup_seconds: float = 0.0
     quota_hours: float | None = None
-    loss_prior_seconds: float = 6 * 3600.0
 
 
 @dataclass
@@ -125,9 +122,9 @@ class FakeProvider(Provider):
 
 # -- a fake provider shared by several processes ---------------------------------------------
 
-class JournalConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    enabled: bool = True
+class JournalConfig(ProviderConfig):
+    max_concurrent: int | None = None  # any number of sessions at once
+    daily_gpu_hours: float | None = None  # GPU hours per UTC day (None: unlimited)
     folder: str  # where the sessions and the journal live, shared by every process
     seconds: float = 1.0  # each session's length, in real seconds
     steps: int = 10  # steps each session makes
@@ -150,6 +147,22 @@ class JournalProvider(Provider):
 
     def check_credentials(self) -> tuple[bool, str]:
         return True, "fake"
+
+    # its own quota rule, which only this adapter knows: the core and the forecast reuse it
+    def quota_window_start(self, now: float) -> float:
+        return journal_day(now)[0]
+
+    def quota(self, account: str, now: float, charged: float) -> Quota | None:
+        if self.config.daily_gpu_hours is None:
+            return None
+        return Quota(charged, self.config.daily_gpu_hours * 3600, journal_day(now)[1])
+
+    def forecast_model(self) -> ProviderModel:
+        model = super().forecast_model()
+        if self.config.daily_gpu_hours is None:
+            return model
+        return replace(model, quota_seconds=self.config.daily_gpu_hours * 3600,
+                       quota_window=journal_day)
 
     def _session_file(self, attempt_id: str) -> Path:
         return self.folder / "sessions" / f"{attempt_id}.json"
@@ -209,6 +222,12 @@ class JournalProvider(Provider):
         published = store.import_local(root / manifest.name, manifest)
         self._journal(f"collected {attempt.id} {os.getpid()}")
         return [published]
+
+
+def journal_day(now: float) -> tuple[float, float | None]:
+    """The journal's quota window holding ``now``: the UTC day (start, reset), epoch seconds."""
+    start = now - now % 86400
+    return start, start + 86400
 
 
 def register_entry_point(site: Path) -> Path:

@@ -303,6 +303,7 @@ def test_status_sees_through_the_lease_of_a_killed_scheduler(tmp_path):
 
 def test_the_example_pool_file_loads_and_its_durations_reach_every_reader(tmp_path):
     from gpupool.plan import provider_models
+    from gpupool.provider import load_provider_class
 
     example = Path(__file__).resolve().parents[1] / "configs" / "pool.example.yaml"
     settings = load_settings(example)
@@ -310,8 +311,11 @@ def test_the_example_pool_file_loads_and_its_durations_reach_every_reader(tmp_pa
     assert settings.provider_section("kaggle")["session_seconds"] == 9 * 3600  # "9h", checked
     assert settings.provider_section("colab")["start_timeout"] == 1800  # "30m"
     spec = load_experiment(write_experiment(tmp_path, steps=3, providers=["colab", "kaggle"]))
-    models = provider_models(spec, settings.providers, {})
+    adapters = {name: load_provider_class(name).from_section(
+        settings.provider_section(name), tmp_path / name, time.time) for name in spec.providers}
+    models = provider_models(spec, adapters, {})
     assert models["colab"].start_timeout == 1800
+    assert models["kaggle"].session_seconds == 9 * 3600 - 600  # the cap less the one margin rule
 
 
 def test_a_detached_run_leaves_no_scheduler_lease_behind(tmp_path):

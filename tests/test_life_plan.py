@@ -87,7 +87,7 @@ def test_plan_with_no_usable_provider_says_it_assumed_them(tmp_path):
 
 
 def test_plan_keeps_cpu_hours_apart_and_explains_its_loss_figures(tmp_path):
-    pool = pool_with(tmp_path, CpuOnly("local"))
+    pool = pool_with(tmp_path, CpuOnly("local", loss_prior_seconds=336 * 3600))  # the adapter's
     result = plan(pool, EXAMPLE, "--hours", "3")
     assert result.exit_code == 0, result.output
     assert "local (CPU hours)" in result.output and "GPU h" not in result.output

@@ -10,6 +10,7 @@ import threading
 import time
 import webbrowser
 from collections.abc import Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from gpupool.driver import Driver
 from gpupool.lifecycle import AttemptState
 from gpupool.notify import Message, Notifier
 from gpupool.pool import Pool
+from gpupool.provider import Launch, Submission
+from gpupool.provider_config import Capabilities
 from gpupool.scheduler import Scheduler
 from gpupool.settings import PoolSettings
 from gpupool.spec import ExperimentSpec
@@ -198,4 +201,28 @@ def test_schedulers_started_one_step_at_a_time_send_what_happened_in_between(tmp
     later.step()
     later.release()
     assert "gpupool: notified failed" in [m.title for m in sent]
+    pool.close()
+
+
+class OpenedByHand(FakeProvider):
+    """A third party's adapter whose sessions a person starts: it says so as data."""
+
+    capabilities = Capabilities(needs_person="a person starts each session on the web page")
+
+    def submit(self, launch: Launch) -> Submission:
+        return replace(super().submit(launch), url=f"https://example.test/{launch.attempt_id}")
+
+
+def test_any_adapter_that_declares_it_needs_a_person_gets_its_link_sent(tmp_path, receiver):
+    clock = Clock()
+    studio = OpenedByHand("local", Script([(AttemptState.SUCCEEDED, 600.0, 10)]))
+    pool = pool_with(tmp_path, [receiver.url], clock=clock, local=studio)
+    spec = fake_spec("by-hand").model_copy(update={"providers": ["local"]})
+    experiment = pool.submit(spec)
+    driver = Driver(pool)
+    driver.step()
+    driver.release()
+    [body] = receiver.wait_for(1)
+    assert body["title"] == "gpupool: open this notebook for by-hand"
+    assert f"https://example.test/{experiment.id}-a1" in body["message"]
     pool.close()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import random
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -12,18 +14,10 @@ from click.testing import CliRunner
 
 from gpupool import placement
 from gpupool.cli import cli
-from gpupool.plan import (
-    DAY,
-    HOUR,
-    PlanModel,
-    ProviderModel,
-    forecast,
-    plan_model,
-    presence_for,
-    simulate,
-    week_start,
-)
+from gpupool.plan import DAY, HOUR, PlanModel, ProviderModel, forecast, plan_model, presence_for, simulate
+from gpupool.provider import Provider, load_provider_class
 from gpupool.spec import ExperimentSpec
+from gpupool_providers.kaggle.config import week_start, week_window
 
 MONDAY = 1704067200.0  # 2024-01-01 00:00 UTC, a Monday
 SATURDAY = 1704499200.0  # 2024-01-06 00:00 UTC
@@ -34,8 +28,16 @@ def spec(providers: list[str], **kw) -> ExperimentSpec:
                           limits={"max_hops": 200}, **kw)
 
 
+def adapters(s: ExperimentSpec, sections: dict | None = None) -> dict[str, Provider]:
+    """The installed adapters of ``s``'s providers, built from their pool sections."""
+    data = Path(tempfile.mkdtemp())
+    return {name: load_provider_class(name).from_section((sections or {}).get(name, {}),
+                                                         data / name, time.time)
+            for name in s.providers}
+
+
 def model(s: ExperimentSpec, sections: dict | None = None, **kw) -> PlanModel:
-    return plan_model(s, sections or {}, **kw)
+    return plan_model(s, adapters(s, sections), **kw)
 
 
 def test_same_seed_same_forecast_and_other_seed_differs():
@@ -65,7 +67,7 @@ def test_no_usable_provider_cannot_finish_with_the_reason():
 
 def test_gpu_kind_no_provider_has_is_refused_by_placement():
     s = spec(["kaggle"], resources={"gpu": "none"})
-    m = PlanModel({"kaggle": ProviderModel("kaggle", weekly_seconds=30 * HOUR)})
+    m = PlanModel({"kaggle": ProviderModel("kaggle", quota_seconds=30 * HOUR, quota_window=week_window)})
     assert forecast(s, m, 5, MONDAY, runs=3).can_finish  # CPU-only work: any provider will do
 
 
@@ -122,7 +124,8 @@ def test_kaggle_week_starts_saturday_utc_and_quota_waits_for_it():
     assert week_start(SATURDAY - 1) == SATURDAY - 7 * DAY
     assert week_start(MONDAY) == SATURDAY - 7 * DAY
     s = spec(["kaggle"])
-    m = PlanModel({"kaggle": ProviderModel("kaggle", 8 * HOUR, 0, weekly_seconds=10 * HOUR)})
+    m = PlanModel({"kaggle": ProviderModel("kaggle", 8 * HOUR, 0, quota_seconds=10 * HOUR,
+                                           quota_window=week_window)})
     run = simulate(s, m, 15 * HOUR, MONDAY, random.Random(0))
     assert run.finished_at is not None and run.finished_at > SATURDAY  # 10 h this week, 5 h next
     assert run.gpu_seconds["kaggle"] == pytest.approx(15 * HOUR, rel=0.05)
@@ -154,7 +157,8 @@ def test_nobody_opens_colab_falls_back_to_kaggle():
 
 def test_local_sessions_start_only_inside_their_window():
     s = spec(["local"])
-    m = model(s, {"local": {"windows": ["22:00-23:00"], "session_seconds": 3600}})
+    m = model(s, {"local": {"windows": ["22:00-23:00"], "session_seconds": 3600,
+                            "deadline_margin": 0}})  # a session outlasts the window it began in
     run = simulate(s, m, 5 * HOUR, MONDAY, random.Random(0))
     assert run.finished_at is not None
     assert run.finished_at - MONDAY > 4 * DAY  # one hour a night
@@ -168,3 +172,59 @@ def test_a_month_of_virtual_time_runs_quickly():
     result = forecast(s, m, 10_000, MONDAY, runs=1)  # never finishes: the full 30 days
     assert time.perf_counter() - started < 5.0  # loosely: well under a second here
     assert not result.can_finish and "30 days" in result.reason
+
+
+# -- issue 13 item 3: the forecast asks each adapter, and reads what the scheduler reads ----
+
+@pytest.mark.parametrize("name, section", [
+    ("local", {}), ("local", {"session_seconds": "2h", "startup_seconds": 12}),
+    ("kaggle", {}), ("kaggle", {"session_seconds": "6h", "deadline_margin": 120}),
+    ("colab", {}), ("colab", {"startup_seconds": "10m", "loss_prior_seconds": "3h"}),
+])
+def test_forecast_model_reads_the_numbers_the_scheduler_reads(name, section):
+    from gpupool.session.contract import deadline_margin
+
+    s = spec([name])
+    provider = adapters(s, {name: section})[name]
+    m = plan_model(s, {name: provider}).providers[name]
+    assert m.startup_seconds == provider.startup_seconds()  # local: 5 s in both (was 60 vs 5)
+    cap = provider.session_seconds()
+    margin = deadline_margin(cap, section.get("deadline_margin", provider.config.deadline_margin))
+    assert m.session_seconds == (None if cap is None else cap - margin)  # the one margin rule
+    assert m.loss_hours == provider.loss_prior_seconds() / 3600  # the scheduler's prior too
+    assert m.needs_person == (provider.capabilities.needs_person is not None)
+
+
+def test_kaggle_forecast_counts_quota_over_the_adapters_own_week():
+    s = spec(["kaggle"])
+    kaggle = adapters(s, {"kaggle": {"weekly_gpu_hours": 12}})["kaggle"]
+    m = kaggle.forecast_model()
+    assert m.quota_seconds == 12 * HOUR
+    for now in (MONDAY, SATURDAY - 1, SATURDAY, SATURDAY + 3 * DAY + 5):
+        assert m.quota_window(now) == (kaggle.quota_window_start(now),
+                                       kaggle.quota_window_start(now) + 7 * DAY)
+
+
+def test_local_windows_have_one_rule_for_availability_and_forecast():
+    s = spec(["local"])
+    local = adapters(s, {"local": {"windows": ["22:00-07:00", "12:00-13:00"]}})["local"]
+    m = local.forecast_model()
+    for hour in range(0, 48):
+        now = MONDAY + hour * 1800 + 7
+        inside, change = m.open_at(now)
+        available = local.availability("default", now)
+        assert available.ok == inside
+        if not inside:  # the scheduler also learns when the next window opens
+            assert available.until == change and local.open_at(change)[0]
+            assert not local.open_at(change - 60)[0]
+
+
+def test_a_team_forecast_uses_its_members_adapter_rule(tmp_path):
+    s = spec(["kaggle"])
+    section = {"weekly_gpu_hours": 7, "accounts": {
+        "ann": {"owner": "Ann", "credentials": str(tmp_path / "ann.json")},
+        "bob": {"owner": "Bob", "credentials": str(tmp_path / "bob.json")}}}
+    team = adapters(s, {"kaggle": section})["kaggle"]
+    m = plan_model(s, {"kaggle": team}).providers["kaggle"]
+    assert m.quota_seconds == 7 * HOUR and m.quota_window is not None
+    assert m.startup_seconds == team.startup_seconds() == 180

@@ -14,6 +14,7 @@ from gpupool.lifecycle import AttemptState, ExperimentState
 from gpupool.placement import backoff_seconds
 from gpupool.pool import Pool
 from gpupool.provider import Availability, Quota
+from gpupool.provider_config import Capabilities
 from gpupool.quota import gpu_seconds_left
 from gpupool.scheduler import Scheduler
 from gpupool.settings import PoolSettings
@@ -34,6 +35,8 @@ class RollingDay(FakeProvider):
     def __init__(self, name: str, *, source: str = "ledger", **config: object):
         super().__init__(name, **config)
         self.source = source
+        # a guessed allowance is declared by the adapter, as Colab's class does
+        self.capabilities = Capabilities(exact_quota=source != "estimate")  # type: ignore[misc]
 
     def quota_window_start(self, now: float) -> float:
         return now - DAY

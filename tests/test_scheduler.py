@@ -13,6 +13,7 @@ from gpupool import db
 from gpupool.lifecycle import AttemptState, ExperimentState
 from gpupool.pool import Pool
 from gpupool.provider import Quota
+from gpupool.provider_config import Capabilities
 from gpupool.scheduler import Scheduler
 from gpupool.settings import PoolSettings
 from gpupool.spec import ExperimentSpec, parse_stored
@@ -212,6 +213,8 @@ def test_session_is_planned_to_end_before_the_quota_runs_out(tmp_path: Path) -> 
 
 def test_an_estimated_quota_does_not_shorten_the_session(tmp_path: Path) -> None:
     class Estimated(FakeProvider):
+        capabilities = Capabilities(exact_quota=False)  # declared: its quota is a guess
+
         def quota(self, account: str, now: float, charged: float) -> Quota | None:
             return Quota(charged, 2 * 3600, source="estimate")  # Colab publishes none: a guess
 

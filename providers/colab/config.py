@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from gpupool.accounts import AccountSection, check_account_names, one_account_per_person
 from gpupool.durations import Seconds
+from gpupool.provider_config import ProviderConfig
 
 CONFIG_DIR = Path(platformdirs.user_config_dir("gpupool")) / "colab"
 DEFAULT_CLIENT_SECRETS = CONFIG_DIR / "client_secrets.json"
@@ -26,15 +27,15 @@ class ColabAccount(AccountSection):
     estimated_gpu_hours_per_day: float | None = Field(None, gt=0)
 
 
-class ColabConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    enabled: bool = True
+class ColabConfig(ProviderConfig):
+    """The ``providers.colab`` section (the fields every provider has are in ``ProviderConfig``;
+    a free Colab session is capped at 12 h and a person opens each one)."""
+
     client_secrets: Path = Field(DEFAULT_CLIENT_SECRETS,
                                  description="OAuth client (Desktop app) JSON from the Cloud console")
     credentials_file: Path = Field(DEFAULT_CREDENTIALS,
                                    description="saved user credentials (written by gpupool auth colab)")
     folder: str = Field("gpupool", description="folder in My Drive holding gpupool's files")
-    max_concurrent: int = Field(1, ge=1)
     session_seconds: Seconds = Field(12 * 3600, gt=0, description="Colab's free session cap")
     deadline_margin: Seconds = Field(600, ge=0, description="stop this long before the cap")
     start_timeout: Seconds = Field(1800, gt=0, description="withdraw if nobody runs it in time")

@@ -12,6 +12,7 @@ import inspect
 import json
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,7 @@ from gpupool.provider import (
     classify_exit,
     runtime_env,
 )
+from gpupool.provider_config import Capabilities, ProviderModel
 
 from . import drive as gdrive
 from . import notebook
@@ -63,8 +65,9 @@ class ColabProvider(Provider):
     }
     input_kinds = frozenset({"local", "drive", "url", "kaggle"})  # kaggle: downloaded, then as local
     input_sources = frozenset({"drive"})  # downloaded for other providers' sessions
-    unsupported = {"unattended start": "Colab's free tier needs a person to open and run "
-                                       "each attempt's notebook"}
+    capabilities = Capabilities(
+        needs_person="Colab's free tier needs a person to open and run each attempt's notebook",
+        exact_quota=False, interactive_sign_in=True)  # Colab publishes no quota: a guess
 
     def __init__(self, config: ColabConfig, data_dir: Path, clock: Any, *,
                  auth_factory: gdrive.AuthFactory | None = None, sleep: gdrive.Sleep | None = None):
@@ -134,11 +137,17 @@ class ColabProvider(Provider):
             return False, str(err)
         return True, f"saved Google credentials at {self.config.credentials_file}"
 
-    def startup_seconds(self) -> float:
-        return self.config.startup_seconds
 
     def quota_window_start(self, now: float) -> float:
-        return now - WINDOW_SECONDS
+        """The estimate is per rolling day: the last 24 hours."""
+        return rolling_day(now)[0]
+
+    def forecast_model(self) -> ProviderModel:
+        """The generic model plus the estimated daily quota over a rolling day, and how long a
+        notebook waits for its person (``start_timeout``)."""
+        return replace(super().forecast_model(), quota_window=rolling_day,
+                       quota_seconds=self.config.estimated_gpu_hours_per_day * 3600,
+                       start_timeout=self.config.start_timeout)
 
     def quota(self, account: str, now: float, charged: float) -> Quota:
         """Colab publishes no quota: gpupool's estimate per rolling day (``estimated_gpu_hours_
@@ -393,3 +402,9 @@ def _quietly(call: Any, *args: Any) -> None:
 
 def _folder_title(attempt_id: str) -> str:
     return f"attempt-{attempt_id}"
+
+
+def rolling_day(now: float) -> tuple[float, float | None]:
+    """(start, reset) of the window Colab's estimated quota is counted over: the last 24 hours,
+    epoch seconds; a rolling window has no reset time (None)."""
+    return now - WINDOW_SECONDS, None

@@ -2,15 +2,33 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from gpupool.accounts import AccountSection, check_account_names, one_account_per_person
 from gpupool.durations import Seconds
+from gpupool.provider_config import ProviderConfig
 
 KAGGLE_CAP_SECONDS = 12 * 3600  # Kaggle's hard limit for a GPU session
 KAGGLE_GPU_SESSIONS = 2  # Kaggle's "maximum batch GPU session count" per account
+WEEK = 7 * 86400.0  # Kaggle's GPU quota is per week
+
+
+def week_start(now: float) -> float:
+    """Start (epoch seconds) of Kaggle's quota week holding ``now``: Saturday 00:00 UTC, in any
+    local time zone. The one copy of the rule: the adapter's ledger and the forecast use it."""
+    day = dt.datetime.fromtimestamp(now, dt.timezone.utc).replace(hour=0, minute=0, second=0,
+                                                                  microsecond=0)
+    days_since_saturday = (day.weekday() - 5) % 7
+    return (day - dt.timedelta(days=days_since_saturday)).timestamp()
+
+
+def week_window(now: float) -> tuple[float, float | None]:
+    """(start, reset) of the quota week holding ``now``, epoch seconds (see ``week_start``)."""
+    start = week_start(now)
+    return start, start + WEEK
 
 
 class KaggleAccount(AccountSection):
@@ -24,16 +42,15 @@ class KaggleAccount(AccountSection):
     weekly_gpu_hours: float | None = Field(None, gt=0, description="quota assumed when the API fails")
 
 
-class KaggleConfig(BaseModel):
-    """Settings of the Kaggle provider; every field has a default that suits a free account.
+class KaggleConfig(ProviderConfig):
+    """Settings of the Kaggle provider; every field has a default that suits a free account
+    (the fields every provider has are in ``ProviderConfig``; some defaults differ here).
 
     ``enable_internet`` defaults to True (the kaggle client's own default) because an
     experiment's ``setup`` usually pip-installs something; set it to false for experiments
     whose code needs nothing beyond Kaggle's image, so a session cannot reach the network.
     """
 
-    model_config = ConfigDict(extra="forbid")
-    enabled: bool = True
     username: str | None = Field(None, description="the Kaggle user; default: from the credentials")
     credentials: Path | None = Field(None, description="a kaggle.json to use instead of the usual places")
     accelerator: str | None = Field("NvidiaTeslaT4", description="machine_shape; null: CPU only")
@@ -41,7 +58,6 @@ class KaggleConfig(BaseModel):
     public: bool = Field(False, description="make kernels and datasets public (never by default)")
     session_seconds: Seconds = Field(9 * 3600, gt=0, le=KAGGLE_CAP_SECONDS,
                                    description="plan sessions this long (Kaggle cuts at 12 h)")
-    deadline_margin: Seconds | None = Field(None, ge=0, description="stop this long before the end")
     max_concurrent: int = Field(KAGGLE_GPU_SESSIONS, ge=1, le=KAGGLE_GPU_SESSIONS,
                                 description="Kaggle runs 2 GPU sessions at a time per account")
     weekly_gpu_hours: float = Field(30.0, gt=0, description="quota assumed when the API fails")
@@ -63,7 +79,9 @@ class KaggleConfig(BaseModel):
     keep_remote_objects: bool = Field(False, description="keep each attempt's kernel and inputs "
                                       "dataset on Kaggle after collecting it (they use your "
                                       "private storage); default: delete them")
-    startup_seconds: Seconds = Field(180.0, ge=0, description="queue and image start, for planning")
+    startup_seconds: Seconds = Field(180.0, ge=0, description="seconds of queue and image start")
+    loss_prior_seconds: Seconds = Field(72 * 3600.0, gt=0, description="assumed mean seconds "
+                                        "between unplanned session losses: Kaggle rarely drops one")
     accounts: dict[str, KaggleAccount] = Field(
         default_factory=dict, description="a team's members' own accounts, by a short name; "
         "empty: the one account found as the kaggle client finds it (account 'default')")
@@ -85,12 +103,6 @@ class KaggleConfig(BaseModel):
             raise ValueError("with accounts listed, give credentials and username under each "
                              "account (they are each member's own)")
         return self
-
-    @property
-    def margin(self) -> float:
-        if self.deadline_margin is not None:
-            return self.deadline_margin
-        return min(900.0, 0.1 * self.session_seconds)
 
 
 def _identity(entry: AccountSection) -> object:

@@ -19,6 +19,7 @@ import datetime as dt
 import logging
 import re
 import shutil
+from dataclasses import replace
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ from gpupool.errors import (
     ProviderUnavailable,
 )
 from gpupool.lifecycle import AttemptState
+from gpupool.provider_config import Capabilities, ProviderModel
 from gpupool.provider import (
     Availability,
     Launch,
@@ -44,7 +46,7 @@ from gpupool.provider import (
 
 from . import livelog, outputs
 from .client import KaggleRemote, KernelStatus, OutcomeUnknown, RemoteNotFound, detail
-from .config import KAGGLE_CAP_SECONDS, KaggleConfig
+from .config import KAGGLE_CAP_SECONDS, WEEK, KaggleConfig, week_start, week_window
 from .credentials import HINT, Credentials, find_credentials
 from .datasets import CHECKPOINT, CODE, RUNTIME, download_input, ensure_dataset, stage_inputs
 from .inputs import InputPlan, InputShipper
@@ -69,7 +71,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 CHECK_TTL = 300.0  # seconds a credentials check or quota answer is reused
 QUOTA_TTL = 60.0
-WEEK = 7 * 86400
 ENDED = frozenset({"COMPLETE", "ERROR", "CANCEL_ACKNOWLEDGED"})
 STOPPING = frozenset({"CANCEL_REQUESTED", *ENDED})
 CANCEL_CHECKS = 3  # status reads to confirm a cancel took (Kaggle may take a moment)
@@ -80,6 +81,7 @@ class KaggleProvider(Provider):
     Config = KaggleConfig
     config: KaggleConfig
     status_map = STATUS_MAP
+    capabilities = Capabilities(interactive_sign_in=True)
     input_kinds = frozenset({"local", "kaggle", "url", "drive"})  # drive: downloaded, then as local
     input_sources = frozenset({"kaggle"})  # downloaded for other providers' sessions
 
@@ -212,11 +214,13 @@ class KaggleProvider(Provider):
         return quota
 
     def quota_window_start(self, now: float) -> float:
-        """Kaggle's week starts on Saturday 00:00 UTC."""
-        day = dt.datetime.fromtimestamp(now, dt.timezone.utc).replace(hour=0, minute=0, second=0,
-                                                                      microsecond=0)
-        days_since_saturday = (day.weekday() - 5) % 7
-        return (day - dt.timedelta(days=days_since_saturday)).timestamp()
+        """Kaggle's week starts on Saturday 00:00 UTC (``week_start``)."""
+        return week_start(now)
+
+    def forecast_model(self) -> ProviderModel:
+        """The generic model plus the weekly quota (``weekly_gpu_hours``) over Kaggle's week."""
+        return replace(super().forecast_model(), quota_window=week_window,
+                       quota_seconds=self.config.weekly_gpu_hours * 3600)
 
     # -- attempts ---------------------------------------------------------------------------
 
