@@ -2,9 +2,10 @@
 
 Adapters are light objects built from their section of the pool configuration (a
 ``ProviderConfig`` subclass). What an adapter can do is data (``capabilities``), and each maps
-its remote status strings to ``AttemptState`` in one dict (``status_map``). Adapters are discovered through the
-``gpupool.providers`` entry-point group and imported only when first used, so a third party can
-add one without touching the core and ``import gpupool`` loads no provider SDK.
+its remote status strings to ``AttemptState`` in one dict (``status_map``). Adapters are
+discovered through the ``gpupool.providers`` entry-point group and imported only when first
+used, so a third party can add one without touching the core and ``import gpupool`` loads no
+provider SDK.
 """
 
 from __future__ import annotations

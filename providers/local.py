@@ -8,7 +8,6 @@ leaves training running, and finds it again from the files the supervisor wrote.
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import replace
 import fcntl
 import json
 import os
@@ -18,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 

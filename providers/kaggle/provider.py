@@ -19,9 +19,9 @@ import datetime as dt
 import logging
 import re
 import shutil
-from dataclasses import replace
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +33,6 @@ from gpupool.errors import (
     ProviderUnavailable,
 )
 from gpupool.lifecycle import AttemptState
-from gpupool.provider_config import Capabilities, ProviderModel
 from gpupool.provider import (
     Availability,
     Launch,
@@ -43,6 +42,7 @@ from gpupool.provider import (
     Submission,
     runtime_env,
 )
+from gpupool.provider_config import Capabilities, ProviderModel
 
 from . import livelog, outputs
 from .client import KaggleRemote, KernelStatus, OutcomeUnknown, RemoteNotFound, detail
