@@ -119,3 +119,16 @@ def test_auth_reads_the_declared_sign_in_capability(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["auth", "journal"], obj={"pool": pool})
     assert result.exit_code == 2 and "journal has no sign-in step" in result.output
     pool.close()
+
+
+def test_every_public_method_of_the_interface_is_documented() -> None:
+    """What a third party implements against is written down: each public method and
+    property of ``Provider`` has a docstring."""
+    import inspect
+
+    from gpupool.provider import Provider
+
+    undocumented = [name for name, member in inspect.getmembers(Provider)
+                    if not name.startswith("_") and (callable(member) or isinstance(member, property))
+                    and name != "Config" and not inspect.getdoc(member)]
+    assert undocumented == []
