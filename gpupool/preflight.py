@@ -14,9 +14,6 @@ from gpupool.pool import Pool
 from gpupool.provider import Provider
 from gpupool.spec import ExperimentSpec
 
-# Providers whose credentials `gpupool auth NAME` sets up.
-AUTH_COMMANDS = {"colab": "gpupool auth colab", "kaggle": "gpupool auth kaggle"}
-
 
 @dataclass(frozen=True)
 class ProviderCheck:
@@ -53,7 +50,7 @@ def check_provider(pool: Pool, spec: ExperimentSpec, name: str) -> ProviderCheck
                              f"accounts.{name} in the experiment file")
     ok, reason = _check_accounts(provider, name, accounts)
     if not ok:
-        return ProviderCheck(name, False, reason, _fix(name, where))
+        return ProviderCheck(name, False, reason, _fix(provider, where))
     on_cpu = spec.resources.wants_gpu and provider.accepts_cpu()
     return ProviderCheck(name, True, reason, on_cpu=on_cpu)
 
@@ -72,11 +69,13 @@ def _check_accounts(provider: Provider, name: str, accounts: list[str]) -> tuple
     return any(ok for ok, _ in answers), "; ".join(hint for _, hint in answers)
 
 
-def _fix(name: str, where: str) -> str:
-    if name in AUTH_COMMANDS:
-        return AUTH_COMMANDS[name]
-    if name == "local":
-        return f"set providers.local.cpu_fallback: true in {where}, or install a CUDA GPU driver"
+def _fix(provider: Provider, where: str) -> str:
+    """What fixes unusable credentials, from what the adapter declares it can do."""
+    name = provider.name
+    if provider.capabilities.interactive_sign_in:  # `gpupool auth NAME` sets them up
+        return f"gpupool auth {name}"
+    if provider.capabilities.cpu_fallback:
+        return f"set providers.{name}.cpu_fallback: true in {where}, or install a CUDA GPU driver"
     return f"see `gpupool providers` and providers.{name} in {where}"
 
 

@@ -21,6 +21,7 @@ from gpupool.cli import cli
 from gpupool.errors import ConfigError
 from gpupool.pool import Pool
 from gpupool.provider import available_providers, load_provider_class
+from gpupool.provider_config import Capabilities
 from gpupool.settings import PoolSettings
 from tests.fakes import JournalProvider, register_entry_point
 
@@ -132,3 +133,24 @@ def test_every_public_method_of_the_interface_is_documented() -> None:
                     if not name.startswith("_") and (callable(member) or isinstance(member, property))
                     and name != "Config" and not inspect.getdoc(member)]
     assert undocumented == []
+
+
+class SignedOut(JournalProvider):
+    """A third party's adapter with its own sign-in, not signed in yet."""
+
+    capabilities = Capabilities(interactive_sign_in=True)
+
+    def check_credentials(self) -> tuple[bool, str]:
+        return False, "not signed in"
+
+
+def test_the_run_preflight_fix_comes_from_declared_capabilities(tmp_path: Path) -> None:
+    from gpupool.preflight import check_provider
+    from gpupool.spec import ExperimentSpec
+
+    journal = SignedOut(JournalProvider.Config(folder=str(tmp_path)), tmp_path, lambda: 0.0)
+    pool = Pool(PoolSettings(data_dir=tmp_path / "data"), providers={"journal": journal})
+    spec = ExperimentSpec(name="signed-out", run="python t.py", providers=["journal"])
+    check = check_provider(pool, spec, "journal")
+    assert (check.usable, check.reason, check.fix) == (False, "not signed in", "gpupool auth journal")
+    pool.close()
