@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -119,7 +120,11 @@ class LocalProvider(Provider):
     def open_at(self, now: float) -> tuple[bool, float | None]:
         """(inside a window at ``now``, epoch seconds of the next window edge); no windows:
         always open. The one rule for local windows: availability and the forecast use it."""
-        return window_state([_parse_window(w) for w in self.config.windows], now)
+        return window_state(self._windows, now)
+
+    @cached_property
+    def _windows(self) -> list[tuple[int, int]]:
+        return [_parse_window(w) for w in self.config.windows]  # checked when the pool loaded
 
     def accepts_cpu(self) -> bool:
         """A GPU experiment trains on the CPU here: no GPU found and ``cpu_fallback`` is on."""
