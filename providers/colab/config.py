@@ -36,6 +36,8 @@ class ColabConfig(ProviderConfig):
     credentials_file: Path = Field(DEFAULT_CREDENTIALS,
                                    description="saved user credentials (written by gpupool auth colab)")
     folder: str = Field("gpupool", description="folder in My Drive holding gpupool's files")
+    max_concurrent: int = Field(1, ge=1, description="sessions at once per account (a person "
+                                "runs each notebook in a browser tab)")
     session_seconds: Seconds = Field(12 * 3600, gt=0, description="Colab's free session cap")
     deadline_margin: Seconds = Field(600, ge=0, description="stop this long before the cap")
     start_timeout: Seconds = Field(1800, gt=0, description="withdraw if nobody runs it in time")
