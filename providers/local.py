@@ -54,6 +54,7 @@ PROC = Path("/proc")
 class LocalConfig(ProviderConfig):
     """The ``providers.local`` section: this machine (shared fields in ``ProviderConfig``)."""
 
+    max_concurrent: int = Field(1, ge=1, description="sessions at once on this machine")
     startup_seconds: Seconds = Field(5.0, ge=0, description="seconds from submit to training "
                                      "(a local process starts at once)")
     loss_prior_seconds: Seconds = Field(336 * 3600.0, gt=0, description="assumed mean seconds "
