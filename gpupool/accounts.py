@@ -207,6 +207,7 @@ def team_class(cls: type[Provider]) -> type[TeamAccounts]:
         _TEAM_CLASSES[cls] = type(f"{cls.__name__}Team", (TeamAccounts,), {
             "name": cls.name, "Config": cls.Config, "status_map": cls.status_map,
             "capabilities": cls.capabilities, "input_kinds": cls.input_kinds,
+            "input_sources": cls.input_sources,
             "__module__": cls.__module__})
     return _TEAM_CLASSES[cls]
 
