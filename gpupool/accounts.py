@@ -196,6 +196,10 @@ class TeamAccounts(Provider):
     def cleanup(self, attempt: Attempt) -> None:
         self.member(attempt.account).cleanup(attempt)
 
+    def release(self, ended: Callable[[str], bool], now: float) -> None:
+        for member in self.members.values():
+            member.release(ended, now)
+
 
 _TEAM_CLASSES: dict[type[Provider], type[TeamAccounts]] = {}
 

@@ -5,10 +5,10 @@ the name upper-cased):
 
 * local: a local input is used in place (its own path); a url input is fetched once into
   ``<data_dir>/inputs/url/`` and verified against its sha256.
-* kaggle: a local input is a private dataset named by its content hash (uploaded once per
-  content, see ``providers/kaggle/inputs.py``), unpacked read-only under the kernel's scratch
-  folder and verified; a kaggle input is attached as a dataset source (read-only under
-  ``/kaggle/input``); a url input is fetched in the kernel and verified.
+* kaggle: a local input is a version of the private dataset of its name (a new version only
+  for a new content, see ``providers/kaggle/inputs.py``), mounted read-only and verified;
+  a kaggle input is attached as a dataset source (read-only under ``/kaggle/input``); a url
+  input is fetched in the kernel and verified.
 * colab: a local input is a Drive folder per content (``providers/colab/inputs.py``); it and
   a drive input are copied onto the VM through the Drive API, verified and made read-only; a
   url input is fetched in the notebook and verified.

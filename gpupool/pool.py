@@ -67,6 +67,10 @@ class Pool:
                 return self.try_provider(name)
         return None
 
+    def opened_providers(self) -> list[Provider]:
+        """The providers built so far (each is built on its first use)."""
+        return list(self._providers.values())
+
     def try_provider(self, name: str) -> Provider | None:
         """The provider, or None if it is not installed / not configured properly."""
         try:

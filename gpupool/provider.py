@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import json
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -305,6 +306,12 @@ class Provider(abc.ABC):
     def cleanup(self, attempt: Attempt) -> None:  # noqa: B027 - optional hook, no-op by default
         """Free remote resources after the attempt's checkpoints are collected (idempotent;
         failures are logged by the adapter, not raised)."""
+
+    def release(self, ended: Callable[[str], bool], now: float) -> None:  # noqa: B027
+        """Free what the provider keeps for whole experiments (uploaded code and inputs) once
+        ``ended(experiment_id)`` says that experiment is over (succeeded, failed or cancelled,
+        no session still running). Called by the scheduler after every step, so it must be
+        cheap when there is nothing to free. Optional hook, no-op by default."""
 
     # -- inputs whose source lives at this provider -------------------------------------------
 

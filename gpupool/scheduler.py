@@ -17,6 +17,7 @@ from gpupool.errors import (
     CheckpointError,
     GpupoolError,
     InputUnavailable,
+    NotFound,
     ProviderError,
     ProviderUnavailable,
     RateLimited,
@@ -90,7 +91,24 @@ class Scheduler:
                 continue
             self._isolated(experiment.id, None, now, report,
                            partial(self._place, experiment, now, report))
+        self._release_ended(now, report)
         return report
+
+    def _release_ended(self, now: float, report: Report) -> None:
+        """Let each provider free what it keeps for experiments that are over (uploaded code
+        and inputs: ``Provider.release``); a failure is reported, and tried again next step."""
+        def ended(experiment_id: str) -> bool:
+            try:
+                experiment = self.state.experiment(experiment_id)
+            except NotFound:
+                return True
+            return experiment.state.terminal and not self.state.attempts(experiment_id, active=True)
+
+        for provider in self.pool.opened_providers():
+            try:
+                provider.release(ended, now)
+            except GpupoolError as err:
+                report.problems.append(f"{provider.name}: freeing what ended experiments used: {err}")
 
     def _isolated(self, experiment_id: str, attempt_id: str | None, now: float, report: Report,
                   work: Callable[[], object]) -> None:
@@ -382,6 +400,7 @@ class Scheduler:
             failure = self._cancel_attempt(attempt, now, "cancelled by the user")
             if failure is not None:
                 failures.append(failure)
+        self._release_ended(now, Report())
         return Cancelled(self.state.experiment(experiment.id), failures)
 
     def _cancel_attempt(self, attempt: Attempt, now: float, reason: str) -> CancelFailed | None:

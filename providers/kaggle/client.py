@@ -17,11 +17,12 @@ side effects, unlike ``import kaggle``, which authenticates at import time).
 from __future__ import annotations
 
 import email.utils
+import hashlib
 import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -319,8 +320,11 @@ class KaggleRemote:
         answer = self._unless_gone("dataset status", lambda: datasets.get_dataset_status(request))
         return answer.status.name if answer is not None else None
 
-    def upload(self, path: Path) -> str:
-        """Upload one file as a dataset blob; returns its token."""
+    def upload(self, path: Path, sha256: str | None = None) -> str:
+        """Upload one file as a dataset blob; returns its token. The bytes sent are hashed on
+        the way: when they do not match ``sha256`` (the file changed after it was hashed) the
+        upload raises ``ProviderError`` and its token is never used. A progress bar (size,
+        rate, ETA) is shown on a terminal for files over ``PROGRESS_BYTES``."""
         from kagglesdk.blobs.types.blob_api_service import ApiBlobType, ApiStartBlobUploadRequest
 
         request = ApiStartBlobUploadRequest()
@@ -329,12 +333,21 @@ class KaggleRemote:
         request.last_modified_epoch_seconds = int(path.stat().st_mtime)
         blobs = self.sdk.blobs.blob_api_client
         blob = self.call("start upload", lambda: blobs.start_blob_upload(request))
-        self.call(f"upload {path.name}", lambda: self._put(blob.create_url, path))
+        sent = self.call(f"upload {path.name}", lambda: self._put(blob.create_url, path))
+        if sha256 is not None and sent != sha256:
+            raise ProviderError("kaggle", f"{path.name} changed while it was uploaded (sha256 "
+                                          f"{sent[:12]}…, expected {sha256[:12]}…); run again")
         return str(blob.token)
 
-    def _put(self, url: str, path: Path) -> None:
-        with open(path, "rb") as handle:
-            self._plain_session().put(url, data=handle, timeout=self._timeout).raise_for_status()
+    def _put(self, url: str, path: Path) -> str:
+        """PUT the file's bytes; returns the sha256 of what was sent."""
+        from gpupool.inputs import progress_bar
+
+        size = path.stat().st_size
+        with open(path, "rb") as handle, progress_bar(f"uploading {path.name}", size) as advance:
+            body = _SendingFile(handle, size, advance)
+            self._plain_session().put(url, data=body, timeout=self._timeout).raise_for_status()
+        return body.digest.hexdigest()
 
     def create_dataset(self, owner: str, slug: str, tokens: list[str], *, private: bool) -> None:
         from kagglesdk.datasets.types.dataset_api_service import (
@@ -352,6 +365,30 @@ class KaggleRemote:
                            idempotent=False)
         if answer.error and "already" not in answer.error:
             raise ProviderError("kaggle", f"creating dataset {owner}/{slug} failed: {answer.error}")
+
+    def create_dataset_version(self, owner: str, slug: str, tokens: list[str], *,
+                               delete_old: bool) -> None:
+        """A new version of ``owner/slug`` holding the uploaded files (``delete_old``: drop
+        the files of every older version). Not idempotent: an unclear answer raises
+        ``OutcomeUnknown`` (compare ``dataset_version`` before and after to resolve it)."""
+        from kagglesdk.datasets.types.dataset_api_service import (
+            ApiCreateDatasetVersionRequest,
+            ApiCreateDatasetVersionRequestBody,
+            ApiDatasetNewFile,
+        )
+
+        body = ApiCreateDatasetVersionRequestBody()
+        body.version_notes = "gpupool: new content"
+        body.delete_old_versions = delete_old
+        body.files = [_new_file(ApiDatasetNewFile, token) for token in tokens]
+        request = ApiCreateDatasetVersionRequest()
+        request.owner_slug, request.dataset_slug, request.body = owner, slug, body
+        datasets = self.sdk.datasets.dataset_api_client
+        answer = self.call("create dataset version",
+                           lambda: datasets.create_dataset_version(request), idempotent=False)
+        if answer.error:
+            raise ProviderError("kaggle", f"a new version of dataset {owner}/{slug} failed: "
+                                          f"{answer.error}")
 
     def dataset_version(self, owner: str, slug: str) -> int | None:
         """The dataset's current version number, None when there is no such dataset (or this
@@ -432,6 +469,28 @@ def _harden(session: Any, creds: Credentials, timeout: Callable[[], tuple[float,
         return response
 
     session.send = send_with_timeout
+
+
+class _SendingFile:
+    """A file as a request body: its length known (so it goes with a Content-Length), its
+    bytes hashed and counted as requests reads them."""
+
+    def __init__(self, handle: Any, size: int, advance: Callable[[int], None]):
+        self.handle, self.size, self.advance = handle, size, advance
+        self.digest = hashlib.sha256()
+
+    def __len__(self) -> int:
+        return self.size
+
+    def read(self, amount: int = -1) -> bytes:
+        data = self.handle.read(amount)
+        self.digest.update(data)
+        self.advance(len(data))
+        return bytes(data)
+
+    def __iter__(self) -> Iterator[bytes]:
+        while chunk := self.read(CHUNK):
+            yield chunk
 
 
 def _new_file(cls: Any, token: str) -> Any:

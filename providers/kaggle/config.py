@@ -79,6 +79,9 @@ class KaggleConfig(ProviderConfig):
     keep_remote_objects: bool = Field(False, description="keep each attempt's kernel and inputs "
                                       "dataset on Kaggle after collecting it (they use your "
                                       "private storage); default: delete them")
+    unused_input_days: float = Field(7.0, ge=0, description="keep an uploaded local input this "
+                                     "many days after the last experiment using it ended (a "
+                                     "re-run uploads nothing), then delete it")
     startup_seconds: Seconds = Field(180.0, ge=0, description="seconds of queue and image start")
     loss_prior_seconds: Seconds = Field(72 * 3600.0, gt=0, description="assumed mean seconds "
                                         "between unplanned session losses: Kaggle rarely drops one")

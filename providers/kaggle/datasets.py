@@ -1,14 +1,23 @@
-"""The private dataset that carries one attempt's inputs into its kernel; and an existing
+"""The datasets that carry an attempt's code and checkpoint into its kernel; and an existing
 dataset downloaded for a session elsewhere (``download_input``).
 
-It holds the marker file (which attempt, how to run it), the code bundle, gpupool's runtime
-and the checkpoint to resume from. The archives get a ``.gpupool`` suffix so Kaggle keeps them
-as files instead of unpacking them; the kernel unpacks them itself. Kaggle processes a new
-dataset asynchronously, so the kernel is pushed only once the dataset reads READY.
+* The code: one private dataset per content of (code bundle, gpupool runtime), named by its
+  hash (``<prefix>-code-<hash>``, see registry.py). Every attempt whose code did not change,
+  of this experiment or another, finds it READY and uploads nothing.
+* The checkpoint to resume from: a private dataset of the attempt's own (its kernel's slug),
+  made only when there is one, deleted once the attempt is collected (janitor.py).
+
+The archives get a ``.gpupool`` suffix so Kaggle keeps them as files instead of unpacking
+them; the kernel unpacks them itself, after checking the code archive's sha256. Kaggle
+processes a new dataset asynchronously, so the kernel is pushed only once it reads READY.
+What the kernel should do (the marker) is in its own script, not in a dataset.
 """
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import io
 import json
 import logging
 import os
@@ -16,48 +25,126 @@ import shutil
 import tarfile
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from gpupool.bundle import pack_runtime
+from gpupool.bundle import runtime_sources
 from gpupool.errors import InputUnavailable, ProviderError, ProviderUnavailable
 from gpupool.inputs import progress_bar
 from gpupool.provider import Launch
 
 from .client import KaggleRemote, OutcomeUnknown, RemoteNotFound
 from .config import KaggleConfig
-from .kernel import MARKER
+from .kernel import CHECKPOINT_FILE as CHECKPOINT
+from .kernel import CODE_FILE as CODE
+from .kernel import RUNTIME_FILE as RUNTIME
+from .registry import Registry
 
-CODE, RUNTIME, CHECKPOINT = "code.gpupool", "runtime.gpupool", "checkpoint.gpupool"
 FAILED_STATUSES = frozenset({"FAILED", "DELETED"})
 STREAM_CHUNK = 64 * 1024  # small reads: a cut keeps all but the last few KiB
+Clock = Callable[[], float]
 log = logging.getLogger(__name__)
 
 
-def stage_inputs(launch: Launch, staging: Path, marker: dict[str, Any]) -> list[Path]:
-    """Write the dataset's files into ``staging`` (fresh each time); returns them."""
+def stage_code(bundle: Path, staging: Path) -> dict[str, str]:
+    """Write the code dataset's files into ``staging``: the workdir bundle and gpupool's
+    in-session runtime, each as a gzip with no time or name in its header, so the same code
+    gives the same bytes (and the same dataset) in every attempt and every experiment.
+    Returns each file's sha256, by name."""
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    shutil.copyfile(launch.bundle, staging / CODE)
-    pack_runtime(staging / RUNTIME)
-    if launch.restore is not None:
-        restore = launch.store.download(launch.restore, staging / "restore" / launch.restore.name)
-        with tarfile.open(staging / CHECKPOINT, "w") as tar:
-            tar.add(restore, arcname=launch.restore.name)
-        shutil.rmtree(staging / "restore")
-    (staging / MARKER).write_text(json.dumps(marker, indent=1))
-    return sorted(p for p in staging.iterdir() if p.is_file())
+    with gzip.open(bundle, "rb") as source, _quiet_gzip(staging / CODE) as target:
+        shutil.copyfileobj(source, target, 1 << 20)
+    with _quiet_gzip(staging / RUNTIME) as target, tarfile.open(fileobj=target, mode="w") as tar:
+        for name, data in sorted(runtime_sources().items()):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), 0o644, 0
+            tar.addfile(info, io.BytesIO(data))
+    return {name: file_sha256(staging / name) for name in (CODE, RUNTIME)}
+
+
+@contextmanager
+def _quiet_gzip(path: Path) -> Iterator[gzip.GzipFile]:
+    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0,
+                                                compresslevel=6) as packed:
+        yield packed
+
+
+def code_slug(prefix: str, files: dict[str, str]) -> str:
+    """The code dataset's slug, named by its files' hashes (Kaggle allows 6-50 characters)."""
+    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    return f"{prefix}-code-{digest[:24]}"
+
+
+def stage_checkpoint(launch: Launch, staging: Path) -> list[tuple[Path, str]]:
+    """The checkpoint dataset's one file: the verified checkpoint to resume from, as a tar."""
+    assert launch.restore is not None
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    restore = launch.store.download(launch.restore, staging / "restore" / launch.restore.name)
+    with tarfile.open(staging / CHECKPOINT, "w") as tar:
+        tar.add(restore, arcname=launch.restore.name)
+    shutil.rmtree(staging / "restore")
+    return [(staging / CHECKPOINT, file_sha256(staging / CHECKPOINT))]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def ship_code(remote: KaggleRemote, config: KaggleConfig, owner: str, registry: Registry,
+              launch: Launch, staging: Path, made: list[str],
+              clock: Clock = time.monotonic) -> tuple[str, dict[str, str]]:
+    """The code dataset of ``launch`` (``owner/slug``) and its files' sha256 by name, uploaded
+    only when no dataset holds this code yet; the experiment is recorded as its user. A
+    dataset made now is added to ``made`` (deleted again when the push does not happen)."""
+    try:
+        files = stage_code(launch.bundle, staging)
+        slug = code_slug(config.slug_prefix, files)
+        registry.use(slug, "code", slug, 1, launch.experiment_id)
+        ensure_dataset(remote, config, owner, slug,
+                       lambda: [(staging / name, sha) for name, sha in files.items()], made, clock)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return f"{owner}/{slug}", files
+
+
+def ship_checkpoint(remote: KaggleRemote, config: KaggleConfig, owner: str, slug: str,
+                    launch: Launch, staging: Path, made: list[str],
+                    clock: Clock = time.monotonic) -> str | None:
+    """The attempt's own checkpoint dataset (``owner/slug``), None when it starts afresh."""
+    if launch.restore is None:
+        return None
+    try:
+        ensure_dataset(remote, config, owner, slug, lambda: stage_checkpoint(launch, staging),
+                       made, clock)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return f"{owner}/{slug}"
 
 
 def ensure_dataset(remote: KaggleRemote, config: KaggleConfig, owner: str, slug: str,
-                   files: Callable[[], list[Path]], clock: Callable[[], float] = time.monotonic) -> None:
-    """Create ``owner/slug`` from ``files()`` unless it exists, then wait until it is READY.
+                   files: Callable[[], list[tuple[Path, str]]], made: list[str],
+                   clock: Clock = time.monotonic) -> None:
+    """Create ``owner/slug`` from ``files()`` (path, sha256) unless it exists, then wait until
+    it is READY; ``slug`` is added to ``made`` just before it is created. One that Kaggle
+    could not process is deleted and made again.
 
     Raises ProviderError when Kaggle refuses or fails it, ProviderUnavailable when it is not
     ready within ``dataset_ready_timeout`` seconds."""
-    if remote.dataset_status(owner, slug) is None:
-        tokens = [remote.upload(path) for path in files()]
+    status = remote.dataset_status(owner, slug)
+    if status in FAILED_STATUSES:
+        remote.delete_dataset(owner, slug)
+        status = None
+    if status is None:
+        tokens = [remote.upload(path, sha256) for path, sha256 in files()]
+        made.append(slug)
         create(remote, owner, slug, tokens, private=not config.public)
     wait_ready(remote, config, owner, slug, clock)
 
@@ -73,8 +160,28 @@ def create(remote: KaggleRemote, owner: str, slug: str, tokens: list[str], *, pr
             remote.create_dataset(owner, slug, tokens, private=private)
 
 
+def add_version(remote: KaggleRemote, config: KaggleConfig, owner: str, slug: str,
+                tokens: list[str], *, delete_old: bool, clock: Clock = time.monotonic) -> int:
+    """Make a new version of ``owner/slug`` from uploaded ``tokens``, wait until it is READY
+    and return its number. After an unclear answer the version number (once processing is
+    over) says whether it landed: a version is never made twice."""
+    before = remote.dataset_version(owner, slug) or 0
+    try:
+        remote.create_dataset_version(owner, slug, tokens, delete_old=delete_old)
+    except OutcomeUnknown:
+        wait_ready(remote, config, owner, slug, clock)
+        if (remote.dataset_version(owner, slug) or 0) <= before:
+            remote.create_dataset_version(owner, slug, tokens, delete_old=delete_old)
+    wait_ready(remote, config, owner, slug, clock)
+    number = remote.dataset_version(owner, slug)
+    if number is None or number <= before:
+        raise ProviderError("kaggle", f"Kaggle shows no new version of {owner}/{slug} after "
+                                      "making one")
+    return number
+
+
 def wait_ready(remote: KaggleRemote, config: KaggleConfig, owner: str, slug: str,
-               clock: Callable[[], float] = time.monotonic) -> None:
+               clock: Clock = time.monotonic) -> None:
     """Poll until READY. Kaggle is eventually consistent here: a dataset just created may
     answer 404 for a while, so "not found" means "not ready yet" until the timeout."""
     give_up = clock() + config.dataset_ready_timeout

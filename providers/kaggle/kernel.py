@@ -1,11 +1,13 @@
 """What gpupool pushes to Kaggle per attempt: a slug, the kernel's metadata, its bootstrap script.
 
-The kernel's code is a small generated script. It finds gpupool's inputs by a marker file under
-``$KAGGLE_ROOT/input`` (``/kaggle/input``; searched, since Kaggle changed the mount layout in
-2026), puts the shipped runtime on ``sys.path`` and hands over to ``gpupool.bootstrap`` with the
-session folder in ``/kaggle/working/gpupool``, whose files become the session's output. The
-deadline is computed inside the kernel at its start, because the time spent queued is unknown.
-Nothing secret goes into the script or the metadata: the session needs no Kaggle credentials.
+The kernel's code is a small generated script that carries the attempt's marker (which
+datasets hold its code and checkpoint, how to run it). It finds those datasets under
+``$KAGGLE_ROOT/input`` (``/kaggle/input``; both layouts, since Kaggle changed the mount layout
+in 2026), checks the code archives' sha256, puts the shipped runtime on ``sys.path`` and hands
+over to ``gpupool.bootstrap`` with the session folder in ``/kaggle/working/gpupool``, whose
+files become the session's output. The deadline is computed inside the kernel at its start,
+because the time spent queued is unknown. Nothing secret goes into the script or the metadata:
+the session needs no Kaggle credentials.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 from gpupool.lifecycle import AttemptState
 
-MARKER = "gpupool-input.json"
+CODE_FILE, RUNTIME_FILE, CHECKPOINT_FILE = "code.gpupool", "runtime.gpupool", "checkpoint.gpupool"
 SESSION_SUBDIR = "gpupool"  # under /kaggle/working
 MAX_SLUG = 50
 
@@ -52,7 +54,7 @@ def kernel_slug(prefix: str, attempt_id: str) -> str:
 
 
 def dataset_slug(kernel: str) -> str:
-    """The inputs dataset of a kernel (Kaggle wants 6-50 characters)."""
+    """The dataset of a kernel's own (the checkpoint it resumes from; 6-50 characters)."""
     return kernel if len(kernel) >= 6 else f"{kernel}-input"
 
 
@@ -62,11 +64,10 @@ def gpu_kind(accelerator: str | None) -> str | None:
     return ACCELERATOR_KINDS.get(accelerator.lower(), accelerator.lower())
 
 
-def save_request(*, owner: str, slug: str, script: str, dataset: str, private: bool,
-                 accelerator: str | None, internet: bool, timeout_seconds: int,
-                 input_sources: list[str] | None = None) -> Any:
+def save_request(*, owner: str, slug: str, script: str, sources: list[str], private: bool,
+                 accelerator: str | None, internet: bool, timeout_seconds: int) -> Any:
     """The ``ApiSaveKernelRequest`` (kernel-metadata.json's fields) that pushes and runs it;
-    ``input_sources`` are the experiment's input datasets ("owner/slug[/version]")."""
+    ``sources`` are the datasets it mounts ("owner/slug[/version]")."""
     from kagglesdk.kernels.types.kernels_api_service import ApiSaveKernelRequest
 
     request = ApiSaveKernelRequest()
@@ -75,35 +76,46 @@ def save_request(*, owner: str, slug: str, script: str, dataset: str, private: b
     request.is_private = private
     request.enable_gpu = accelerator is not None
     request.enable_internet = internet
-    request.dataset_data_sources = [f"{owner}/{dataset}", *(input_sources or [])]
+    request.dataset_data_sources = list(sources)
     request.session_timeout_seconds = timeout_seconds
     if accelerator:
         request.machine_shape = accelerator
     return request
 
 
-def render_script(attempt_id: str) -> str:
-    """The kernel's code: a fixed bootstrap with only the attempt id filled in."""
-    return BOOTSTRAP.replace("@ATTEMPT@", json.dumps(attempt_id)).replace("@MARKER@", json.dumps(MARKER)) \
+def render_script(marker: dict[str, Any]) -> str:
+    """The kernel's code: a fixed bootstrap with the attempt's marker filled in."""
+    return BOOTSTRAP.replace("@MARKER@", json.dumps(json.dumps(marker, sort_keys=True))) \
         .replace("@SUBDIR@", json.dumps(SESSION_SUBDIR))
 
 
-def marker(attempt_id: str, *, bundle: str, runtime: str, checkpoint: str | None,
+def script_marker(script: str) -> dict[str, Any]:
+    """The marker a rendered script carries (for tests and for reading a pushed kernel)."""
+    line = next(line for line in script.splitlines() if line.startswith("MARKER = "))
+    return dict(json.loads(json.loads(line.removeprefix("MARKER = json.loads(").rstrip(")"))))
+
+
+def marker(attempt_id: str, *, code: str, code_files: dict[str, str], checkpoint: str | None,
            checkpoint_name: str | None, setup: str | None, run: str, env: dict[str, str],
            session_seconds: float, margin: float,
            inputs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The marker file's content: which inputs are whose, and how to run the session;
-    ``inputs`` is the experiment's data plan (see gpupool.session_inputs.prepare)."""
+    """What the kernel is told: ``code`` ("owner/slug" holding ``code_files``, name -> sha256:
+    the bundle and the runtime), ``checkpoint`` ("owner/slug" holding the one to resume
+    from), how to run the session, and the experiment's data plan ``inputs`` (see
+    gpupool.session_inputs.prepare)."""
     return {
-        "attempt": attempt_id, "bundle": bundle, "runtime": runtime, "checkpoint": checkpoint,
+        "attempt": attempt_id, "code": code, "code_files": code_files, "bundle": CODE_FILE,
+        "runtime": RUNTIME_FILE, "checkpoint": checkpoint, "checkpoint_file": CHECKPOINT_FILE,
         "checkpoint_name": checkpoint_name, "setup": setup, "run": run, "env": env,
         "session_seconds": session_seconds, "margin": margin, "inputs": inputs or {},
     }
 
 
 BOOTSTRAP = '''\
-"""gpupool session bootstrap (generated; holds no credentials). Finds this attempt's inputs by
-their marker file, then runs gpupool.bootstrap with its session folder in /kaggle/working."""
+"""gpupool session bootstrap (generated; holds no credentials). Finds this attempt's code and
+checkpoint among the mounted datasets, checks them, then runs gpupool.bootstrap with its
+session folder in /kaggle/working."""
+import hashlib
 import json
 import os
 import shutil
@@ -113,20 +125,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ATTEMPT = @ATTEMPT@
-MARKER = @MARKER@
+MARKER = json.loads(@MARKER@)
 SUBDIR = @SUBDIR@
-
-
-def find_inputs(root):
-    for path in sorted(root.rglob(MARKER)):
-        try:
-            config = json.loads(path.read_text())
-        except ValueError:
-            continue
-        if config.get("attempt") == ATTEMPT:
-            return path.parent, config
-    sys.exit(f"gpupool: no {MARKER} for attempt {ATTEMPT} under {root}")
 
 
 def locate_dataset(inputs_root, ref):
@@ -135,6 +135,22 @@ def locate_dataset(inputs_root, ref):
         if path.is_dir():
             return path
     return None
+
+
+def mounted(inputs_root, ref, what):
+    path = locate_dataset(inputs_root, ref)
+    if path is None:
+        sys.exit(f"gpupool: the {what} dataset {ref} is not mounted under {inputs_root}")
+    return path
+
+
+def check_sha256(path, expected):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    if digest.hexdigest() != expected:
+        sys.exit(f"gpupool: {path.name} does not match its sha256 (damaged in transit)")
 
 
 def extract(archive, target):
@@ -147,9 +163,12 @@ def extract(archive, target):
 def main():
     start = time.time()
     kaggle = Path(os.environ.get("KAGGLE_ROOT", "/kaggle"))
-    inputs, config = find_inputs(kaggle / "input")
+    inputs, config = kaggle / "input", MARKER
+    code = mounted(inputs, config["code"], "code")
+    for name, sha256 in config["code_files"].items():
+        check_sha256(code / name, sha256)
     scratch = Path(tempfile.mkdtemp(prefix="gpupool-"))
-    runtime = extract(inputs / config["runtime"], scratch / "runtime")
+    runtime = extract(code / config["runtime"], scratch / "runtime")
     sys.path.insert(0, str(runtime))
     from gpupool import bootstrap, session_inputs
     from gpupool.manifest import read_local, verify_local
@@ -161,16 +180,17 @@ def main():
     env.update(GPUPOOL_SESSION_DIR=str(session), GPUPOOL_LOG_EVENTS="1",
                GPUPOOL_DEADLINE="%.3f" % (hard_end - float(config["margin"])))
     if config.get("checkpoint"):
-        restore = extract(inputs / config["checkpoint"], scratch / "restore") / config["checkpoint_name"]
+        held = mounted(inputs, config["checkpoint"], "checkpoint")
+        restore = extract(held / config["checkpoint_file"], scratch / "restore") / config["checkpoint_name"]
         verify_local(restore, read_local(restore))
         env["GPUPOOL_RESTORE_DIR"] = str(restore)
     try:
         env.update(session_inputs.prepare(config.get("inputs", {}),
-                                          lambda ref: locate_dataset(kaggle / "input", ref), scratch))
+                                          lambda ref: locate_dataset(inputs, ref), scratch))
     except session_inputs.InputProblem as err:
         sys.exit(f"gpupool: {err}")
     session_config = {
-        "session_dir": str(session), "bundle": str(inputs / config["bundle"]),
+        "session_dir": str(session), "bundle": str(code / config["bundle"]),
         "setup": config.get("setup"), "run": config["run"], "hard_end": hard_end,
         "runtime_path": str(runtime), "env": env,
     }

@@ -1,7 +1,9 @@
 """The Kaggle provider: one private kernel per attempt, run by the real kagglesdk client.
 
-Per attempt: a private dataset carries the inputs (code bundle, runtime, checkpoint; see
-datasets.py), a private kernel with a generated bootstrap script runs them (kernel.py), and the
+Per attempt: a private kernel with a generated bootstrap script (kernel.py) mounts the code
+dataset (one per content of the code and gpupool's runtime, shared by every attempt that runs
+the same code), a dataset with the checkpoint it resumes from (its own; none on a first
+attempt) and the experiment's inputs (inputs.py); see datasets.py and registry.py. The
 session's ``/kaggle/working/gpupool`` comes back as its output, from which verified checkpoints
 are published (outputs.py). The adapter keeps a small record per attempt (kernel version and
 session id) under its data dir; a re-submit after a scheduler crash finds the kernel it pushed.
@@ -21,6 +23,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,9 +51,9 @@ from . import livelog, outputs
 from .client import KaggleRemote, KernelStatus, OutcomeUnknown, RemoteNotFound, detail
 from .config import KAGGLE_CAP_SECONDS, WEEK, KaggleConfig, week_start, week_window
 from .credentials import HINT, Credentials, find_credentials
-from .datasets import CHECKPOINT, CODE, RUNTIME, download_input, ensure_dataset, stage_inputs
+from .datasets import download_input, ship_checkpoint, ship_code
 from .inputs import InputPlan, InputShipper
-from .janitor import Janitor, Leftover
+from .janitor import Janitor, Leftover, drop_made, release_ended
 from .kernel import (
     STATUS_MAP,
     dataset_slug,
@@ -61,6 +64,7 @@ from .kernel import (
     save_request,
 )
 from .records import Records
+from .registry import Registry
 
 if TYPE_CHECKING:
     from gpupool.manifest import Manifest
@@ -95,6 +99,7 @@ class KaggleProvider(Provider):
         self._janitor: Janitor | None = None
         self._shipper: InputShipper | None = None
         self.records = Records(self.data_dir)
+        self.registry = Registry(self.data_dir / "datasets.json")
 
     # -- credentials and the client ---------------------------------------------------------
 
@@ -109,7 +114,8 @@ class KaggleProvider(Provider):
     def shipper(self) -> InputShipper:
         if self._shipper is None:
             self._shipper = InputShipper(self.remote, self.config, self.owner, self.data_dir,
-                                         clock=self._monotonic, foreign=self.sources)
+                                         clock=self._monotonic, foreign=self.sources,
+                                         registry=self.registry)
         return self._shipper
 
     @property
@@ -233,44 +239,56 @@ class KaggleProvider(Provider):
         adopted = self._adopt(launch.attempt_id, owner, slug, "found kernel {ref} pushed earlier")
         if adopted is not None:
             return adopted
-        plan = self.shipper.prepare(launch.spec)  # before anything is created for the attempt
+        # Inputs first, before anything is created for the attempt; they are the experiment's
+        # (uploaded once per content, kept while it runs), so a refused push keeps them.
+        plan = self.shipper.prepare(launch.spec, launch.experiment_id)
+        made: list[str] = []  # datasets this attempt creates: gone again if nothing runs
         staging = self.data_dir / "staging" / launch.attempt_id
-        files = lambda: stage_inputs(launch, staging, self._marker(launch, plan))  # noqa: E731
         try:
-            ensure_dataset(self.remote, self.config, owner, dataset_slug(slug), files,
-                           clock=self._monotonic)
-            return self._push(launch, owner, slug, plan)
+            code, files = ship_code(self.remote, self.config, owner, self.registry, launch,
+                                    staging / "code", made, clock=self._monotonic)
+            checkpoint = ship_checkpoint(self.remote, self.config, owner, dataset_slug(slug),
+                                         launch, staging / "checkpoint", made,
+                                         clock=self._monotonic)
+            script = render_script(self._marker(launch, plan, code, files, checkpoint))
+            sources = [code, *([checkpoint] if checkpoint else []), *plan.sources]
+            return self._push(launch, owner, slug, script, sources, made)
         except GpupoolError:
-            # Nothing runs for this attempt: delete what it created (the dataset holds a copy
-            # of the checkpoint and counts against the private-storage quota).
-            self.janitor.delete(Leftover(launch.attempt_id, owner, slug, dataset_slug(slug)))
+            self._drop_made(launch.experiment_id, owner, slug, made)
+            own = dataset_slug(slug) if dataset_slug(slug) in made else ""
+            self.janitor.delete(Leftover(launch.attempt_id, owner, slug, own))
             raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
-    def _push(self, launch: Launch, owner: str, slug: str, plan: InputPlan) -> Submission:
+    def _drop_made(self, experiment: str, owner: str, slug: str, made: list[str]) -> None:
+        """Nothing runs for this attempt: the shared datasets it made go (janitor.drop_made);
+        its own checkpoint dataset, and any kernel, go through the janitor's list."""
+        drop_made(self.remote, self.registry, experiment, owner,
+                  [name for name in made if name != dataset_slug(slug)], self.clock())
+
+    def _push(self, launch: Launch, owner: str, slug: str, script: str, sources: list[str],
+              made: list[str]) -> Submission:
         request = save_request(
-            owner=owner, slug=slug, script=render_script(launch.attempt_id),
-            dataset=dataset_slug(slug), private=not self.config.public,
-            input_sources=plan.sources,
-            accelerator=self._accelerator(launch), internet=self.config.enable_internet,
+            owner=owner, slug=slug, script=script, sources=sources,
+            private=not self.config.public, accelerator=self._accelerator(launch),
+            internet=self.config.enable_internet,
             timeout_seconds=int(min(KAGGLE_CAP_SECONDS, self.config.session_seconds + 300)))
         try:
             answer, session_id = self.remote.push(request)
         except OutcomeUnknown as err:
-            return self._unclear_push(launch, owner, slug, err)
+            return self._unclear_push(launch, owner, slug, err, made)
         if answer.error:
             raise ProviderUnavailable(self.name, f"Kaggle refused the kernel: {answer.error}",
                                       _refresh_time(answer.error))
         if answer.invalid_dataset_sources:
             log.warning("kaggle: %s cannot mount %s", slug, answer.invalid_dataset_sources)
         record = {"owner": owner, "slug": slug, "version": int(answer.version_number or 0) or None,
-                  "session_id": session_id, "url": answer.url or None, "pushed_at": launch.now}
+                  "session_id": session_id, "url": answer.url or None, "pushed_at": launch.now,
+                  "dataset": dataset_slug(slug) if launch.restore else ""}
         self.records.write(launch.attempt_id, record)
         return _submission(record, f"kernel {owner}/{slug} pushed")
 
-    def _unclear_push(self, launch: Launch, owner: str, slug: str,
-                      err: OutcomeUnknown) -> Submission:
+    def _unclear_push(self, launch: Launch, owner: str, slug: str, err: OutcomeUnknown,
+                      made: list[str]) -> Submission:
         """The push may have landed: adopt its kernel if Kaggle shows it, else keep asking at
         each poll (the attempt stays submitted, so nothing else is placed meanwhile)."""
         log.warning("kaggle: %s; asking Kaggle whether kernel %s/%s exists", detail(err), owner, slug)
@@ -282,7 +300,8 @@ class KaggleProvider(Provider):
         if adopted is not None:
             return adopted
         record = {"owner": owner, "slug": slug, "version": None, "session_id": None, "url": None,
-                  "unconfirmed_since": launch.now}
+                  "unconfirmed_since": launch.now, "made": made,
+                  "dataset": dataset_slug(slug) if launch.restore else ""}
         self.records.write(launch.attempt_id, record)
         return _submission(record, f"the push got no clear answer ({detail(err)}); "
                                    "waiting to see whether Kaggle started the kernel")
@@ -300,13 +319,13 @@ class KaggleProvider(Provider):
     def _accelerator(self, launch: Launch) -> str | None:
         return self.config.accelerator if launch.spec.resources.wants_gpu else None
 
-    def _marker(self, launch: Launch, plan: InputPlan) -> dict[str, Any]:
+    def _marker(self, launch: Launch, plan: InputPlan, code: str, files: dict[str, str],
+                checkpoint: str | None) -> dict[str, Any]:
         env = runtime_env(launch, provider=self.name, session_dir="", restore_dir=None,
                           deadline=None)
         env.pop("GPUPOOL_SESSION_DIR", None)  # set inside the kernel, like the deadline
         restore = launch.restore
-        return marker(launch.attempt_id, bundle=CODE, runtime=RUNTIME,
-                      checkpoint=CHECKPOINT if restore else None,
+        return marker(launch.attempt_id, code=code, code_files=files, checkpoint=checkpoint,
                       checkpoint_name=restore.name if restore else None,
                       setup=launch.spec.setup, run=launch.spec.run, env=env,
                       session_seconds=self.planned_session_seconds(launch) or self.config.session_seconds,
@@ -410,7 +429,8 @@ class KaggleProvider(Provider):
             return  # no kernel: nothing runs
         if status.name not in STOPPING:
             self._request_stop(record, status, action)
-        self.janitor.remember(Leftover(attempt.id, owner, slug, dataset_slug(slug), after_end=True))
+        self.janitor.remember(Leftover(attempt.id, owner, slug, _own_dataset(record),
+                                       after_end=True))
 
     def _request_stop(self, record: dict[str, Any], status: KernelStatus, action: str) -> None:
         ref = f"{record['owner']}/{record['slug']}"
@@ -467,12 +487,22 @@ class KaggleProvider(Provider):
         if self.config.keep_remote_objects:
             return
         record = self._record_of(attempt)
-        item = Leftover(attempt.id, record["owner"], record["slug"], dataset_slug(record["slug"]))
+        if record.get("version") is None:  # its push never landed: as for a refused push
+            self._drop_made(attempt.experiment_id, record["owner"], record["slug"],
+                            record.get("made", []))
+        item = Leftover(attempt.id, record["owner"], record["slug"], _own_dataset(record))
         if self._keep_log(item):
             self.janitor.delete(item)
         else:
             self.janitor.remember(item)
         self.sweep()
+
+    def release(self, ended: Callable[[str], bool], now: float) -> None:
+        """Shared datasets of experiments that ended are freed (janitor.release_ended; code at
+        once, inputs after ``unused_input_days``), unless ``keep_remote_objects``."""
+        if not self.config.keep_remote_objects:
+            keep = {"code": 0.0, "input": self.config.unused_input_days * 86400}
+            release_ended(lambda: (self.remote, self.owner), self.registry, ended, now, keep)
 
     def sweep(self) -> None:
         """Retry deletions that failed before, and those that waited for a session to end."""
@@ -526,6 +556,11 @@ class KaggleProvider(Provider):
 def _submission(record: dict[str, Any], message: str) -> Submission:
     remote_id = f"{record['owner']}/{record['slug']}/{record.get('version') or 0}"
     return Submission(remote_id=remote_id, url=record.get("url"), message=message)
+
+
+def _own_dataset(record: dict[str, Any]) -> str:
+    """The attempt's checkpoint dataset ("" when it had none; older records: by its slug)."""
+    return str(record.get("dataset", dataset_slug(record["slug"])))
 
 
 def _parse_remote_id(remote_id: str | None, owner: str, slug: str) -> tuple[str, str, int | None]:

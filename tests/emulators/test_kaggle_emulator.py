@@ -21,6 +21,7 @@ from kagglesdk.datasets.types.dataset_api_service import (
     ApiDatasetNewFile,
     ApiDeleteDatasetRequest,
     ApiDownloadDatasetRequest,
+    ApiGetDatasetRequest,
     ApiGetDatasetStatusRequest,
 )
 from kagglesdk.kernels.types.kernels_api_service import (
@@ -437,6 +438,19 @@ def _create(slug: str, token: str) -> ApiCreateDatasetRequest:
 
 
 # ---------------------------------------------------------------- datasets
+
+
+def test_get_dataset_gives_the_newest_version_number(emu: KaggleEmulator) -> None:
+    client = emu.sdk_client()
+    emu.add_dataset("alice/inputs-one", {"a.bin": b"1"})
+    emu.add_dataset("alice/inputs-one", {"a.bin": b"2"})
+    request = ApiGetDatasetRequest()
+    request.owner_slug, request.dataset_slug = "alice", "inputs-one"
+    answer = client.datasets.dataset_api_client.get_dataset(request)
+    assert answer.current_version_number == 2 and answer.is_private
+    request.dataset_slug = "no-such-set"
+    with pytest.raises(requests.HTTPError, match="not found"):
+        client.datasets.dataset_api_client.get_dataset(request)
 
 
 def test_dataset_upload_create_and_status_via_sdk(emu: KaggleEmulator) -> None:

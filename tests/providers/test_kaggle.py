@@ -27,7 +27,14 @@ from gpupool.spec import ExperimentSpec
 from gpupool.state import Experiment
 from gpupool_providers.kaggle import KaggleProvider
 from gpupool_providers.kaggle.credentials import find_credentials
-from gpupool_providers.kaggle.kernel import STATUS_MAP, kernel_slug, render_script, save_request
+from gpupool_providers.kaggle.kernel import (
+    STATUS_MAP,
+    kernel_slug,
+    marker,
+    render_script,
+    save_request,
+    script_marker,
+)
 from tests.emulators.kaggle import Fault, KaggleEmulator
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -208,15 +215,19 @@ def test_long_slugs_of_different_attempts_differ() -> None:
 
 
 def test_metadata_is_private_gpu_and_holds_no_secret() -> None:
-    request = save_request(owner="alice", slug="gpupool-x-a1", script=render_script("x-a1"),
-                           dataset="gpupool-x-a1", private=True, accelerator="NvidiaTeslaT4",
-                           internet=False, timeout_seconds=3600)
+    told = marker("x-a1", code="alice/gpupool-code-1a2b3c", code_files={"code.gpupool": "ab"},
+                  checkpoint=None, checkpoint_name=None, setup=None, run="python train.py",
+                  env={"A": "1"}, session_seconds=600, margin=60)
+    request = save_request(owner="alice", slug="gpupool-x-a1", script=render_script(told),
+                           sources=["alice/gpupool-code-1a2b3c"], private=True,
+                           accelerator="NvidiaTeslaT4", internet=False, timeout_seconds=3600)
     body = type(request).to_dict(request)
     assert body["isPrivate"] is True and body["enableGpu"] is True
     assert body["machineShape"] == "NvidiaTeslaT4" and body["kernelType"] == "script"
-    assert body["datasetDataSources"] == ["alice/gpupool-x-a1"]
+    assert body["datasetDataSources"] == ["alice/gpupool-code-1a2b3c"]
     assert SECRET not in json.dumps(body) and "KAGGLE_KEY" not in body["text"]
     compile(body["text"], "kernel.py", "exec")
+    assert script_marker(body["text"]) == told  # the script carries the attempt's marker
 
 
 def test_private_unless_public_is_explicit(tmp_path: Path) -> None:
@@ -324,7 +335,7 @@ def test_resubmit_after_crash_finds_the_pushed_kernel(emu: KaggleEmulator, tmp_p
     shutil.rmtree(provider.data_dir / "attempts")  # the scheduler's host lost its records
     again = provider.submit(launch_for(pool, experiment, attempt.id))
     assert again.remote_id == attempt.remote_id
-    assert len(emu.sessions) == 1 and len(emu.datasets) == 1  # nothing pushed twice
+    assert len(emu.sessions) == 1 and len(emu.datasets) == 1  # nothing pushed twice (its code)
 
 
 # -- faults ---------------------------------------------------------------------------------

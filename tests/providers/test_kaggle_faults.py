@@ -20,6 +20,7 @@ from gpupool.pool import Pool
 from gpupool.scheduler import Scheduler
 from gpupool.settings import PoolSettings
 from gpupool_providers.kaggle import KaggleProvider
+from gpupool_providers.kaggle.janitor import RETRY_SECONDS
 from tests.emulators.kaggle import Fault, KaggleEmulator
 from tests.providers.test_kaggle import (  # noqa: F401 - fixtures
     Sleeps,
@@ -223,12 +224,19 @@ def test_refused_push_deletes_its_dataset_at_once(emu: KaggleEmulator, tmp_path)
 
 def test_deletion_that_fails_is_retried_later(emu: KaggleEmulator, tmp_path) -> None:
     pool, provider, _ = make_pool(tmp_path, max_retries=1)
-    emu.inject("DeleteDataset", Fault.http(503), times=4)  # cleanup's try and its sweep
+    emu.inject("DeleteKernel", Fault.http(503), times=4)  # cleanup's try and its sweep
+    emu.inject("DeleteDataset", Fault.http(503), times=2)  # the code, once the experiment ended
     experiment = pool.submit(spec(tmp_path, run=QUICK))
     assert drive(pool, experiment.id, timeout=60).state == ExperimentState.SUCCEEDED
-    assert len(emu.live_datasets()) == 1 and provider.janitor.pending()
+    assert len(emu.live_kernels()) == 1 and provider.janitor.pending()
     provider.sweep()
-    assert not emu.live_datasets() and not emu.live_kernels() and not provider.janitor.pending()
+    assert not emu.live_kernels() and not provider.janitor.pending()
+    deletes = lambda: [r.endpoint for r in emu.requests].count("DeleteDataset")  # noqa: E731
+    assert len(emu.live_datasets()) == 1 and deletes() == 2
+    Scheduler(pool).reconcile_once(time.time())  # not tried again at every step
+    assert deletes() == 2
+    Scheduler(pool).reconcile_once(time.time() + RETRY_SECONDS)
+    assert not emu.live_datasets() and deletes() == 3
 
 
 # -- 5. what Kaggle ended is a loss, with Kaggle's message as it was -----------------------

@@ -9,23 +9,27 @@ from __future__ import annotations
 
 import hashlib
 import http.server
-import json
+import io
 import os
+import re
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-from gpupool.errors import SpecError
+from gpupool.errors import GpupoolError, SpecError
 from gpupool.lifecycle import AttemptState, ExperimentState
 from gpupool.pool import Pool
+from gpupool.scheduler import Scheduler
 from gpupool.settings import PoolSettings
 from gpupool.spec import load_experiment
 from gpupool.state import Experiment
 from gpupool_providers.kaggle import KaggleProvider
+from gpupool_providers.kaggle.kernel import script_marker
 from tests.emulators.kaggle import Fault, KaggleEmulator
 from tests.helpers import drive_until_done
 from tests.test_inputs import CHECK_SCRIPT, make_data
@@ -62,11 +66,12 @@ def make_pool(tmp: Path) -> Pool:
 
 
 def experiment_file(tmp: Path, inputs: dict, *, name: str = "kaggle-inputs", exit_code: int = 0,
-                    retries: int = 0) -> Path:
+                    retries: int = 0, sleep: float = 0) -> Path:
     work = tmp / "work"
     work.mkdir(exist_ok=True)
     (work / "check.py").write_text(CHECK_SCRIPT)
-    data = {"name": name, "workdir": "work", "run": "python check.py", "providers": ["kaggle"],
+    run = "python check.py" + (f" && sleep {sleep:g}" if sleep else "")
+    data = {"name": name, "workdir": "work", "run": run, "providers": ["kaggle"],
             "resources": {"gpu": "none"}, "limits": {"retries_on_error": retries},
             "env": {"EXIT_CODE": str(exit_code)}, "inputs": inputs}
     path = tmp / f"{name}.yaml"
@@ -129,6 +134,49 @@ def test_changed_content_is_uploaded_again(emu: KaggleEmulator, tmp_path: Path) 
     assert input_uploads(emu).count("data.tar") == 2
     assert session_lines(emu) == [f"INPUT GPUPOOL_INPUT_BLOB 1 {digest(b'one' * 1000)}",
                                   f"INPUT GPUPOOL_INPUT_BLOB 1 {digest(b'two' * 1000)}"]
+    # A new version of the input's one dataset, not a new dataset; no experiment uses the
+    # first content any more, so its version's files were dropped (deleteOldVersions).
+    (dataset,) = [d for d in emu.live_datasets() if "-in-" in d.slug]
+    assert dataset.slug == "gpupool-in-blob" and dataset.is_private
+    assert [bool(v.files) for v in dataset.versions] == [False, True]
+    pushes = [r.json["datasetDataSources"] for r in emu.requests if r.endpoint == "SaveKernel"]
+    assert "alice/gpupool-in-blob/1" in pushes[0] and "alice/gpupool-in-blob/2" in pushes[1]
+
+
+def test_two_contents_of_one_input_in_two_live_experiments_are_two_kept_versions(
+        emu: KaggleEmulator, tmp_path: Path) -> None:
+    (tmp_path / "one").write_bytes(b"1" * 5000)
+    (tmp_path / "two").write_bytes(b"2" * 5000)
+    pool = make_pool(tmp_path)
+    scheduler = Scheduler(pool)
+    first = pool.submit(load_experiment(path := experiment_file(
+        tmp_path, {"blob": "one"}, name="first", sleep=60)), path)
+    scheduler.reconcile_once(time.time())
+    second = run(pool, experiment_file(tmp_path, {"blob": "two"}, name="second"))
+    assert second.state == ExperimentState.SUCCEEDED
+    (dataset,) = [d for d in emu.live_datasets() if "-in-" in d.slug]
+    assert [bool(v.files) for v in dataset.versions] == [True, True]  # the first still uses v1
+    assert pool.state.attempts(first.id)[0].state == AttemptState.SUBMITTED or \
+        pool.state.attempts(first.id)[0].state == AttemptState.RUNNING
+    assert input_uploads(emu).count("data.tar") == 2
+
+
+def test_input_unused_for_unused_input_days_is_deleted(emu: KaggleEmulator,
+                                                       tmp_path: Path) -> None:
+    (tmp_path / "blob").write_bytes(b"x" * 5000)
+    pool = make_pool(tmp_path)
+    provider = pool.provider("kaggle")
+    assert run(pool, experiment_file(tmp_path, {"blob": "blob"})).state == ExperimentState.SUCCEEDED
+    assert [d.slug for d in emu.live_datasets()] == ["gpupool-in-blob"]  # the code is gone
+    keep = provider.config.unused_input_days * 86400  # type: ignore[attr-defined]
+    scheduler, now = Scheduler(pool), time.time()
+    scheduler.reconcile_once(now + keep - 60)
+    assert [d.slug for d in emu.live_datasets()] == ["gpupool-in-blob"]  # a re-run would reuse it
+    scheduler.reconcile_once(now + keep + 1)
+    assert not emu.live_datasets()
+    again = run(pool, experiment_file(tmp_path, {"blob": "blob"}, name="later"))
+    assert again.state == ExperimentState.SUCCEEDED  # uploaded again, as a new dataset
+    assert input_uploads(emu).count("data.tar") == 2
 
 
 def test_existing_kaggle_dataset_is_attached_without_any_upload(
@@ -213,9 +261,9 @@ def test_marker_and_push_name_every_input(emu: KaggleEmulator, tmp_path: Path) -
     push = next(r.json for r in emu.requests if r.endpoint == "SaveKernel")
     sources = push["datasetDataSources"]
     assert "bob/corpus-set" in sources and any("-in-" in s for s in sources) and len(sources) == 3
-    marker = next(json.loads(blob.data) for blob in emu.blobs.values()
-                  if blob.name == "gpupool-input.json")  # the attempt's dataset is cleaned up
+    marker = script_marker(push["text"])  # the kernel's script carries it
     assert set(marker["inputs"]) == {"train", "corpus"}
+    assert marker["code"] in sources and marker["checkpoint"] is None
 
 
 def test_content_dataset_kaggle_failed_to_process_is_uploaded_again(
@@ -239,3 +287,39 @@ def test_url_input_refused_up_front_when_kernels_have_no_internet(
         pool.submit(load_experiment(path), path)
     where, what = caught.value.problems[0]
     assert where.startswith("inputs.words.url (line ") and "without internet" in what
+
+
+class Terminal(io.StringIO):
+    """stderr as a terminal: progress bars are drawn into it."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_upload_shows_size_rate_and_eta_and_sends_what_was_hashed(
+        emu: KaggleEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "data.tar"
+    data.write_bytes(os.urandom(12 * 1024 * 1024))  # over PROGRESS_BYTES
+    remote = make_pool(tmp_path).provider("kaggle").remote  # type: ignore[attr-defined]
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    monkeypatch.setenv("TERM", "xterm")
+    monkeypatch.setenv("COLUMNS", "150")
+    token = remote.upload(data, digest(data.read_bytes()))
+    drawn = screen.getvalue()
+    assert "uploading data.tar" in drawn and "12.6 MB" in drawn  # size
+    assert "/s" in drawn and re.search(r"\d+:\d\d:\d\d", drawn)  # rate and time left
+    assert emu.blobs[token].data == data.read_bytes()
+    with pytest.raises(GpupoolError, match="changed while it was uploaded"):
+        remote.upload(data, "0" * 64)  # what was sent is not what was hashed: never used
+
+
+def test_small_upload_draws_nothing(emu: KaggleEmulator, tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "small.bin"
+    data.write_bytes(b"x" * 1000)
+    remote = make_pool(tmp_path).provider("kaggle").remote  # type: ignore[attr-defined]
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    remote.upload(data, digest(b"x" * 1000))
+    assert screen.getvalue() == ""
