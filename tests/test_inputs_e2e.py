@@ -104,6 +104,17 @@ def drive_input_uploads(drive) -> int:  # type: ignore[no-untyped-def]
     return sum(1 for f in drive.state.files.values() if f.title == "data.bin")
 
 
+def drive_uploaded_bytes(drive) -> int:  # type: ignore[no-untyped-def]
+    """Bytes of every upload chunk the Drive emulator answered (its request log)."""
+    return sum(int(r.headers.get("content-length") or 0) for r in drive.state.calls("upload.chunk"))
+
+
+def once(uploaded: int) -> bool:
+    """The input's bytes went up once: more than its size, less than twice (the rest is code,
+    notebooks, checkpoints and status files, a few MB at most)."""
+    return SIZE <= uploaded < SIZE + 64 * 1024 * 1024
+
+
 def session_reads(log: str) -> list[str]:
     return [line for line in log.splitlines() if line.startswith(("DATA OK", "DATA MISMATCH"))]
 
@@ -138,8 +149,8 @@ def test_300mb_input_hops_colab_kaggle_local_uploaded_once_per_provider(
     director.person.join(30)
 
     # Uploaded once per provider across all attempts.
-    assert drive_input_uploads(drive_emulator) == 1
-    assert kaggle_input_uploads(kaggle_emu) == 1
+    assert drive_input_uploads(drive_emulator) == 1 and once(drive_uploaded_bytes(drive_emulator))
+    assert kaggle_input_uploads(kaggle_emu) == 1 and once(kaggle_emu.uploaded_bytes())
 
     # A second experiment with the same input uploads nothing, on either provider.
     kaggle_emu.config.gpu_quota_seconds = 30 * 3600  # a new week
@@ -152,3 +163,4 @@ def test_300mb_input_hops_colab_kaggle_local_uploaded_once_per_provider(
     assert session_reads(pool.provider("kaggle").logs(run)) == [f"DATA OK kaggle {SIZE}"]
     colab.inputs().prepare(load_experiment(again))  # what a Colab attempt of it would ship
     assert kaggle_input_uploads(kaggle_emu) == 1 and drive_input_uploads(drive_emulator) == 1
+    assert once(kaggle_emu.uploaded_bytes()) and once(drive_uploaded_bytes(drive_emulator))

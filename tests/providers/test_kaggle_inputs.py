@@ -323,3 +323,17 @@ def test_small_upload_draws_nothing(emu: KaggleEmulator, tmp_path: Path,
     monkeypatch.setattr(sys, "stderr", screen)
     remote.upload(data, digest(b"x" * 1000))
     assert screen.getvalue() == ""
+
+
+def test_cut_upload_resumes_where_it_stopped_and_is_verified(
+        emu: KaggleEmulator, tmp_path: Path) -> None:
+    data = tmp_path / "data.tar"
+    data.write_bytes(os.urandom(3_000_000))
+    remote = make_pool(tmp_path).provider("kaggle").remote  # type: ignore[attr-defined]
+    emu.inject("upload", Fault.cut(1_000_000))
+    token = remote.upload(data, digest(data.read_bytes()))
+    assert emu.blobs[token].data == data.read_bytes()
+    puts = [r for r in emu.requests if r.endpoint == "upload"]
+    assert [r.headers.get("Content-Range") for r in puts] == [
+        None, "bytes */3000000", "bytes 1000000-2999999/3000000"]  # probe, then the rest only
+    assert len(puts[-1].body) == 2_000_000

@@ -22,7 +22,7 @@ RATE_LIMIT_BODY = {
 class Fault:
     """One injected misbehaviour. Build with the class methods, not the constructor."""
 
-    kind: str  # "http" | "hang" | "reset" | "truncate" | "extra_fields" | "status"
+    kind: str  # "http" | "hang" | "reset" | "truncate" | "extra_fields" | "status" | "cut"
     code: int = 500
     body: dict[str, Any] | None = None
     headers: dict[str, str] = field(default_factory=dict)
@@ -30,6 +30,7 @@ class Fault:
     fields: dict[str, Any] = field(default_factory=dict)
     value: str = ""
     after: bool = False  # strike after the request took effect (http, hang, reset)
+    cut_after: int = 0  # "cut": body bytes that arrive before the connection is reset
 
     @classmethod
     def rate_limit(cls, retry_after: float | str = 1) -> Fault:
@@ -56,6 +57,12 @@ class Fault:
         """Close the connection with a TCP RST instead of answering (``after``: once the
         request has taken effect)."""
         return cls("reset", after=after)
+
+    @classmethod
+    def cut(cls, after_bytes: int) -> Fault:
+        """An upload PUT cut short: its first ``after_bytes`` arrive and are kept (the blob's
+        resumable probe then reports them), then the connection is reset."""
+        return cls("cut", cut_after=after_bytes)
 
     @classmethod
     def truncate(cls) -> Fault:

@@ -140,6 +140,10 @@ class Handler(BaseHTTPRequestHandler):
             if fault is not None and fault.kind == "reset":
                 self._reset()
                 return
+            if fault is not None and fault.kind == "cut":
+                self._route(path, body[: fault.cut_after])  # what arrived before the cut stays
+                self._reset()
+                return
             if fault is not None and fault.kind == "hang":
                 emu.stopping.wait(min(fault.seconds, emu.config.max_hang_seconds))
             reply = (
