@@ -17,13 +17,12 @@ side effects, unlike ``import kaggle``, which authenticates at import time).
 from __future__ import annotations
 
 import email.utils
-import hashlib
 import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -109,6 +108,11 @@ class KaggleRemote:
         except ValueError:
             return None
         return body.get(name) if isinstance(body, dict) else None
+
+    @property
+    def timeouts(self) -> tuple[float, float]:
+        """(connect, read) seconds of one request."""
+        return self._timeout
 
     @property
     def _timeout(self) -> tuple[float, float]:
@@ -321,57 +325,11 @@ class KaggleRemote:
         return answer.status.name if answer is not None else None
 
     def upload(self, path: Path, sha256: str | None = None) -> str:
-        """Upload one file as a dataset blob; returns its token. A cut upload resumes where
-        it stopped (the resumable protocol's probe says how much arrived), it does not start
-        over. The bytes sent are hashed on the way: when they do not match ``sha256`` (the
-        file changed after it was hashed) the upload raises ``ProviderError`` and its token is
-        never used. A progress bar (size, rate, ETA) is shown on a terminal for files over
-        ``gpupool.inputs.PROGRESS_BYTES``."""
-        from kagglesdk.blobs.types.blob_api_service import ApiBlobType, ApiStartBlobUploadRequest
+        """Upload one file as a dataset blob (resumed after a cut, hashed as it is sent,
+        with progress); returns its token. See ``uploads.upload_blob``."""
+        from .uploads import upload_blob
 
-        from gpupool.inputs import progress_bar
-
-        request = ApiStartBlobUploadRequest()
-        request.type, request.name = ApiBlobType.DATASET, path.name
-        request.content_length = path.stat().st_size
-        request.last_modified_epoch_seconds = int(path.stat().st_mtime)
-        blobs = self.sdk.blobs.blob_api_client
-        blob = self.call("start upload", lambda: blobs.start_blob_upload(request))
-        upload = _Upload(blob.create_url, path, path.stat().st_size)
-        with progress_bar(f"uploading {path.name}", upload.size) as advance:
-            self.call(f"upload {path.name}", lambda: self._put(upload, advance))
-        sent = upload.digest.hexdigest()
-        if sha256 is not None and sent != sha256:
-            raise ProviderError("kaggle", f"{path.name} changed while it was uploaded (sha256 "
-                                          f"{sent[:12]}…, expected {sha256[:12]}…); run again")
-        return str(blob.token)
-
-    def _put(self, upload: _Upload, advance: Callable[[int], None]) -> None:
-        """Send the bytes the upload URL does not hold yet (all of them the first time)."""
-        start = self._received(upload) if upload.tried else 0
-        upload.tried = True
-        upload.hash_up_to(start)  # what the server kept, hashed again locally (not re-sent)
-        if start == upload.size and start:
-            return
-        headers = {"Content-Range": f"bytes {start}-{upload.size - 1}/{upload.size}"} if start else {}
-        with open(upload.path, "rb") as handle:
-            handle.seek(start)
-            body = _SendingFile(handle, upload, advance)
-            self._plain_session().put(upload.url, data=body, headers=headers,
-                                      timeout=self._timeout).raise_for_status()
-
-    def _received(self, upload: _Upload) -> int:
-        """How many bytes the upload URL holds: a ``Content-Range: bytes */N`` probe, answered
-        308 with the ``Range`` kept so far, or 200/201 when it is complete."""
-        answer = self._plain_session().put(upload.url, data=b"", timeout=self._timeout,
-                                           headers={"Content-Range": f"bytes */{upload.size}"})
-        if answer.status_code in (200, 201):
-            return upload.size
-        if answer.status_code != 308:
-            answer.raise_for_status()
-            return 0
-        kept = answer.headers.get("Range", "")
-        return int(kept.rsplit("-", 1)[1]) + 1 if "-" in kept else 0
+        return upload_blob(self, path, sha256)
 
     def create_dataset(self, owner: str, slug: str, tokens: list[str], *, private: bool) -> None:
         from kagglesdk.datasets.types.dataset_api_service import (
@@ -443,7 +401,7 @@ class KaggleRemote:
         headers = {"Range": f"bytes={start}-"} if start else {}
 
         def get() -> Any:
-            response = self._plain_session().get(url, stream=True, timeout=timeout, headers=headers)
+            response = self.plain_session().get(url, stream=True, timeout=timeout, headers=headers)
             response.raise_for_status()
             return response
 
@@ -455,7 +413,7 @@ class KaggleRemote:
         """Fetch a signed output URL (no auth) into ``target``; a broken stream raises."""
         def fetch() -> None:
             timeout = (self._timeout[0], self.config.download_timeout)
-            with self._plain_session().get(url, stream=True, timeout=timeout) as response:
+            with self.plain_session().get(url, stream=True, timeout=timeout) as response:
                 response.raise_for_status()
                 with open(target, "wb") as handle:
                     for chunk in response.iter_content(CHUNK):
@@ -463,7 +421,8 @@ class KaggleRemote:
 
         self.call(f"download {target.name}", fetch)
 
-    def _plain_session(self) -> Any:
+    def plain_session(self) -> Any:
+        """A plain requests session (no auth): signed URLs for blob uploads and downloads."""
         if self._downloads is None:
             import requests
 
@@ -493,55 +452,6 @@ def _harden(session: Any, creds: Credentials, timeout: Callable[[], tuple[float,
         return response
 
     session.send = send_with_timeout
-
-
-@dataclass
-class _Upload:
-    """One blob upload across its tries: where it goes and the sha256 of the bytes sent."""
-
-    url: str
-    path: Path
-    size: int
-    tried: bool = False
-    hashed: int = 0  # bytes of the file ``digest`` covers
-    digest: Any = field(default_factory=hashlib.sha256)
-
-    def hash_up_to(self, offset: int) -> None:
-        """Make ``digest`` cover the file's first ``offset`` bytes (re-read from disk when a
-        cut lost some of what was sent)."""
-        if self.hashed == offset:
-            return
-        self.digest, self.hashed = hashlib.sha256(), 0
-        with open(self.path, "rb") as handle:
-            while self.hashed < offset:
-                chunk = handle.read(min(CHUNK, offset - self.hashed))
-                if not chunk:
-                    break
-                self.digest.update(chunk)
-                self.hashed += len(chunk)
-
-
-class _SendingFile:
-    """The rest of a file as a request body: its length known (so it goes with a
-    Content-Length), its bytes hashed and counted as requests reads them."""
-
-    def __init__(self, handle: Any, upload: _Upload, advance: Callable[[int], None]):
-        self.handle, self.upload, self.advance = handle, upload, advance
-        self.size = upload.size - handle.tell()
-
-    def __len__(self) -> int:
-        return self.size
-
-    def read(self, amount: int = -1) -> bytes:
-        data = self.handle.read(amount)
-        self.upload.digest.update(data)
-        self.upload.hashed += len(data)
-        self.advance(len(data))
-        return bytes(data)
-
-    def __iter__(self) -> Iterator[bytes]:
-        while chunk := self.read(CHUNK):
-            yield chunk
 
 
 def _new_file(cls: Any, token: str) -> Any:
