@@ -16,8 +16,8 @@ EXCLUDE_DIRS = {".git", "__pycache__", ".venv", "venv", "gpupool-session", ".ipy
 MAX_BUNDLE_BYTES = 200 * 1024 * 1024
 # Files, or packages shipped whole; the integrations (framework callbacks) are imported only
 # by scripts that use them.
-RUNTIME_MODULES = ("__init__.py", "errors.py", "runtime.py", "manifest.py", "torch", "bootstrap.py",
-                   "snapshot.py", "integrations", "session_inputs.py")
+RUNTIME_MODULES = ("__init__.py", "errors.py", "clock.py", "runtime.py", "manifest.py", "torch",
+                   "bootstrap.py", "snapshot.py", "integrations", "session_inputs.py")
 
 
 def _workdir_files(workdir: Path, exclude: Iterable[str] = ()) -> Iterator[Path]:

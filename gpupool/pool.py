@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 from gpupool.bundle import pack_workdir
+from gpupool.clock import SYSTEM_CLOCK, Clock, as_clock
 from gpupool.errors import ConfigError, SpecError
 from gpupool.inputs import InputSources, input_problems, raise_problems
 from gpupool.manifest import Manifest
@@ -19,12 +19,14 @@ from gpupool.store import CheckpointStore
 
 
 class Pool:
-    """One user's (or team's) pool. ``clock`` returns epoch seconds; tests pass a fake one."""
+    """One user's (or team's) pool. ``clock`` (``gpupool.clock``) is the time everything the
+    pool opens reads and sleeps on: the scheduler, the providers, the library face. Tests pass
+    a ``ManualClock``, or a function of epoch seconds (wall time only; sleeps stay real)."""
 
-    def __init__(self, settings: PoolSettings, *, clock: Callable[[], float] = time.time,
+    def __init__(self, settings: PoolSettings, *, clock: Clock | Callable[[], float] = SYSTEM_CLOCK,
                  providers: dict[str, Provider] | None = None):
         self.settings = settings
-        self.clock = clock
+        self.clock = as_clock(clock)
         self.data_dir = Path(settings.data_dir)
         self.state = State(settings.resolved_database_url)
         self.store_root = CheckpointStore(settings.resolved_store_url)

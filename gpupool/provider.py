@@ -17,11 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import ValidationError
 
 from gpupool import runtime
+from gpupool.clock import SYSTEM_CLOCK, Clock, as_clock
 from gpupool.errors import ConfigError, InputUnavailable, SpecError
 from gpupool.lifecycle import AttemptState
 from gpupool.manifest import Manifest
@@ -34,10 +35,6 @@ if TYPE_CHECKING:
     from gpupool.store import CheckpointStore
 
 ENTRY_POINT_GROUP = "gpupool.providers"
-
-
-class Clock(Protocol):
-    def __call__(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -122,10 +119,13 @@ class Provider(abc.ABC):
     input_kinds: ClassVar[frozenset[str]] = frozenset()  # inputs: sources it can bring in
     Config: ClassVar[type[ProviderConfig]]
 
-    def __init__(self, config: ProviderConfig, data_dir: Path, clock: Clock):
+    def __init__(self, config: ProviderConfig, data_dir: Path,
+                 clock: Clock | Callable[[], float] = SYSTEM_CLOCK):
+        """``clock``: the time the adapter reads and sleeps on (``gpupool.clock``); a bare
+        function of epoch seconds replaces the wall time only."""
         self.config = config
         self.data_dir = Path(data_dir)
-        self.clock = clock
+        self.clock = as_clock(clock)
 
     account_owner: str | None = None  # the person whose account this is, when the pool names one
     account_notify: list[str] = []  # apprise URLs reaching that person (never shown: secrets)

@@ -1,6 +1,6 @@
 """The in-session runtime: the part of gpupool that runs inside a training script.
 
-Standard library only (plus ``gpupool.manifest``), so it works in any Colab, Kaggle or local
+Standard library only (plus ``gpupool.manifest`` and ``gpupool.clock``), so it works in any Colab, Kaggle or local
 session. A resumable training script looks like this::
 
     from gpupool import runtime
@@ -34,11 +34,11 @@ import signal
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from gpupool.clock import SYSTEM_CLOCK, Clock
 from gpupool.manifest import Manifest, list_local, publish_local
 
 ENV_EXPERIMENT = "GPUPOOL_EXPERIMENT"
@@ -70,7 +70,11 @@ PROGRESS_EVERY = 1.0  # seconds between progress records: report() stays cheap
 class Session:
     """What a training script needs from gpupool during one session."""
 
-    def __init__(self, env: dict[str, str] | None = None, *, install_sigterm: bool = True):
+    def __init__(self, env: dict[str, str] | None = None, *, install_sigterm: bool = True,
+                 clock: Clock = SYSTEM_CLOCK):
+        """``env``: the ``GPUPOOL_*`` variables (default: this process's environment);
+        ``clock`` (``gpupool.clock``): the time deadlines, intervals and records are read from."""
+        self.clock = clock
         env = dict(os.environ if env is None else env)
         self.experiment = env.get(ENV_EXPERIMENT, "standalone")
         self.attempt = env.get(ENV_ATTEMPT, "standalone")
@@ -85,7 +89,7 @@ class Session:
         self._checkpoint_dir = Path(env[ENV_CHECKPOINT_DIR]) if env.get(ENV_CHECKPOINT_DIR) else None
         self._resumed = env.get(ENV_RESUMED) == "1"
         self._stop_requested = False
-        self._last_checkpoint = time.monotonic()
+        self._last_checkpoint = self.clock.monotonic()
         self._last_progress = 0.0
         self._save_seconds = 0.0
         self._background: threading.Thread | None = None
@@ -135,7 +139,7 @@ class Session:
         never waits for the copy or the upload; requests made while one runs are merged."""
         path = self.session_dir / SNAPSHOT_REQUEST
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"time": time.time(), "attempt": self.attempt}))
+        tmp.write_text(json.dumps({"time": self.clock(), "attempt": self.attempt}))
         os.replace(tmp, path)  # a new inode and mtime each time: the supervisor sees every ask
 
     # -- when to stop and when to save ----------------------------------------------------
@@ -147,13 +151,13 @@ class Session:
             return True
         if self.deadline is None:
             return False
-        return time.time() + 2 * self._save_seconds >= self.deadline
+        return self.clock() + 2 * self._save_seconds >= self.deadline
 
     def checkpoint_due(self) -> bool:
-        return time.monotonic() - self._last_checkpoint >= self.interval
+        return self.clock.monotonic() - self._last_checkpoint >= self.interval
 
     def seconds_left(self) -> float | None:
-        return None if self.deadline is None else max(0.0, self.deadline - time.time())
+        return None if self.deadline is None else max(0.0, self.deadline - self.clock())
 
     def _install_sigterm(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -170,14 +174,14 @@ class Session:
     def report(self, step: int, *, total: int | None = None, **metrics: float) -> None:
         """Record progress (``total``: the run's last step, for the ETA); written at most once
         a second, so call it every step."""
-        now = time.monotonic()
+        now = self.clock.monotonic()
         if now - self._last_progress < PROGRESS_EVERY:
             return
         self._last_progress = now
         self.event("progress", step=step, total=total, metrics=metrics)
 
     def event(self, kind: str, **fields: Any) -> None:
-        record = {"event": kind, "time": time.time(), "attempt": self.attempt, **fields}
+        record = {"event": kind, "time": self.clock(), "attempt": self.attempt, **fields}
         line = json.dumps(record, default=str)
         with open(self.session_dir / "events.jsonl", "a", encoding="utf-8") as handle:
             handle.write(line + "\n")
@@ -190,14 +194,14 @@ class Session:
     def checkpoint(self, step: int, *, final: bool = False, **metadata: Any) -> Iterator[Path]:
         """A fresh folder to save into; on a clean exit it is published atomically."""
         self.wait_for_background()
-        started = time.monotonic()
+        started = self.clock.monotonic()
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.session_dir))
         try:
             yield staging
             self._publish(staging, step, final, metadata, started)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        self._save_seconds = time.monotonic() - started
+        self._save_seconds = self.clock.monotonic() - started
 
     def checkpoint_in_background(self, step: int, write: Callable[[Path], Any], **metadata: Any) -> None:
         """Run ``write(folder)`` and the publish in a thread; the loop goes on meanwhile.
@@ -208,10 +212,10 @@ class Session:
         """
         self.wait_for_background()
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.session_dir))
-        self._last_checkpoint = time.monotonic()
+        self._last_checkpoint = self.clock.monotonic()
 
         def _run() -> None:
-            started = time.monotonic()
+            started = self.clock.monotonic()
             try:
                 write(staging)
                 self._publish(staging, step, False, metadata, started)
@@ -219,7 +223,7 @@ class Session:
                 self._background_error = err
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
-            self._save_seconds = time.monotonic() - started
+            self._save_seconds = self.clock.monotonic() - started
 
         self._background = threading.Thread(target=_run, name="gpupool-checkpoint", daemon=False)
         self._background.start()
@@ -236,12 +240,12 @@ class Session:
     def _publish(self, staging: Path, step: int, final: bool, metadata: dict[str, Any],
                  started: float) -> None:
         # The save cost feeds gpupool's automatic checkpoint interval (Young/Daly).
-        metadata = {**metadata, "save_seconds": round(time.monotonic() - started, 4)}
+        metadata = {**metadata, "save_seconds": round(self.clock.monotonic() - started, 4)}
         manifest = publish_local(
             staging, self.checkpoint_root, step=step, final=final, experiment=self.experiment,
             attempt=self.attempt, provider=self.provider, metadata=metadata,
         )
-        self._last_checkpoint = time.monotonic()
+        self._last_checkpoint = self.clock.monotonic()
         self.event("checkpoint", step=step, name=manifest.name, bytes=manifest.total_bytes)
         self._prune()
 
@@ -267,7 +271,7 @@ class Session:
     def _write_outcome(self, outcome: str, step: int | None) -> None:
         path = self.session_dir / "outcome.json"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"outcome": outcome, "step": step, "time": time.time()}))
+        tmp.write_text(json.dumps({"outcome": outcome, "step": step, "time": self.clock()}))
         os.replace(tmp, path)
 
 

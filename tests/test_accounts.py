@@ -19,6 +19,7 @@ import yaml
 from click.testing import CliRunner
 
 from gpupool.cli import cli, main
+from gpupool.clock import SystemClock
 from gpupool.errors import SpecError
 from gpupool.lifecycle import AttemptState
 from gpupool.pool import Pool
@@ -87,10 +88,7 @@ def experiment(name: str, **fields: object) -> ExperimentSpec:
 
 
 def open_pool(config: Path) -> Pool:
-    pool = Pool(load_settings(config))
-    for member in pool.provider("kaggle").members.values():  # type: ignore[attr-defined]
-        member.sleep = lambda seconds: None
-    return pool
+    return Pool(load_settings(config), clock=SystemClock(sleep=lambda seconds: None))
 
 
 def invoke(config: Path, *args: str) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from gpupool.clock import SystemClock
 from gpupool.lifecycle import AttemptState
 from gpupool.notify import Message, Notifier
 from gpupool.pool import Pool
@@ -52,10 +53,10 @@ def team(drives: dict[str, DriveEmulator], tmp_path: Path) -> Provider:
             "credentials_file": write_credentials_file(folder / "credentials.json", drive)}
     section = {"heartbeat_seconds": 0.5, "upload_chunk_bytes": 256 * 1024, "gpu_probe": "true",
                "startup_seconds": 1, "accounts": accounts}
-    provider = ColabProvider.from_section(section, tmp_path / "colab-data", time.time)
+    provider = ColabProvider.from_section(section, tmp_path / "colab-data",
+                                          SystemClock(sleep=lambda seconds: None))
     for name, member in provider.members.items():  # type: ignore[attr-defined]
         member.auth_factory = lambda s, drive=drives[name]: LoopbackGoogleAuth(drive, settings=s)
-        member.sleep = lambda seconds: None
     return provider
 
 

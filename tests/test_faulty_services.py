@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from gpupool.clock import SystemClock
 from gpupool.errors import GpupoolError
 from gpupool.lifecycle import AttemptState, ExperimentState
 from gpupool.pool import Pool
@@ -81,11 +82,11 @@ def kaggle_pool(tmp: Path) -> tuple[Pool, KaggleProvider, list[float]]:
                "dataset_poll_seconds": 0, "session_seconds": 600, "deadline_margin": 1,
                "startup_seconds": 1, "push_settle_seconds": 5,  # > the longest stall (1.5 s)
                "keep_remote_objects": True}  # the finished kernels are polled again below
-    pool = Pool(PoolSettings(data_dir=tmp / "data", providers={"kaggle": section}))
+    sleeps: list[float] = []
+    pool = Pool(PoolSettings(data_dir=tmp / "data", providers={"kaggle": section}),
+                clock=SystemClock(sleep=sleeps.append))
     provider = pool.provider("kaggle")
     assert isinstance(provider, KaggleProvider)
-    sleeps: list[float] = []
-    provider.sleep = sleeps.append
     return pool, provider, sleeps
 
 
@@ -191,12 +192,10 @@ DRIVE_ENDPOINTS = ("files.list", "files.insert", "files.download", "upload.chunk
 
 def test_drive_client_under_random_faults(drive_emulator, tmp_path: Path) -> None:  # noqa: F811
     rng = random.Random(SEED)
-    colab = make_provider(drive_emulator, tmp_path, request_timeout=0.4)
     sleeps: list[float] = []
-    colab.sleep = sleeps.append
+    colab = make_provider(drive_emulator, tmp_path, SystemClock(sleep=sleeps.append), request_timeout=0.4)
     drive = colab.drive()
     assert drive.auth.http_timeout == 0.4  # PyDrive2 sets none: a stalled request would block
-    drive.sleep = sleeps.append
     folder = drive.folder_path("gpupool", "faulty")
     tally, written = Tally(), {}
     for i in range(240):

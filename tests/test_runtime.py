@@ -12,21 +12,21 @@ import textwrap
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from gpupool import runtime
+from gpupool.clock import SYSTEM_CLOCK, Clock, ManualClock
 from gpupool.manifest import MANIFEST, PREFIX, list_local, read_local, verify_local
 from gpupool.runtime import EXIT_YIELD, Session
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_session(tmp_path: Path, **env: str) -> Session:
+def make_session(tmp_path: Path, clock: Clock = SYSTEM_CLOCK, **env: str) -> Session:
     base = {runtime.ENV_SESSION_DIR: str(tmp_path / "session")}
     base.update(env)
-    return Session(env=base, install_sigterm=False)
+    return Session(env=base, install_sigterm=False, clock=clock)
 
 
 def events(session: Session, kind: str | None = None) -> list[dict]:
@@ -84,20 +84,49 @@ def test_should_stop_at_deadline(tmp_path):
     assert past.seconds_left() == 0.0
 
 
-def test_should_stop_leaves_room_for_the_save(tmp_path):
-    session = make_session(tmp_path, GPUPOOL_DEADLINE=str(time.time() + 60))
+def test_deadline_is_read_from_the_injected_clock(tmp_path):
+    clock = ManualClock()
+    session = make_session(tmp_path, clock, GPUPOOL_DEADLINE=str(clock() + 600))
+    assert session.seconds_left() == 600 and not session.should_stop()
+    clock.advance(599)
+    assert session.seconds_left() == 1 and not session.should_stop()
+    clock.advance(1)
+    assert session.should_stop() and session.seconds_left() == 0.0
+
+
+def test_should_stop_leaves_room_for_the_measured_save(tmp_path):
+    clock = ManualClock()
+    session = make_session(tmp_path, clock, GPUPOOL_DEADLINE=str(clock() + 100))
     assert not session.should_stop()
-    session._save_seconds = 40  # a save takes 40 s: with 60 s left it is time to stop
+    with session.checkpoint(1) as folder:
+        (folder / "model.pt").write_bytes(b"weights")
+        clock.advance(40)  # the save takes 40 s: with 60 s left there is no room for another
     assert session.should_stop()
+    assert read_local(session.checkpoint_root / list_local(session.checkpoint_root)[0].name) \
+        .metadata["save_seconds"] == 40
 
 
 def test_checkpoint_due_after_interval(tmp_path):
-    session = make_session(tmp_path, GPUPOOL_CHECKPOINT_INTERVAL="3600")
+    clock = ManualClock()
+    session = make_session(tmp_path, clock, GPUPOOL_CHECKPOINT_INTERVAL="3600")
     assert not session.checkpoint_due()
-    save(session, 1)
+    clock.advance(3599)
+    assert not session.checkpoint_due()
+    clock.advance(1)
+    assert session.checkpoint_due()
+    save(session, 1)  # a checkpoint starts the interval again
     assert not session.checkpoint_due()
     short = make_session(tmp_path, GPUPOOL_CHECKPOINT_INTERVAL="0")
     assert short.checkpoint_due()
+
+
+def test_records_carry_the_injected_clocks_time(tmp_path):
+    clock = ManualClock(start=1_900_000_000.0)
+    session = make_session(tmp_path, clock)
+    session.event("hello")
+    session.complete(5)
+    assert events(session, "hello")[0]["time"] == 1_900_000_000.0
+    assert json.loads((session.session_dir / "outcome.json").read_text())["time"] == 1_900_000_000.0
 
 
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals")
@@ -187,17 +216,15 @@ def test_keep_last_prunes_old_checkpoints(tmp_path):
         sorted(m.name for m in list_local(session.checkpoint_root))
 
 
-def test_report_writes_at_most_once_per_interval(tmp_path, monkeypatch):
-    clock = {"mono": 1000.0}
-    fake = SimpleNamespace(time=time.time, monotonic=lambda: clock["mono"])
-    monkeypatch.setattr(runtime, "time", fake)
-    session = make_session(tmp_path)
+def test_report_writes_at_most_once_per_interval(tmp_path):
+    clock = ManualClock()
+    session = make_session(tmp_path, clock)
     for step in range(50):
         session.report(step, total=100, loss=1.0)
-    clock["mono"] += runtime.PROGRESS_EVERY * 0.5
+    clock.advance(runtime.PROGRESS_EVERY * 0.5)
     session.report(60, total=100)
     assert [e["step"] for e in events(session, "progress")] == [0]
-    clock["mono"] += runtime.PROGRESS_EVERY * 0.6
+    clock.advance(runtime.PROGRESS_EVERY * 0.6)
     session.report(70, total=100, loss=0.5)
     progress = events(session, "progress")
     assert [e["step"] for e in progress] == [0, 70]

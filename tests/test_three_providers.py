@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from gpupool.clock import SystemClock
 from gpupool.lifecycle import AttemptState, ExperimentState
 from gpupool.pool import Pool
 from gpupool.settings import PoolSettings
@@ -84,9 +85,7 @@ def make_pool(tmp: Path, colab) -> Pool:
               "startup_seconds": 1}
     settings = PoolSettings(data_dir=tmp / "data",
                             providers={"kaggle": kaggle, "local": {"gpus": "none"}})
-    pool = Pool(settings, providers={"colab": colab})
-    pool.provider("kaggle").sleep = lambda seconds: None  # type: ignore[attr-defined]
-    return pool
+    return Pool(settings, clock=SystemClock(sleep=lambda seconds: None), providers={"colab": colab})
 
 
 def workdir(tmp: Path) -> Path:

@@ -12,11 +12,13 @@ import inspect
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpupool.bundle import pack_runtime
+from gpupool.clock import SYSTEM_CLOCK, Clock
 from gpupool.errors import CancelFailed, CheckpointError, CredentialsError, GpupoolError, ProviderError
 from gpupool.lifecycle import AttemptState
 from gpupool.manifest import MANIFEST, Manifest, ManifestError, check_name, read_local, verify_local
@@ -69,11 +71,13 @@ class ColabProvider(Provider):
         needs_person="Colab's free tier needs a person to open and run each attempt's notebook",
         exact_quota=False, interactive_sign_in=True)  # Colab publishes no quota: a guess
 
-    def __init__(self, config: ColabConfig, data_dir: Path, clock: Any, *,
-                 auth_factory: gdrive.AuthFactory | None = None, sleep: gdrive.Sleep | None = None):
+    def __init__(self, config: ColabConfig, data_dir: Path,
+                 clock: Clock | Callable[[], float] = SYSTEM_CLOCK, *,
+                 auth_factory: gdrive.AuthFactory | None = None):
+        """``clock`` (``gpupool.clock``): the time read and slept on, e.g. between Drive
+        retries; ``auth_factory`` builds the Google sign-in (tests: a loopback one)."""
         super().__init__(config, data_dir, clock)
         self.auth_factory = auth_factory
-        self.sleep = sleep
         self.records = AttemptRecords(self.data_dir / "attempts")
         self._drive: gdrive.Drive | None = None
 
@@ -84,10 +88,8 @@ class ColabProvider(Provider):
             client = gdrive.load_client_config(self.config.client_secrets)
             auth = gdrive.open_auth(client, self.config.credentials_file, self.auth_factory,
                                     timeout=self.config.request_timeout)
-            options: dict[str, Any] = {"chunk_bytes": self.config.upload_chunk_bytes}
-            if self.sleep is not None:
-                options["sleep"] = self.sleep
-            self._drive = gdrive.Drive(auth, **options)
+            self._drive = gdrive.Drive(auth, sleep=self.clock.sleep,
+                                       chunk_bytes=self.config.upload_chunk_bytes)
         return self._drive
 
     def inputs(self) -> DriveInputs:

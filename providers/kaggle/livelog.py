@@ -111,13 +111,14 @@ def _why(err: Exception) -> str:
 
 
 def log_so_far(remote: KaggleRemote, record: dict[str, Any], config: KaggleConfig, *,
-               live: bool) -> list[str]:
+               live: bool, clock: Callable[[], float] = time.monotonic) -> list[str]:
     """The session's output lines as far as Kaggle can tell now: the live stream while it
-    runs (``live``), else (or when that fails) the log of its output listing; [] when Kaggle
-    has no such kernel or cannot be reached (logged, never raised)."""
+    runs (``live``, read for at most ``config.live_log_seconds`` of ``clock``, monotonic
+    seconds), else (or when that fails) the log of its output listing; [] when Kaggle has no
+    such kernel or cannot be reached (logged, never raised)."""
     if live:
         lines = read_live_log(remote, record, idle_seconds=config.live_log_idle_seconds,
-                              budget_seconds=config.live_log_seconds)
+                              budget_seconds=config.live_log_seconds, clock=clock)
         if lines is not None:
             return lines
     try:

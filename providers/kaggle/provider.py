@@ -22,7 +22,6 @@ import logging
 import re
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -91,7 +90,6 @@ class KaggleProvider(Provider):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.sleep = time.sleep  # tests swap it: backoff and dataset waits never really sleep
         self._remote: KaggleRemote | None = None
         self._owner: str | None = None
         self._checked: tuple[float, bool, str] | None = None
@@ -107,14 +105,14 @@ class KaggleProvider(Provider):
     def remote(self) -> KaggleRemote:
         if self._remote is None:
             self._remote = KaggleRemote(find_credentials(self.config.credentials), self.config,
-                                        sleep=lambda s: self.sleep(s))
+                                        sleep=self.clock.sleep)
         return self._remote
 
     @property
     def shipper(self) -> InputShipper:
         if self._shipper is None:
             self._shipper = InputShipper(self.remote, self.config, self.owner, self.data_dir,
-                                         clock=self._monotonic, foreign=self.sources,
+                                         clock=self.clock.monotonic, foreign=self.sources,
                                          registry=self.registry)
         return self._shipper
 
@@ -246,10 +244,10 @@ class KaggleProvider(Provider):
         staging = self.data_dir / "staging" / launch.attempt_id
         try:
             code, files = ship_code(self.remote, self.config, owner, self.registry, launch,
-                                    staging / "code", made, clock=self._monotonic)
+                                    staging / "code", made, clock=self.clock.monotonic)
             checkpoint = ship_checkpoint(self.remote, self.config, owner, dataset_slug(slug),
                                          launch, staging / "checkpoint", made,
-                                         clock=self._monotonic)
+                                         clock=self.clock.monotonic)
             script = render_script(self._marker(launch, plan, code, files, checkpoint))
             sources = [code, *([checkpoint] if checkpoint else []), *plan.sources]
             return self._push(launch, owner, slug, script, sources, made)
@@ -348,7 +346,8 @@ class KaggleProvider(Provider):
         lines = outputs.log_lines(log_text)
         state = STATUS_MAP.get(status.name or "")
         if not lines and state == AttemptState.RUNNING:  # Kaggle lists a log only at the end
-            lines = livelog.log_so_far(self.remote, record, self.config, live=True)
+            lines = livelog.log_so_far(self.remote, record, self.config, live=True,
+                                       clock=self.clock.monotonic)
         seen = outputs.progress(outputs.events(lines))
         if state is None:
             log.warning("kaggle: %s/%s has status %s, unknown to gpupool; still polling",
@@ -447,7 +446,7 @@ class KaggleProvider(Provider):
             if now.name in STOPPING:
                 return
             if check + 1 < CANCEL_CHECKS:
-                self.sleep(self.config.backoff_base)
+                self.clock.sleep(self.config.backoff_base)
         raise CancelFailed(self.name, f"Kaggle did not stop {ref} ({error or now.name})", action)
 
     def logs(self, attempt: Attempt) -> str:
@@ -461,7 +460,8 @@ class KaggleProvider(Provider):
         except GpupoolError as err:  # e.g. no credentials to name the kernel's owner
             log.warning("kaggle: cannot find the kernel of %s (%s)", attempt.id, detail(err))
             return ""
-        lines = livelog.log_so_far(self.remote, record, self.config, live=attempt.state.active)
+        lines = livelog.log_so_far(self.remote, record, self.config, live=attempt.state.active,
+                                   clock=self.clock.monotonic)
         return "".join(line + "\n" for line in lines)
 
     def collect(self, attempt: Attempt, store: CheckpointStore) -> list[Manifest]:
@@ -547,10 +547,6 @@ class KaggleProvider(Provider):
 
     def _scratch(self) -> Path:
         return self.data_dir / "downloads"
-
-    @staticmethod
-    def _monotonic() -> float:
-        return time.monotonic()
 
 
 def _submission(record: dict[str, Any], message: str) -> Submission:

@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+from gpupool.clock import Clock, SystemClock
 from gpupool.pool import Pool
 from gpupool.settings import PoolSettings
 from gpupool.spec import ExperimentSpec
@@ -25,15 +26,17 @@ def client_secrets(path: Path, drive) -> Path:
     return path
 
 
-def make_provider(drive, tmp_path: Path, **overrides) -> ColabProvider:
+def make_provider(drive, tmp_path: Path, clock: Clock | None = None, **overrides) -> ColabProvider:
+    """A Colab adapter on the Drive emulator; its sleeps (Drive retries) return at once
+    unless ``clock`` says otherwise."""
     secrets = client_secrets(tmp_path / "client_secrets.json", drive)
     creds = write_credentials_file(tmp_path / "credentials.json", drive)
     settings = dict(client_secrets=secrets, credentials_file=Path(creds), heartbeat_seconds=0.5,
                     upload_chunk_bytes=256 * 1024, gpu_probe="true", startup_seconds=1)
     settings.update(overrides)
-    return ColabProvider(ColabConfig(**settings), tmp_path / "colab-data", time.time,
-                         auth_factory=lambda s: LoopbackGoogleAuth(drive, settings=s),
-                         sleep=lambda seconds: None)
+    return ColabProvider(ColabConfig(**settings), tmp_path / "colab-data",
+                         clock or SystemClock(sleep=lambda seconds: None),
+                         auth_factory=lambda s: LoopbackGoogleAuth(drive, settings=s))
 
 
 def make_pool(tmp_path: Path, **providers) -> Pool:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from gpupool.clock import SystemClock
 from gpupool.errors import CredentialsError
 from gpupool.lifecycle import AttemptState
 from gpupool.manifest import publish_local
@@ -150,8 +151,7 @@ def test_service_account_is_refused_with_the_storage_quota_reason(drive_emulator
 
 def test_rate_limits_5xx_and_resets_are_retried_with_backoff(drive_emulator, tmp_path):
     slept: list[float] = []
-    colab = make_provider(drive_emulator, tmp_path)
-    colab.sleep = slept.append
+    colab = make_provider(drive_emulator, tmp_path, SystemClock(sleep=slept.append))
     drive_emulator.inject("files.list", faults.rate_limit(), times=2)
     drive_emulator.inject("files.insert", faults.server_error(503))
     drive_emulator.inject("files.list", faults.too_many_requests())

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from gpupool.clock import SystemClock
 from gpupool.errors import CredentialsError, ProviderError, ProviderUnavailable, RateLimited
 from gpupool.lifecycle import AttemptState, ExperimentState
 from gpupool.pool import Pool
@@ -101,11 +102,11 @@ def fast_section(**overrides: object) -> dict:
 
 
 def make_pool(tmp: Path, **section: object) -> tuple[Pool, KaggleProvider, Sleeps]:
-    pool = Pool(PoolSettings(data_dir=tmp / "data", providers={"kaggle": fast_section(**section)}))
+    sleeps = Sleeps()
+    pool = Pool(PoolSettings(data_dir=tmp / "data", providers={"kaggle": fast_section(**section)}),
+                clock=SystemClock(sleep=sleeps))
     provider = pool.provider("kaggle")
     assert isinstance(provider, KaggleProvider)
-    sleeps = Sleeps()
-    provider.sleep = sleeps
     return pool, provider, sleeps
 
 

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from gpupool.clock import SystemClock
 from gpupool.errors import CancelFailed
 from gpupool.lifecycle import AttemptState, ExperimentState
 from gpupool.pool import Pool
@@ -39,10 +40,9 @@ SLEEPER = "python -c 'import time; print(\"sleeping\", flush=True); time.sleep(6
 def kaggle_then_local(tmp) -> tuple[Pool, KaggleProvider]:
     settings = PoolSettings(data_dir=tmp / "data", providers={
         "kaggle": fast_section(request_timeout=0.5), "local": {"gpus": "none"}})
-    pool = Pool(settings)
+    pool = Pool(settings, clock=SystemClock(sleep=Sleeps()))
     provider = pool.provider("kaggle")
     assert isinstance(provider, KaggleProvider)
-    provider.sleep = Sleeps()
     return pool, provider
 
 

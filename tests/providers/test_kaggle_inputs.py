@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gpupool.clock import SystemClock
 from gpupool.errors import GpupoolError, SpecError
 from gpupool.lifecycle import AttemptState, ExperimentState
 from gpupool.pool import Pool
@@ -58,10 +59,9 @@ def make_pool(tmp: Path) -> Pool:
     section = {"request_timeout": 5.0, "max_retries": 2, "backoff_base": 0.1, "backoff_max": 1,
                "dataset_poll_seconds": 0, "session_seconds": 60, "deadline_margin": 5,
                "startup_seconds": 1}
-    pool = Pool(PoolSettings(data_dir=tmp / "pool", providers={"kaggle": section}))
-    provider = pool.provider("kaggle")
-    assert isinstance(provider, KaggleProvider)
-    provider.sleep = lambda seconds: None
+    pool = Pool(PoolSettings(data_dir=tmp / "pool", providers={"kaggle": section}),
+                clock=SystemClock(sleep=lambda seconds: None))
+    assert isinstance(pool.provider("kaggle"), KaggleProvider)
     return pool
 
 
