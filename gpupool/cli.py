@@ -33,11 +33,10 @@ def _console(stderr: bool = False) -> Any:
 
 
 def _open_pool(ctx: click.Context) -> Any:
-    from gpupool.pool import Pool
-    from gpupool.settings import load_settings
+    from gpupool import api
 
     if "pool" not in ctx.obj:
-        pool = Pool(load_settings(ctx.obj.get("config")))
+        pool = api.open_pool(ctx.obj.get("config"))
         ctx.call_on_close(pool.close)
         ctx.obj["pool"] = pool
     return ctx.obj["pool"]
@@ -78,13 +77,14 @@ def run(ctx: click.Context, experiment_file: Path, detach: bool, wait_anyway: bo
     Ctrl-C stops following; training sessions keep running, and `gpupool watch ID` or
     `gpupool daemon` carries on scheduling.
     """
+    from gpupool import api
     from gpupool.driver import Driver
     from gpupool.spec import load_experiment
 
     spec = load_experiment(experiment_file)
     pool = _open_pool(ctx)
     _preflight(pool, spec, wait_anyway, to_stderr=as_json)
-    experiment = pool.submit(spec, experiment_file)
+    experiment = api.submit(pool, spec, experiment_file)
     console = _console(stderr=as_json)  # stdout stays pure JSON
     console.print(f"submitted [bold]{experiment.id}[/] ({spec.name}), providers: {', '.join(spec.providers)}")
     driver = Driver(pool, role="run")
@@ -92,9 +92,7 @@ def run(ctx: click.Context, experiment_file: Path, detach: bool, wait_anyway: bo
     if detach:
         driver.release()  # a daemon may take over at once; status must not see a dead holder
         if as_json:
-            from gpupool.views import experiment_row
-
-            _print_json(experiment_row(pool, pool.state.experiment(experiment.id), time.time()))
+            _print_json(api.experiment_view(pool, experiment.id))
             return
         console.print(f"detached; `gpupool status {experiment.id}` shows progress, "
                       "and `gpupool daemon` must be running to carry it on")
@@ -130,10 +128,11 @@ def watch(ctx: click.Context, experiment_id: str, as_json: bool) -> None:
     Use it after Ctrl-C on `gpupool run`, or after a crash: it picks up the running session
     (or resumes from the last verified checkpoint) and shows the live progress line.
     """
+    from gpupool import api
     from gpupool.driver import Driver
 
     pool = _open_pool(ctx)
-    experiment = pool.state.experiment(experiment_id)
+    experiment = api.experiment(pool, experiment_id)
     driver = Driver(pool, role="watch")
     driver.step()
     sys.exit(_follow(pool, driver, experiment.id, _console(), as_json))
@@ -159,27 +158,22 @@ def _follow(pool: Any, driver: Any, experiment_id: str, console: Any, as_json: b
     finally:
         background.shutdown(wait=True)  # type: ignore[attr-defined]
         driver.release()
+    from gpupool import api
+
     if as_json:
-        from gpupool.views import experiment_row
-
-        final = experiment_row(pool, pool.state.experiment(experiment_id), time.time())
+        final = api.experiment_view(pool, experiment_id)
         click.echo(json.dumps(final, default=str))  # one object a line, as while following
-        from gpupool.lifecycle import ExperimentState
-
-        return 0 if pool.state.experiment(experiment_id).state is ExperimentState.SUCCEEDED else 1
-    return _summary(pool, experiment_id, console)
+        return 0 if api.outcome(pool, experiment_id).succeeded else 1
+    return _summary(api.outcome(pool, experiment_id), console)
 
 
-def _summary(pool: Any, experiment_id: str, console: Any) -> int:
-    from gpupool.lifecycle import ExperimentState
-
-    experiment = pool.state.experiment(experiment_id)
-    succeeded = experiment.state is ExperimentState.SUCCEEDED
-    colour = "green" if succeeded else "red"
+def _summary(outcome: Any, console: Any) -> int:
+    experiment = outcome.experiment
+    colour = "green" if outcome.succeeded else "red"
     console.print(f"[{colour}]{experiment.id} {experiment.state.value}[/]: {experiment.message or ''}"
-                  f" ({len(pool.state.attempts(experiment_id))} attempt(s), "
+                  f" ({outcome.attempts} attempt(s), "
                   f"{experiment.gpu_seconds / 3600:.2f} GPU-hours)", soft_wrap=True)  # one line in logs
-    return 0 if succeeded else 1
+    return 0 if outcome.succeeded else 1
 
 
 @cli.command()
@@ -191,28 +185,26 @@ def _summary(pool: Any, experiment_id: str, console: Any) -> int:
 @click.pass_context
 def status(ctx: click.Context, experiment_id: str | None, as_json: bool, limit: int, page: int) -> None:
     """Show experiments, or one experiment with every attempt and its recent events."""
+    from gpupool import api
     from gpupool.lifecycle import ExperimentState
-    from gpupool.views import attempt_row, experiment_row, scheduler_line, scheduler_row, where_row
+    from gpupool.views import scheduler_line
 
     pool = _open_pool(ctx)
-    now = time.time()
     if experiment_id:
-        experiment = pool.state.experiment(experiment_id)
-        data = experiment_row(pool, experiment, now)
-        data["attempts"] = [attempt_row(a, now) for a in pool.state.attempts(experiment.id)]
-        data["events"] = pool.state.events(experiment.id, limit=20, exclude=["metrics"])
-        data["scheduler"] = scheduler_row(pool, now)
-        data.update(where_row(pool, experiment))
-        _print_json(data) if as_json else _render_experiment(data)
-        if not as_json:
-            _console().print(scheduler_line(data["scheduler"], int(not experiment.state.terminal), now))
+        data = api.experiment_status(pool, experiment_id)
+        if as_json:
+            _print_json(data)
+            return
+        _render_experiment(data)
+        unfinished = int(not ExperimentState(data["state"]).terminal)
+        _console().print(scheduler_line(data["scheduler"], unfinished, pool.clock()))
         return
-    rows = [experiment_row(pool, e, now)
-            for e in pool.state.experiments(limit=limit, offset=(page - 1) * limit)]
-    _print_json(rows) if as_json else _render_experiments(rows, pool.state.count_experiments(), page, limit)
-    if not as_json:
-        unfinished = len(pool.state.experiments([ExperimentState.PENDING, ExperimentState.RUNNING]))
-        _console().print(scheduler_line(scheduler_row(pool, now), unfinished, now))
+    listing = api.status_page(pool, limit=limit, page=page)
+    if as_json:
+        _print_json(listing.rows)
+        return
+    _render_experiments(listing.rows, listing.total, page, limit)
+    _console().print(scheduler_line(listing.scheduler, listing.unfinished, listing.now))
 
 
 def _render_experiments(rows: list[dict[str, Any]], total: int, page: int, limit: int) -> None:
@@ -285,18 +277,13 @@ def _short(name: str | None) -> str:
 @click.pass_context
 def logs(ctx: click.Context, experiment_id: str, follow: bool, seq: int | None) -> None:
     """Print the log of an experiment's latest attempt (earlier ones with --attempt N)."""
-    pool = _open_pool(ctx)
-    experiment = pool.state.experiment(experiment_id)
-    if follow:
-        from gpupool.logfollow import follow_logs
+    from gpupool import api
 
-        follow_logs(pool, experiment.id, lambda text: click.echo(text, nl=False), first_seq=seq)
+    pool = _open_pool(ctx)
+    if follow:
+        api.follow_logs(pool, experiment_id, lambda text: click.echo(text, nl=False), first_seq=seq)
         return
-    attempts = pool.state.attempts(experiment.id)
-    chosen = [a for a in attempts if seq is None or a.seq == seq]
-    if not chosen:
-        raise click.ClickException(f"{experiment.id} has no attempt {seq if seq else 'yet'}")
-    click.echo(pool.provider(chosen[-1].provider).logs(chosen[-1]), nl=False)
+    click.echo(api.attempt_log(pool, experiment_id, seq), nl=False)
 
 
 @cli.command()
@@ -309,14 +296,13 @@ def cancel(ctx: click.Context, experiment_id: str, as_json: bool) -> None:
     Exits 1 when a running session could not be stopped, saying what to do; gpupool then
     keeps tracking (and charging) that session until it ends.
     """
-    from gpupool.scheduler import Scheduler
-    from gpupool.views import experiment_row
+    from gpupool import api
 
     pool = _open_pool(ctx)
-    done = Scheduler(pool).cancel(experiment_id, time.time())
+    done = api.cancel(pool, experiment_id)
     experiment = done.experiment
     if as_json:
-        _print_json(experiment_row(pool, experiment, time.time()))
+        _print_json(api.experiment_view(pool, experiment.id))
     elif not done.failures:
         kept = f"kept: step {experiment.last_step} ({experiment.last_checkpoint}); " \
             if experiment.last_checkpoint else "no checkpoint was saved; "
@@ -347,15 +333,14 @@ def pull(ctx: click.Context, experiment_id: str, target: Path | None, step: int 
     Files come back as they were in the session's workdir: the checkpoint folder and the
     output folders (final weights, TensorBoard runs) named in the experiment file.
     """
-    pool = _open_pool(ctx)
-    experiment = pool.state.experiment(experiment_id)
-    store = pool.store_for(experiment.id)
-    manifest = store.pick(step)
-    written = store.pull(manifest, target or Path(experiment.id))
+    from gpupool import api
+
+    pulled = api.pull(_open_pool(ctx), experiment_id, target, step)
+    manifest = pulled.manifest
     console = _console()
-    console.print(f"{experiment.id}: checkpoint {manifest.name} (step {manifest.step}"
-                  f"{', final' if manifest.final else ''}) from {store.url}")
-    for path in written:
+    console.print(f"{pulled.experiment_id}: checkpoint {manifest.name} (step {manifest.step}"
+                  f"{', final' if manifest.final else ''}) from {pulled.store_url}")
+    for path in pulled.written:
         console.print(f"  {path}")
 
 
@@ -399,10 +384,9 @@ def providers(ctx: click.Context, as_json: bool) -> None:
     """Which providers are configured and usable, with a hint for each that is not."""
     from rich.table import Table
 
-    pool = _open_pool(ctx)
-    rows = []
-    for name in pool.provider_names():
-        rows.append(_provider_row(pool, name))
+    from gpupool import api
+
+    rows = api.providers_report(_open_pool(ctx))
     if as_json:
         _print_json(rows)
         return
@@ -414,25 +398,14 @@ def providers(ctx: click.Context, as_json: bool) -> None:
     _console().print(table)
 
 
-def _provider_row(pool: Any, name: str) -> dict[str, Any]:
-    try:
-        provider = pool.provider(name)
-    except GpupoolError as err:
-        return {"provider": name, "usable": False, "hint": str(err)}
-    if not provider.enabled:
-        return {"provider": name, "usable": False, "hint": "disabled in the pool configuration"}
-    ok, hint = provider.check_credentials()
-    return {"provider": name, "usable": ok, "hint": hint}
-
-
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def quota(ctx: click.Context, as_json: bool) -> None:
     """GPU time used and left on each provider account, and when it resets."""
-    from gpupool.views import quota_rows
+    from gpupool import api
 
-    rows = quota_rows(_open_pool(ctx), time.time())
+    rows = api.quotas(_open_pool(ctx))
     if as_json:
         _print_json(rows)
         return

@@ -21,24 +21,15 @@ def complete_experiment_ids(ctx: click.Context, param: click.Parameter, incomple
     name) starts with what was typed. Never raises: a broken pool completes nothing."""
     from click.shell_completion import CompletionItem
 
-    from gpupool.errors import GpupoolError
-    from gpupool.settings import load_settings
-    from gpupool.state import State
+    from gpupool.api import matching_experiments
 
     root = ctx.find_root()
     config = (root.params or {}).get("config")
     try:
-        state = State(load_settings(config).resolved_database_url)
-    except (GpupoolError, OSError):
-        return []
-    try:
-        found = state.experiments(limit=200)
+        found = matching_experiments(config, incomplete)
     except Exception:  # noqa: BLE001 - completion must never print a traceback into the shell
         return []
-    finally:
-        state.close()
-    return [CompletionItem(e.id, help=f"{e.state.value} · {e.name}")
-            for e in found if e.id.startswith(incomplete) or e.name.startswith(incomplete)]
+    return [CompletionItem(e.id, help=f"{e.state.value} · {e.name}") for e in found]
 
 
 @click.command()
@@ -55,16 +46,15 @@ def resume(ctx: click.Context, experiment_id: str, experiment_file: Path | None,
     provider order) to replace the recorded one; its workdir is bundled again. Then follows
     it like `gpupool run` unless --detach.
     """
-    from gpupool.resume import resume as resume_experiment
+    from gpupool import api
     from gpupool.spec import load_experiment
-    from gpupool.views import experiment_row
 
     base = _base()
     pool = base._open_pool(ctx)
     spec = load_experiment(experiment_file) if experiment_file else None
-    experiment = resume_experiment(pool, experiment_id, spec, time.time(), experiment_file)
+    experiment = api.resume(pool, experiment_id, spec, experiment_file)
     if as_json:
-        base._print_json(experiment_row(pool, experiment, time.time()))
+        base._print_json(api.experiment_view(pool, experiment.id))
         return
     console = base._console()
     console.print(f"{experiment.id} pending: {experiment.message}")
@@ -85,12 +75,12 @@ def resume(ctx: click.Context, experiment_id: str, experiment_file: Path | None,
 def checkpoints(ctx: click.Context, experiment_id: str, as_json: bool) -> None:
     """List an experiment's checkpoints: step, time, size, where they are, and whether they
     verify (every file's sha256 against the manifest). A resume starts at the one marked latest."""
-    from gpupool.resume import checkpoint_rows
+    from gpupool import api
 
     base = _base()
     pool = base._open_pool(ctx)
-    experiment = pool.state.experiment(experiment_id)
-    rows = checkpoint_rows(pool, experiment.id)
+    experiment = api.experiment(pool, experiment_id)
+    rows = api.checkpoints(pool, experiment.id)
     if as_json:
         base._print_json(rows)
         return
@@ -142,33 +132,24 @@ def follow_live(pool: Any, experiment_id: str, console: Any) -> None:
     """The live line on a terminal, redrawn twice a second until the experiment ends."""
     from rich.live import Live
 
-    from gpupool.views import progress_line
+    from gpupool.api import progress
 
     with Live(console=console, refresh_per_second=2, transient=True) as live:
-        while True:
-            experiment = pool.state.experiment(experiment_id)
-            live.update(progress_line(pool, experiment, time.time()))
-            if experiment.state.terminal:
-                return
-            time.sleep(0.5)
+        for update in progress(pool, experiment_id, every=0.5):
+            live.update(update.line)
 
 
 def follow_plain(pool: Any, experiment_id: str) -> None:
     """For logs and pipes: a timestamped progress line every ``progress_every()`` seconds,
     and at once whenever the experiment changes state."""
-    from gpupool.views import progress_line
+    from gpupool.api import progress
 
     every, printed_at, last_state = progress_every(), 0.0, None
-    while True:
-        experiment = pool.state.experiment(experiment_id)
-        now = time.time()
-        if now - printed_at >= every or experiment.state != last_state:
-            stamp = time.strftime("%H:%M:%S", time.localtime(now))
-            click.echo(f"{stamp} {progress_line(pool, experiment, now)}")
-            printed_at, last_state = now, experiment.state
-        if experiment.state.terminal:
-            return
-        time.sleep(min(0.5, every))
+    for update in progress(pool, experiment_id, every=min(0.5, every)):
+        if update.now - printed_at >= every or update.experiment.state != last_state:
+            stamp = time.strftime("%H:%M:%S", time.localtime(update.now))
+            click.echo(f"{stamp} {update.line}")
+            printed_at, last_state = update.now, update.experiment.state
 
 
 def follow_json(pool: Any, experiment_id: str) -> None:
@@ -176,19 +157,15 @@ def follow_json(pool: Any, experiment_id: str) -> None:
     or checkpoint, until the experiment ends."""
     import json
 
-    from gpupool.views import experiment_row
+    from gpupool.api import progress
 
     last = None
-    while True:
-        experiment = pool.state.experiment(experiment_id)
-        row = experiment_row(pool, experiment, time.time())
+    for update in progress(pool, experiment_id, every=0.5):
+        row = update.row
         key = (row["state"], row["step"], row["last_checkpoint"], row["provider"])
         if key != last:
             click.echo(json.dumps(row, default=str))
             last = key
-        if experiment.state.terminal:
-            return
-        time.sleep(0.5)
 
 
 def news_lines(row: dict[str, Any]) -> list[str]:
@@ -233,12 +210,12 @@ def metrics(ctx: click.Context, experiment_id: str, as_csv: bool, metric: str | 
             last: int) -> None:
     """Metrics the training script reported (`session.report(step, loss=...)`), across every
     session of the experiment, as sampled by the scheduler (about one a poll)."""
-    from gpupool.progress import metric_rows
+    from gpupool import api
 
     base = _base()
     pool = base._open_pool(ctx)
-    experiment = pool.state.experiment(experiment_id)
-    rows = metric_rows(pool.state, experiment.id)
+    experiment = api.experiment(pool, experiment_id)
+    rows = api.metrics(pool, experiment.id)
     if as_json:
         base._print_json(rows)
     elif as_csv:

@@ -54,7 +54,7 @@ def plan(ctx: click.Context, experiment_file: Path, hours: float | None, colab_h
         raise click.UsageError(str(err)) from None  # a missing option: exit 2 with the usage
     usable = usable_providers(pool, spec)
     simulated = spec.model_copy(update={"providers": usable.providers})
-    now = time.time()
+    now = pool.clock()
     adapters = {name: pool.try_provider(name) for name in usable.providers}
     model = plan_model(simulated, {n: a for n, a in adapters.items() if a is not None},
                        colab_hours_per_day=colab_hours_per_day, loss_hours=_pairs(loss_hours),
