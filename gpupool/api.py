@@ -15,6 +15,7 @@ seconds, sizes bytes, GPU time hours where a key says ``_hours``. Errors are gpu
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from gpupool.views import attempt_row, experiment_row, progress_line, quota_rows
 if TYPE_CHECKING:
     from gpupool.clock import Clock
     from gpupool.manifest import Manifest
-    from gpupool.scheduler import Cancelled
+    from gpupool.scheduler import Cancelled, Report
     from gpupool.spec import ExperimentSpec
     from gpupool.state import Experiment
 
@@ -53,6 +54,58 @@ def submit(pool: Pool, spec: ExperimentSpec, source: Path | None = None) -> Expe
     in errors. Raises ``SpecError`` when an input cannot reach one of its providers,
     ``CheckpointError`` when the checkpoint store is not writable."""
     return pool.submit(spec, source)
+
+
+def run(pool: Pool, spec: ExperimentSpec, source: Path | None = None, *,
+        on_progress: Callable[[Progress], object] = lambda update: None) -> Outcome:
+    """``submit`` ``spec``, then schedule it in this process (``scheduling``) until it ends,
+    handing each ``Progress`` to ``on_progress``; returns how it ended. Ctrl-C
+    (``KeyboardInterrupt``) stops following only: sessions keep running and a daemon, or
+    another ``run``/``watch``, carries on. Raises what ``submit`` raises."""
+    submitted = submit(pool, spec, source)
+    with scheduling(pool, "run"):
+        for update in progress(pool, submitted.id):
+            on_progress(update)
+    return outcome(pool, submitted.id)
+
+
+def step_once(pool: Pool, role: str = "scheduler") -> Report | None:
+    """One scheduler step now (poll sessions, collect and hop, place pending experiments,
+    notify), then the lease and claims are handed back so a daemon may take over at once.
+    Returns the step's ``Report``, or None when other schedulers on the database hold all
+    the work. ``role`` names this scheduler in ``status`` meanwhile."""
+    from gpupool.driver import Driver
+
+    driver = Driver(pool, role=role)
+    try:
+        return driver.step()
+    finally:
+        driver.release()
+
+
+def serve(pool: Pool) -> None:
+    """Keep every experiment moving (``gpupool daemon``): a scheduler step every
+    ``poll_interval`` seconds until interrupted; the lease is handed back on the way out."""
+    from gpupool.driver import Driver
+
+    Driver(pool, role="daemon").run_forever()
+
+
+@contextlib.contextmanager
+def scheduling(pool: Pool, role: str = "run") -> Iterator[Report | None]:
+    """Schedule in this process while the block runs: one step at once (its ``Report``, or
+    None when other schedulers hold all the work), then one every ``poll_interval`` seconds
+    in a background thread; on leaving, that thread is stopped and the lease handed back."""
+    from gpupool.driver import Driver
+
+    driver = Driver(pool, role=role)
+    first = driver.step()
+    background = driver.start_background()
+    try:
+        yield first
+    finally:
+        background.shutdown(wait=True)  # type: ignore[attr-defined]
+        driver.release()
 
 
 def experiment(pool: Pool, experiment_id: str) -> Experiment:

@@ -78,7 +78,6 @@ def run(ctx: click.Context, experiment_file: Path, detach: bool, wait_anyway: bo
     `gpupool daemon` carries on scheduling.
     """
     from gpupool import api
-    from gpupool.driver import Driver
     from gpupool.spec import load_experiment
 
     spec = load_experiment(experiment_file)
@@ -87,17 +86,15 @@ def run(ctx: click.Context, experiment_file: Path, detach: bool, wait_anyway: bo
     experiment = api.submit(pool, spec, experiment_file)
     console = _console(stderr=as_json)  # stdout stays pure JSON
     console.print(f"submitted [bold]{experiment.id}[/] ({spec.name}), providers: {', '.join(spec.providers)}")
-    driver = Driver(pool, role="run")
-    driver.step()
     if detach:
-        driver.release()  # a daemon may take over at once; status must not see a dead holder
+        api.step_once(pool, role="run")  # then a daemon may take over at once
         if as_json:
             _print_json(api.experiment_view(pool, experiment.id))
             return
         console.print(f"detached; `gpupool status {experiment.id}` shows progress, "
                       "and `gpupool daemon` must be running to carry it on")
         return
-    sys.exit(_follow(pool, driver, experiment.id, console, as_json))
+    sys.exit(_follow(pool, "run", experiment.id, console, as_json))
 
 
 def _preflight(pool: Any, spec: Any, wait_anyway: bool, to_stderr: bool = False) -> None:
@@ -129,37 +126,31 @@ def watch(ctx: click.Context, experiment_id: str, as_json: bool) -> None:
     (or resumes from the last verified checkpoint) and shows the live progress line.
     """
     from gpupool import api
-    from gpupool.driver import Driver
 
     pool = _open_pool(ctx)
     experiment = api.experiment(pool, experiment_id)
-    driver = Driver(pool, role="watch")
-    driver.step()
-    sys.exit(_follow(pool, driver, experiment.id, _console(), as_json))
+    sys.exit(_follow(pool, "watch", experiment.id, _console(), as_json))
 
 
-def _follow(pool: Any, driver: Any, experiment_id: str, console: Any, as_json: bool = False) -> int:
-    """Schedule in the background and show progress until the experiment ends: a live line on
-    a terminal, a plain timestamped line at a steady interval otherwise, JSON lines for --json."""
+def _follow(pool: Any, role: str, experiment_id: str, console: Any, as_json: bool = False) -> int:
+    """Schedule in this process (as ``role``) and show progress until the experiment ends: a
+    live line on a terminal, a plain timestamped line at a steady interval otherwise, JSON
+    lines for --json."""
+    from gpupool import api
     from gpupool.cli_life import follow_json, follow_live, follow_plain
 
-    background = driver.start_background()
     try:
-        if as_json:
-            follow_json(pool, experiment_id)
-        elif console.is_terminal:
-            follow_live(pool, experiment_id, console)
-        else:
-            follow_plain(pool, experiment_id)
+        with api.scheduling(pool, role):
+            if as_json:
+                follow_json(pool, experiment_id)
+            elif console.is_terminal:
+                follow_live(pool, experiment_id, console)
+            else:
+                follow_plain(pool, experiment_id)
     except KeyboardInterrupt:
         console.print(f"stopped following; sessions keep running: `gpupool watch {experiment_id}` "
                       "or `gpupool daemon` carries on")
         return 130
-    finally:
-        background.shutdown(wait=True)  # type: ignore[attr-defined]
-        driver.release()
-    from gpupool import api
-
     if as_json:
         final = api.experiment_view(pool, experiment_id)
         click.echo(json.dumps(final, default=str))  # one object a line, as while following
@@ -351,14 +342,12 @@ def daemon(ctx: click.Context, once: bool) -> None:
     """Keep every experiment moving: poll sessions, collect checkpoints, place the next attempt."""
     import logging
 
-    from gpupool.driver import Driver
+    from gpupool import api
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     pool = _open_pool(ctx)
-    driver = Driver(pool, role="daemon")
     if once:
-        report = driver.step()
-        driver.release()
+        report = api.step_once(pool, role="daemon")
         if report is None:
             raise GpupoolError("another scheduler holds the lease on this database; try again later")
         for line in _report_lines(report):
@@ -368,7 +357,7 @@ def daemon(ctx: click.Context, once: bool) -> None:
     services = len(pool.settings.notify)
     notifying = f"; notifying {services} service(s) from the pool file" if services else ""
     _console(stderr=True).print(f"gpupool daemon: polling every {interval:g}s{notifying} (Ctrl-C stops)")
-    driver.run_forever()
+    api.serve(pool)
 
 
 def _report_lines(report: Any) -> list[str]:

@@ -61,11 +61,7 @@ def resume(ctx: click.Context, experiment_id: str, experiment_file: Path | None,
     if detach:
         console.print("queued; `gpupool daemon` (or `gpupool watch ID`) must run to carry it on")
         return
-    from gpupool.driver import Driver
-
-    driver = Driver(pool, role="resume")
-    driver.step()
-    raise SystemExit(base._follow(pool, driver, experiment.id, console))
+    raise SystemExit(base._follow(pool, "resume", experiment.id, console))
 
 
 @click.command()

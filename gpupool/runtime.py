@@ -1,7 +1,7 @@
 """The in-session runtime: the part of gpupool that runs inside a training script.
 
-Standard library only (plus ``gpupool.manifest`` and ``gpupool.clock``), so it works in any Colab, Kaggle or local
-session. A resumable training script looks like this::
+Standard library only (plus ``gpupool.manifest`` and ``gpupool.clock``), so it works in any
+Colab, Kaggle or local session. A resumable training script looks like this::
 
     from gpupool import runtime
     import gpupool.torch as gt

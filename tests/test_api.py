@@ -157,3 +157,22 @@ def test_the_cli_stands_on_the_face():
         for reach in (r"pool\.state\b", r"\bScheduler\(", r"\btime\.time\(", r"\btime\.sleep\(",
                       r"\bState\(", r"gpupool\.state\b"):
             assert not re.search(reach, source), f"{module.__name__} uses {reach}"
+
+
+def test_run_schedules_in_this_process_until_the_experiment_ends(tmp_path):
+    """The real clock (sessions of a fraction of a second) and the real background driver, as
+    `gpupool run` uses them; it waits on the experiment's progress, not on a guessed time."""
+    local = FakeProvider("local", Script([(Y, 0.3, 10), (S, 0.3, 5)]))
+    pool = Pool(PoolSettings(data_dir=tmp_path / "data", poll_interval=0.2), providers={"local": local})
+    (tmp_path / "code").mkdir()
+    spec = ExperimentSpec.model_validate(
+        {"name": "exp", "run": "python train.py", "workdir": tmp_path / "code", "providers": ["local"],
+         "checkpoint": {"interval": 600}})
+    seen: list[str] = []
+
+    outcome = api.run(pool, spec, on_progress=lambda update: seen.append(update.row["state"]))
+
+    assert outcome.succeeded and outcome.attempts == 2 and outcome.experiment.last_step == 15
+    assert seen[-1] == "succeeded" and "succeeded" not in seen[:-1]
+    assert api.status_page(pool).scheduler["running"] is False  # the lease was handed back
+    assert api.step_once(pool, role="daemon") is not None  # so another scheduler steps at once
