@@ -98,13 +98,14 @@ def scheduling(pool: Pool, role: str = "run") -> Iterator[Report | None]:
     in a background thread; on leaving, that thread is stopped and the lease handed back."""
     from gpupool.driver import Driver
 
-    driver = Driver(pool, role=role)
-    first = driver.step()
-    background = driver.start_background()
+    driver, background = Driver(pool, role=role), None
     try:
+        first = driver.step()
+        background = driver.start_background()
         yield first
-    finally:
-        background.shutdown(wait=True)  # type: ignore[attr-defined]
+    finally:  # a failed first step hands the lease back too
+        if background is not None:
+            background.shutdown(wait=True)  # type: ignore[attr-defined]
         driver.release()
 
 
