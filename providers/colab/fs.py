@@ -58,7 +58,9 @@ class DriveFileSystem(GDriveFileSystem):
                  credentials_file: str | None = None, trash_only: bool = False,
                  request_timeout: float = REQUEST_TIMEOUT, retries: int = 6,
                  retry_delay: float = 0.5, upload_chunk_bytes: int = 8 * 1024 * 1024,
-                 **kwargs: Any):
+                 sleep: Callable[[float], None] = time.sleep, **kwargs: Any):
+        """``retries`` temporary failures are retried per request, ``retry_delay`` seconds
+        doubling (at most 20 s) slept on ``sleep`` (tests record it instead of waiting)."""
         if google_auth is None:
             client = load_client_config(Path(client_secrets or DEFAULT_CLIENT_SECRETS))
             google_auth = open_auth(client, Path(credentials_file or DEFAULT_CREDENTIALS),
@@ -66,7 +68,7 @@ class DriveFileSystem(GDriveFileSystem):
         else:
             _bound_requests(google_auth, request_timeout)
         super().__init__("root", google_auth=google_auth, trash_only=trash_only, **kwargs)
-        self.retries, self.retry_delay = retries, retry_delay
+        self.retries, self.retry_delay, self.sleep = retries, retry_delay, sleep
         self.upload_chunk_bytes = upload_chunk_bytes
         self._api: Drive | None = None
 
@@ -91,7 +93,7 @@ class DriveFileSystem(GDriveFileSystem):
         if self._api is None:
             self._retry(self._sign_in)
             self._api = Drive(self.client.auth, retries=self.retries, base_delay=self.retry_delay,
-                              max_delay=20.0, chunk_bytes=self.upload_chunk_bytes)
+                              max_delay=20.0, chunk_bytes=self.upload_chunk_bytes, sleep=self.sleep)
         return self._api
 
     def _sign_in(self) -> None:
@@ -121,7 +123,7 @@ class DriveFileSystem(GDriveFileSystem):
                     raise _missing(err) from None
                 if not _temporary(err) or attempt == self.retries:
                     raise
-                time.sleep(min(20.0, self.retry_delay * 2 ** attempt))
+                self.sleep(min(20.0, self.retry_delay * 2 ** attempt))
         raise AssertionError("unreachable")
 
     def _gdrive_list(self, query: str) -> Iterator[dict]:

@@ -381,13 +381,15 @@ def test_gdrive_store_with_lost_insert_answers_has_one_object_per_name(drive_emu
     register()
     creds = write_credentials_file(tmp_path / "creds.json", drive_emulator)
     auth = LoopbackGoogleAuth(drive_emulator, settings=emulator_settings(drive_emulator, creds))
-    store = CheckpointStore("gdrive://gpupool/ck", google_auth=auth, retry_delay=0,
-                            skip_instance_cache=True)
+    slept: list[float] = []
+    store = CheckpointStore("gdrive://gpupool/ck", google_auth=auth, retry_delay=0.5,
+                            sleep=slept.append, skip_instance_cache=True)
     manifest = session_checkpoint(tmp_path / "local", 4)
     drive_emulator.inject("files.insert", lost, times=3)
     drive_emulator.inject("upload.chunk", lost, times=3)
     store.import_local(tmp_path / "local" / "checkpoints" / manifest.name, manifest)
     assert store.latest() == manifest
+    assert slept and all(0 < s <= 20 for s in slept)  # backed off, on the store's own sleep
     for title in ("gpupool", "ck", manifest.name, "state.pt", "manifest.json"):
         assert len(live(drive_emulator, title)) == 1, title
     assert store.prune(0) == [manifest.name]
