@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from gpupool.clock import SystemClock
 from gpupool.errors import ProviderError, SpecError
 from gpupool.lifecycle import AttemptState, ExperimentState
 from gpupool.pool import Pool
@@ -56,9 +57,8 @@ def make_pool(tmp: Path, **providers: object) -> Pool:
     """A pool with local (CPU), Kaggle against the emulator, and any providers given."""
     settings = PoolSettings(data_dir=tmp / "pool",
                             providers={"local": {"gpus": "none"}, "kaggle": KAGGLE})
-    pool = Pool(settings, providers=providers)  # type: ignore[arg-type]
-    pool.provider("kaggle").sleep = lambda seconds: None  # type: ignore[attr-defined]
-    return pool
+    return Pool(settings, clock=SystemClock(sleep=lambda seconds: None),
+                providers=providers)  # type: ignore[arg-type]
 
 
 def local_file(tmp: Path, inputs: dict, name: str = "foreign", retries: int = 0,
