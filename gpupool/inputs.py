@@ -31,6 +31,7 @@ import io
 import json
 import os
 import re
+import shutil
 import sys
 import tarfile
 import urllib.request
@@ -61,14 +62,52 @@ def env_name(name: str) -> str:
 # -- checks that need no provider ---------------------------------------------------------
 
 def input_problems(spec: ExperimentSpec) -> list[Problem]:
-    """What is wrong with ``spec.inputs`` on this machine: missing local paths, two inputs at
-    one path (the same source, one folder inside another, or names that differ only in case)."""
+    """What is wrong with ``spec.inputs`` on this machine: missing or unreadable local paths,
+    two inputs at one path (the same source, one folder inside another, or names that differ
+    only in case)."""
     problems: list[Problem] = []
     for name, item in spec.inputs.items():
-        if item.local is not None and not item.local.exists():
-            problems.append((("inputs", name, "local"), f"{item.local} does not exist"))
+        problems += local_problems(name, item)
     problems += _clashes(spec.inputs)
     return problems
+
+
+def local_problems(name: str, item: InputSpec) -> list[Problem]:
+    """A local input that does not exist, or holds a file or folder this user cannot read
+    (it would fail in every session, after placement, with the script's PermissionError)."""
+    if item.local is None:
+        return []
+    where = ("inputs", name, "local")
+    if not item.local.exists():
+        return [(where, f"{item.local} does not exist")]
+    unreadable = first_unreadable(item.local)
+    if unreadable is not None:
+        return [(where, f"{unreadable} is not readable by this user (check its permissions)")]
+    return []
+
+
+def first_unreadable(root: Path) -> Path | None:
+    """The first file or folder under ``root`` (itself included) this process cannot read:
+    folders must be listable, files openable. Only ``root`` itself is opened; the files
+    below are asked of ``os.access`` (opening each of many files would cost seconds)."""
+    if not root.is_dir():
+        try:
+            with open(root, "rb"):
+                return None
+        except OSError:
+            return root
+    failed: list[Path] = []
+    if not os.access(root, os.R_OK | os.X_OK):
+        return root
+    for folder, dirs, names in os.walk(root, onerror=lambda err: failed.append(Path(err.filename))):
+        dirs.sort()
+        for entry in sorted(names):
+            path = Path(folder) / entry
+            if not path.is_symlink() and not os.access(path, os.R_OK):
+                return path
+        if failed:
+            return failed[0]
+    return failed[0] if failed else None
 
 
 def _clashes(inputs: dict[str, InputSpec]) -> list[Problem]:
@@ -334,19 +373,102 @@ class _HashingReader(io.RawIOBase):
         return data
 
 
+# -- caches of downloaded inputs ----------------------------------------------------------------
+#
+# A download kept for later attempts (a url's file, a Kaggle dataset version, a Drive folder)
+# is sealed: its files are made read-only (0444) and recorded with size, mtime, ctime and
+# sha256. Before each use every file's stat is compared with the record; any difference is
+# re-hashed, and a content that no longer matches makes the caller download it again. The
+# ctime is kept because writing a file and putting its mtime back (touch -d) still moves it.
+
+Sealed = dict[str, list[Any]]  # relative path -> [size (bytes), mtime (ns), sha256, ctime (ns)]
+
+
+def seal(root: Path) -> Sealed:
+    """Make every file under ``root`` (or ``root`` itself) read-only (0444) and record it."""
+    sealed: Sealed = {}
+    for rel, path, _st in _walk(root):
+        path.chmod(0o444)
+        sealed[rel] = _stamp(path, _sha256_file(path, lambda n: None))
+    return sealed
+
+
+def _stamp(path: Path, sha256: str) -> list[Any]:
+    return _stamp_of(path.stat(), sha256)
+
+
+def still_sealed(root: Path, sealed: Sealed | None) -> bool:
+    """Whether ``root`` holds exactly the files of ``sealed`` with their content: files whose
+    size or mtime changed since are re-hashed (and their record refreshed when they match)."""
+    if not sealed or not root.exists():
+        return False
+    try:
+        found = {rel: (path, st) for rel, path, st in _walk(root)}
+    except OSError:
+        return False
+    if set(found) != set(sealed):
+        return False
+    for rel, (path, st) in found.items():
+        if len(sealed[rel]) == 4 and _stamp_of(st, sealed[rel][2]) == sealed[rel]:
+            continue
+        size, _mtime_ns, sha256 = sealed[rel][:3]
+        try:
+            if st.st_size != size or _sha256_file(path, lambda n: None) != sha256:
+                return False
+            path.chmod(0o444)
+            sealed[rel] = _stamp(path, sha256)
+        except OSError:
+            return False
+    return True
+
+
+def _stamp_of(st: os.stat_result, sha256: str) -> list[Any]:
+    return [st.st_size, st.st_mtime_ns, sha256, st.st_ctime_ns]
+
+
+def drop_cached(*paths: Path) -> None:
+    """Remove cached downloads (read-only files inside writable folders can be removed)."""
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def reuse_sealed(folder: Path, done: Path) -> bool:
+    """Whether the download in ``folder`` whose marker ``done`` (``write_sealed``) was written
+    last is complete and unchanged; when it is not, both are removed (download it again)."""
+    marker = _read_record(done)
+    if still_sealed(folder, marker.get("sealed")):
+        _write_record(done, marker)  # re-hashed files' new stamps: not re-read next time
+        return True
+    drop_cached(folder, done)
+    return False
+
+
+def write_sealed(done: Path, facts: dict[str, Any], folder: Path) -> None:
+    """Seal the finished download in ``folder`` and write its marker ``done`` (last)."""
+    _write_record(done, {**facts, "sealed": seal(folder)})
+
+
 # -- urls -----------------------------------------------------------------------------------
 
 def fetch_url(url: str, sha256: str | None, cache_dir: Path,
               open_url: OpenUrl | None = None) -> Path:
-    """Download ``url`` once into ``cache_dir`` (kept while its sha256 still matches) and
-    verify it; returns the file. ``open_url`` is the transport (tests pass their own).
+    """Download ``url`` once into ``cache_dir`` and verify it; returns the file (read-only).
+    The cached file is used again only while it still matches what was fetched (checked by
+    size and mtime, re-hashed after any change) and ``sha256``. ``open_url`` is the
+    transport (tests pass their own).
 
     Raises InputUnavailable when it cannot be fetched or does not match ``sha256``."""
     key = hashlib.sha256(url.encode()).hexdigest()[:24]
     target = Path(cache_dir) / key / (Path(url.split("?")[0]).name or "download")
-    record = target.with_name(".sha256")
-    if target.exists() and record.exists() and sha256 in (None, record.read_text()):
+    record_path = target.with_name(".record.json")
+    record = _read_record(record_path)
+    if sha256 in (None, record.get("sha256")) and still_sealed(target, record.get("files")):
+        _write_record(record_path, record)  # a re-hashed file's new mtime: not re-read next time
         return target
+    drop_cached(target, record_path)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
     digest = _download(url, partial, open_url or _urlopen)
@@ -355,8 +477,22 @@ def fetch_url(url: str, sha256: str | None, cache_dir: Path,
         raise InputUnavailable("inputs", f"{url} has sha256 {digest}, not the {sha256} "
                                          "the experiment file gives")
     os.replace(partial, target)
-    record.write_text(digest)
+    _write_record(record_path, {"sha256": digest, "files": seal(target)})
     return target
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _write_record(path: Path, record: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path)
 
 
 def _download(url: str, partial: Path, open_url: OpenUrl) -> str:

@@ -27,7 +27,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -136,6 +138,13 @@ INPUT_KINDS = ("local", "kaggle", "drive", "url")
 LOOPBACK_HTTP = r"http://(127\.0\.0\.1|localhost)(:[0-9]+)?/\S*"  # a local mirror, tests
 
 
+def _input_name(name: str) -> str:
+    if not INPUT_NAME.fullmatch(name):
+        raise ValueError("not a valid input name (letters, digits, _; not starting with a digit; "
+                         "it names GPUPOOL_INPUT_<NAME>)")
+    return name
+
+
 class InputSpec(_Strict):
     """One named input: exactly one source, after SkyPilot's ``file_mounts`` (see gpupool.inputs
     for where it appears in a session). A bare string is a local path."""
@@ -149,13 +158,26 @@ class InputSpec(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, value: Any) -> Any:
+        if value is None:  # `name:` with nothing after it (pydantic would say "instance of")
+            raise ValueError("needs a source: a local path, or {local|kaggle|drive|url: ...}")
         return {"local": value} if isinstance(value, str) else value
+
+    @field_validator("local", "kaggle", "drive", "url", mode="before")
+    @classmethod
+    def _not_blank(cls, value: Any) -> Any:
+        # "" would silently mean the experiment file's folder (local) or an id Drive never has
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty; give the source, or remove the input")
+        return value
 
     @field_validator("local")
     @classmethod
     def _local(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
+        value = value.expanduser()  # `~/data` means the home folder, as in a shell
         base = (info.context or {}).get("base_dir")
-        return (Path(base) / value).resolve() if value is not None and base is not None else value
+        return (Path(base) / value).resolve() if base is not None else value
 
     @field_validator("kaggle")
     @classmethod
@@ -213,7 +235,8 @@ class ExperimentSpec(_Strict):
     # each entry is checked on its own, so every bad one is reported with its index and line
     outputs: list[Annotated[str, BeforeValidator(_folder)]] = Field(
         default_factory=list, description="folders collected from every session")
-    inputs: dict[str, InputSpec] = Field(default_factory=dict)
+    # names are checked one by one, so each bad name is reported at its own line
+    inputs: dict[Annotated[str, AfterValidator(_input_name)], InputSpec] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod
@@ -291,16 +314,6 @@ class ExperimentSpec(_Strict):
             return {str(k): str(v) for k, v in value.items()}
         return value
 
-    @field_validator("inputs", mode="before")
-    @classmethod
-    def _input_names(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            bad = [str(k) for k in value if not INPUT_NAME.fullmatch(str(k))]
-            if bad:
-                raise ValueError(f"not valid input names (letters, digits, _; not starting with a "
-                                 f"digit; they name GPUPOOL_INPUT_<NAME>): {', '.join(bad)}")
-        return value
-
     @field_validator("workdir")
     @classmethod
     def _workdir(cls, value: Path, info: ValidationInfo) -> Path:
@@ -332,7 +345,12 @@ def load_experiment(path: str | Path, *, check_workdir: bool = True) -> Experime
     provider, the closest known one; also for a missing workdir, or checkpoint/output folders
     that overlap, leave the workdir or hold shipped code."""
     path = Path(path)
-    spec = load_yaml_model(path, ExperimentSpec, context={"base_dir": path.parent.resolve()})
+    try:
+        spec = load_yaml_model(path, ExperimentSpec, context={"base_dir": path.parent.resolve()})
+    except SpecError as err:
+        if check_workdir:
+            err = SpecError(err.source, err.problems + _inputs_problems_alone(path))
+        raise err from None
     _check_provider_names(path, spec.providers)
     text = path.read_text(encoding="utf-8")
     if check_workdir and not spec.workdir.is_dir():
@@ -345,6 +363,30 @@ def load_experiment(path: str | Path, *, check_workdir: bool = True) -> Experime
     if problems:
         raise SpecError(str(path), problems)
     return spec
+
+
+def _inputs_problems_alone(path: Path) -> list[tuple[str, str]]:
+    """Problems of the inputs that are valid on their own (a missing or unreadable local path)
+    when the file as a whole did not validate, so one run reports every bad input."""
+    from gpupool.inputs import local_problems
+
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return []
+    inputs = data.get("inputs") if isinstance(data, dict) else None
+    if not isinstance(inputs, dict):
+        return []
+    context = {"base_dir": path.parent.resolve()}
+    problems: list[tuple[str, str]] = []
+    for name, raw in inputs.items():
+        try:
+            item = InputSpec.model_validate(raw, context=context)
+        except ValidationError:
+            continue  # already reported by the whole file's validation
+        problems += [(locate(text, loc), why) for loc, why in local_problems(str(name), item)]
+    return problems
 
 
 def _check_provider_names(path: Path, names: list[str]) -> None:

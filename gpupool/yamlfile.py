@@ -108,6 +108,8 @@ def validation_problems(err: ValidationError, root: yaml.Node | None, model: typ
     for item in err.errors():
         loc = tuple(item["loc"])
         key = item["type"] == "extra_forbidden"  # point at the misspelt key, not its value
+        if loc and loc[-1] == "[key]":  # a bad key of a dict field: pydantic's marker, dropped
+            loc, key = loc[:-1], True
         problems.append((locate_in(root, prefix + loc, key=key), _message(item, model, loc)))
     return problems
 

@@ -28,7 +28,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpupool.errors import InputUnavailable, ProviderError, RemoteNotFound
-from gpupool.inputs import Content, HashCache, InputSources, hash_content, progress_bar
+from gpupool.inputs import (
+    Content,
+    HashCache,
+    InputSources,
+    hash_content,
+    progress_bar,
+    reuse_sealed,
+    write_sealed,
+)
 from gpupool.session_inputs import CONTENT_FILE, PACKED_DIR
 
 if TYPE_CHECKING:
@@ -116,9 +124,9 @@ def download_drive_input(drive: Drive, file_id: str, dest: Path) -> Path:
     key = hashlib.sha256(json.dumps([[p, m["id"], m.get("md5Checksum")] for p, m in files])
                          .encode()).hexdigest()[:24]
     folder, done = dest / key, dest / f"{key}.done"
-    if not done.exists():
+    if not reuse_sealed(folder, done):
         _download_tree(drive, files, folder, file_id)
-        done.write_text(json.dumps({"id": file_id, "files": len(files)}))
+        write_sealed(done, {"id": file_id, "count": len(files)}, folder)
     return folder if is_dir else folder / meta["title"]
 
 

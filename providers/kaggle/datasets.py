@@ -32,7 +32,7 @@ from typing import Any
 
 from gpupool.bundle import runtime_sources
 from gpupool.errors import InputUnavailable, ProviderError, ProviderUnavailable
-from gpupool.inputs import progress_bar
+from gpupool.inputs import progress_bar, reuse_sealed, write_sealed
 from gpupool.provider import Launch
 
 from .client import KaggleRemote, OutcomeUnknown, RemoteNotFound
@@ -215,7 +215,7 @@ def download_input(remote: KaggleRemote, ref: str, dest: Path) -> Path:
     if version is None:
         raise _gone(ref)
     folder, done = dest / f"v{version}", dest / f"v{version}.done"
-    if done.exists() and folder.is_dir():
+    if reuse_sealed(folder, done):
         return folder
     dest.mkdir(parents=True, exist_ok=True)
     packed = dest / f"v{version}.zip.partial"
@@ -224,7 +224,7 @@ def download_input(remote: KaggleRemote, ref: str, dest: Path) -> Path:
     except RemoteNotFound:
         raise _gone(ref) from None
     _unpack(packed, folder, ref)
-    done.write_text(json.dumps({"ref": f"{owner}/{slug}", "version": version}))
+    write_sealed(done, {"ref": f"{owner}/{slug}", "version": version}, folder)
     packed.unlink()
     return folder
 
