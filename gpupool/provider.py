@@ -102,6 +102,9 @@ class PollResult:
     # The scheduler records the cool-down in the state database (``State.cool_down``).
     unavailable_until: float | None = None
     quota_spent: bool = False
+    # With FAILED: no other attempt can do better (the session found an input gone or
+    # wrong), so the experiment fails now instead of retrying (README, "Inputs").
+    final: bool = False
 
 
 class Provider(abc.ABC):

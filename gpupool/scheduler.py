@@ -188,7 +188,8 @@ class Scheduler:
             self.state.add_event(now, attempt.experiment_id, attempt.id, "corrupt-checkpoint", str(err))
         latest = store.latest()
         self._end(attempt, result.state, result.message or result.state.value, now, latest=latest,
-                  until=result.unavailable_until, quota_spent=result.quota_spent)
+                  until=result.unavailable_until, quota_spent=result.quota_spent,
+                  final=result.final and result.state == AttemptState.FAILED)
         keep_last = self.state.experiment(attempt.experiment_id).parsed_spec.checkpoint.keep_last
         store.prune(keep_last, protect=[latest.name] if latest else [])
         provider.cleanup(attempt)
@@ -212,10 +213,11 @@ class Scheduler:
 
     def _end(self, attempt: Attempt, outcome: AttemptState, message: str, now: float, *,
              latest: Manifest | None = None, until: float | None = None,
-             quota_spent: bool = False) -> None:
+             quota_spent: bool = False, final: bool = False) -> None:
         """End ``attempt`` with ``outcome`` and move its experiment on, in one transaction.
         An UNAVAILABLE end cools the account down: until ``until`` when the provider said so,
-        else with back-off; ``quota_spent``: the provider said its GPU quota is used up."""
+        else with back-off; ``quota_spent``: the provider said its GPU quota is used up;
+        ``final``: no other attempt can do better (an input is gone), the experiment fails."""
         experiment = self.state.experiment(attempt.experiment_id)
         seconds = attempt.duration(now) if attempt.started_at else 0.0
         produced = latest.name if latest is not None and latest.attempt == attempt.id else None
@@ -230,6 +232,8 @@ class Scheduler:
             history = [*self.state.attempts(attempt.experiment_id, active=False), ended]
             target, why = self._next_state(experiment, experiment.parsed_spec, ended, message,
                                            fields, history)
+            if final:
+                target, why = ExperimentState.FAILED, message
         fields["message"] = why
         if outcome == AttemptState.UNAVAILABLE:  # the reason is shown after the provider's name
             self.state.cool_down(attempt.provider, attempt.account, now,
@@ -369,8 +373,8 @@ class Scheduler:
         try:
             submission = provider.submit(launch)
         except InputUnavailable as err:  # elsewhere or later cannot help: fail, don't loop
-            self._end(attempt, AttemptState.FAILED, str(err), now)
-            return True  # no other placement in this step (retries_on_error bounds the rest)
+            self._end(attempt, AttemptState.FAILED, str(err), now, final=True)
+            return True
         except (ProviderUnavailable, ProviderError) as err:
             until = err.until if isinstance(err, ProviderUnavailable) else None
             self._end(attempt, AttemptState.UNAVAILABLE, str(err), now, until=until)

@@ -420,7 +420,12 @@ def install(drive, reporter, p, work):
         config = prepare(drive, p, work)
     except Exception as err:
         beats.halt()
-        reporter.status("failed", message=f"could not prepare the session: {err}")
+        # InputProblem's class comes from the runtime prepare() unpacks, hence by name: an
+        # input gone or wrong is reported apart, so gpupool fails the run instead of retrying
+        if type(err).__name__ == "InputProblem":
+            reporter.status("input-problem", message=f"an input is unusable in the session: {err}")
+        else:
+            reporter.status("failed", message=f"could not prepare the session: {err}")
         raise
     beats.halt()
     return config

@@ -63,6 +63,7 @@ class ColabProvider(Provider):
         "running": AttemptState.RUNNING,
         "no-gpu": AttemptState.UNAVAILABLE,
         "failed": AttemptState.FAILED,
+        "input-problem": AttemptState.FAILED,  # final: see poll()
         "stopped": AttemptState.CANCELLED,
     }
     input_kinds = frozenset({"local", "drive", "url", "kaggle"})  # kaggle: downloaded, then as local
@@ -262,6 +263,9 @@ class ColabProvider(Provider):
                               quota_spent=True, **common)
         if state == "failed":
             return PollResult(AttemptState.FAILED, message=status.get("message"), **common)
+        if state == "input-problem":  # an input gone or wrong: another try cannot help
+            return PollResult(AttemptState.FAILED, message=status.get("message"), final=True,
+                              **common)
         if now - float(status.get("time") or 0) > self.config.heartbeat_timeout:
             return PollResult(AttemptState.LOST, message=(
                 f"no heartbeat from the notebook for {self.config.heartbeat_timeout:.0f} s "

@@ -78,10 +78,11 @@ class InputShipper:
                 problems.append((("inputs", name, "url"), "Kaggle kernels run without internet "
                                  "here (providers.kaggle.enable_internet: false); use a local "
                                  "or kaggle input instead"))
-            if item.kaggle is not None and self._status(item.kaggle) is None:
+            missing = self._missing(item.kaggle) if item.kaggle is not None else None
+            if missing is not None:
                 problems.append((("inputs", name, "kaggle"),
-                                 f"Kaggle dataset {item.kaggle} does not exist or is not readable "
-                                 f"by the configured account ({self.owner})"))
+                                 f"{missing} does not exist or is not readable by the configured "
+                                 f"account ({self.owner})"))
         return problems
 
     def prepare(self, spec: ExperimentSpec, experiment: str = "") -> InputPlan:
@@ -102,9 +103,10 @@ class InputShipper:
             sources.append(ref)
             return {"kind": "dataset", "ref": ref, "packed": True}
         if item.kaggle is not None:
-            if self._status(item.kaggle) is None:
-                raise InputUnavailable("kaggle", f"input {name!r}: Kaggle dataset {item.kaggle} no "
-                                                 "longer exists or is not readable by this account")
+            missing = self._missing(item.kaggle)
+            if missing is not None:
+                raise InputUnavailable("kaggle", f"input {name!r}: {missing} no longer exists "
+                                                 "or is not readable by this account")
             ref, _, version = item.kaggle.partition("@")
             sources.append(f"{ref}/{version}" if version else ref)
             return {"kind": "dataset", "ref": ref, "packed": False}
@@ -175,6 +177,17 @@ class InputShipper:
         wait_ready(self.remote, self.config, self.owner, slug, self.clock)
         return version
 
-    def _status(self, ref: str) -> str | None:
-        owner, slug = ref.partition("@")[0].split("/")
-        return self.remote.dataset_status(owner, slug)
+    def _missing(self, ref: str) -> str | None:
+        """What of ``owner/slug[@version]`` is not there ("Kaggle dataset owner/slug", or
+        "version N of ..."), None when it is. Versions are numbered 1 to the current one
+        (Kaggle's dataset view); a missing version would leave the kernel without its data."""
+        dataset, _, wanted = ref.partition("@")
+        owner, slug = dataset.split("/")
+        if self.remote.dataset_status(owner, slug) is None:
+            return f"Kaggle dataset {dataset}"
+        if wanted:
+            current = self.remote.dataset_version(owner, slug)
+            if current is None or int(wanted) > current:
+                have = f" (the newest is {current})" if current else ""
+                return f"version {wanted} of Kaggle dataset {dataset}{have}"
+        return None

@@ -21,6 +21,7 @@ from gpupool.lifecycle import AttemptState
 
 CODE_FILE, RUNTIME_FILE, CHECKPOINT_FILE = "code.gpupool", "runtime.gpupool", "checkpoint.gpupool"
 SESSION_SUBDIR = "gpupool"  # under /kaggle/working
+INPUT_OUTCOME = "input-problem"  # exit.json's outcome when an input is missing or wrong
 MAX_SLUG = 50
 
 # Every KernelWorkerStatus, mapped once. COMPLETE and ERROR are refined by the session's
@@ -86,7 +87,8 @@ def save_request(*, owner: str, slug: str, script: str, sources: list[str], priv
 def render_script(marker: dict[str, Any]) -> str:
     """The kernel's code: a fixed bootstrap with the attempt's marker filled in."""
     return BOOTSTRAP.replace("@MARKER@", json.dumps(json.dumps(marker, sort_keys=True))) \
-        .replace("@SUBDIR@", json.dumps(SESSION_SUBDIR))
+        .replace("@SUBDIR@", json.dumps(SESSION_SUBDIR)) \
+        .replace("@INPUT_OUTCOME@", json.dumps(INPUT_OUTCOME))
 
 
 def script_marker(script: str) -> dict[str, Any]:
@@ -187,7 +189,8 @@ def main():
     try:
         env.update(session_inputs.prepare(config.get("inputs", {}),
                                           lambda ref: locate_dataset(inputs, ref), scratch))
-    except session_inputs.InputProblem as err:
+    except session_inputs.InputProblem as err:  # recorded: retrying cannot bring the input back
+        (session / "exit.json").write_text(json.dumps({"outcome": @INPUT_OUTCOME@, "message": str(err)}))
         sys.exit(f"gpupool: {err}")
     session_config = {
         "session_dir": str(session), "bundle": str(code / config["bundle"]),

@@ -20,7 +20,7 @@ from gpupool.provider import PollResult, classify_exit
 from gpupool.runtime import EVENT_PREFIX
 
 from .client import KaggleRemote, KernelStatus, OutputFile
-from .kernel import SESSION_SUBDIR
+from .kernel import INPUT_OUTCOME, SESSION_SUBDIR
 
 CHECKPOINTS = f"{SESSION_SUBDIR}/checkpoints/"
 EXIT_FILES = (f"{SESSION_SUBDIR}/exit.json", f"{SESSION_SUBDIR}/started.json")
@@ -139,6 +139,9 @@ def ending(remote: KaggleRemote, status: KernelStatus, files: list[OutputFile], 
         state = AttemptState.LOST
         message = with_kaggle_message(f"Kaggle ended the session ({status.name}) before it "
                                       "recorded an exit", status)
+    elif ended.get("outcome") == INPUT_OUTCOME:  # gone or wrong: another try cannot help
+        return PollResult(AttemptState.FAILED, started_at=started, final=True,
+                          message=f"an input is unusable in the session: {ended.get('message')}")
     else:
         state, message = classify(ended)
         if state in (AttemptState.LOST, AttemptState.YIELDED):
