@@ -302,28 +302,38 @@ def bring_inputs(drive, plan, root):
 
     env = {}
     for name, item in plan.items():
-        target = Path(root) / name
-        if item["kind"] == "drive_content":
-            drive.download_tree(item["id"], target)
-            ready = session_inputs.prepare({name: {"kind": "dataset", "ref": item["id"],
-                                                   "packed": True}},
-                                           _always(target), root)
-            path = Path(next(iter(ready.values())))
-        elif item["kind"] == "drive" and item.get("is_dir"):
-            drive.download_tree(item["id"], target)
-            path = target
-        elif item["kind"] == "drive":
-            path = drive.download(item["id"], target / item["title"])
-        elif item["kind"] == "url":
-            path = session_inputs.fetch(item["url"], item.get("sha256"), target)
-        else:
-            raise session_inputs.InputProblem(f"input {name!r}: unknown kind {item['kind']!r}")
-        for file in [target, *target.rglob("*")]:
-            if file.is_file():
-                file.chmod(0o444)
+        try:
+            path = _bring_input(drive, session_inputs, name, item, Path(root) / name)
+        except DriveFailure as err:
+            if err.kind != "gone":
+                raise
+            raise session_inputs.InputProblem(f"input {name!r}: Drive file or folder "
+                                              f"{item.get('id')} is gone ({err})") from None
         env[session_inputs.ENV_PREFIX + name.upper()] = str(path)
         print(f"[gpupool] input {name} ready at {path}", flush=True)
     return env
+
+
+def _bring_input(drive, session_inputs, name, item, target):
+    """One input of ``bring_inputs``, on the VM's disk and read-only; returns its path."""
+    if item["kind"] == "drive_content":
+        drive.download_tree(item["id"], target)
+        ready = session_inputs.prepare({name: {"kind": "dataset", "ref": item["id"], "packed": True}},
+                                       _always(target), target.parent)
+        path = Path(next(iter(ready.values())))
+    elif item["kind"] == "drive" and item.get("is_dir"):
+        drive.download_tree(item["id"], target)
+        path = target
+    elif item["kind"] == "drive":
+        path = drive.download(item["id"], target / item["title"])
+    elif item["kind"] == "url":
+        path = session_inputs.fetch(item["url"], item.get("sha256"), target)
+    else:
+        raise session_inputs.InputProblem(f"input {name!r}: unknown kind {item['kind']!r}")
+    for file in [target, *target.rglob("*")]:
+        if file.is_file():
+            file.chmod(0o444)
+    return path
 
 
 def _always(folder):

@@ -150,3 +150,32 @@ def test_url_input_is_fetched_and_verified_in_the_session(drive_emulator, tmp_pa
     plan["words"]["sha256"] = "0" * 64
     with pytest.raises(InputProblem, match="not 0000"):
         bring_inputs(session_drive(drive_emulator), plan, tmp_path / "vm2")
+
+
+def test_a_drive_input_gone_in_the_session_fails_the_run_once(drive_emulator, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deleted after placement: the notebook reports the input apart ("input-problem") and the
+    run fails at once with the reason, though retries are left (no retry loop)."""
+    from gpupool.lifecycle import ExperimentState
+    from gpupool_providers.colab import agent
+
+    item = drive_emulator.state.create("vocab.txt", content=b"words")
+    colab = make_provider(drive_emulator, tmp_path)
+    pool = make_pool(tmp_path, colab=colab)
+    spec = ExperimentSpec.model_validate({**spec_with({"vocab": {"drive": item.id}}).model_dump(),
+                                          "limits": {"retries_on_error": 2}})
+    attempt = submit(pool, spec)
+    plan = params_of(drive_emulator, colab, attempt)
+    with drive_emulator.state.lock:
+        del drive_emulator.state.files[item.id]
+    drive, work = session_drive(drive_emulator), tmp_path / "vm"
+    work.mkdir()
+    reporter = agent.Reporter(drive, colab._folder(attempt), work)
+    monkeypatch.setattr(agent, "prepare", lambda d, p, w: bring_inputs(d, plan, w / "inputs"))
+    with pytest.raises(InputProblem, match=f"input 'vocab': Drive file or folder {item.id} is gone"):
+        agent.install(drive, reporter, {"HEARTBEAT_SECONDS": 60}, work)
+    Scheduler(pool).reconcile_once(time.time())
+    experiment = pool.state.experiment(attempt.experiment_id)
+    [ended] = pool.state.attempts(attempt.experiment_id)
+    assert ended.state == AttemptState.FAILED and experiment.state == ExperimentState.FAILED
+    assert f"{item.id} is gone" in (experiment.message or "")
