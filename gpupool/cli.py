@@ -23,6 +23,11 @@ Quick start:
   gpupool status ID                                   one experiment and its attempts
   gpupool logs ID -f                                  follow the current session's log
   gpupool providers                                   which providers are usable, and why not
+
+\b
+Data: name it under inputs: in the experiment file (a local path, {kaggle: owner/slug@N},
+{drive: ID} or {url: https://...}); the session finds each at $GPUPOOL_INPUT_<NAME>.
+See the README's "Data: inputs:" section.
 """
 
 
@@ -74,7 +79,9 @@ def run(ctx: click.Context, experiment_file: Path, detach: bool, wait_anyway: bo
 
     First says which providers it will use and why each other one is skipped, with the
     command that fixes it; with none usable it stops (exit 2) unless --wait is given.
-    Ctrl-C stops following; training sessions keep running, and `gpupool watch ID` or
+    Data listed under inputs: (local path, kaggle, drive or url) is checked first (exit 2
+    naming the input and its line) and is at $GPUPOOL_INPUT_<NAME> in every session
+    (README, "Data: inputs:"). Ctrl-C stops following; training sessions keep running, and `gpupool watch ID` or
     `gpupool daemon` carries on scheduling.
     """
     from gpupool import api

@@ -207,3 +207,33 @@ def test_a_changed_download_cache_is_dropped(tmp_path: Path, change: str) -> Non
         (folder / "extra").write_bytes(b"")
     assert not reuse_sealed(folder, done)
     assert not folder.exists() and not done.exists()
+
+
+# -- teaching inputs: in the help --------------------------------------------------------------
+
+@pytest.mark.parametrize("args", [["--help"], ["run", "--help"]])
+def test_help_teaches_inputs(args: list[str]) -> None:
+    from click.testing import CliRunner
+
+    from gpupool.cli import cli
+
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert "inputs:" in text and "$GPUPOOL_INPUT_<NAME>" in text and '"Data: inputs:"' in text
+
+
+def test_cli_reports_every_bad_input_with_exit_2(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = experiment(tmp_path, '  w: {drive: ""}\n  bad-name: work\n  gone: missing\n  n:\n')
+    env = {**os.environ, "GPUPOOL_DATA_DIR": str(tmp_path / "data")}
+    env.pop("GPUPOOL_CONFIG", None)
+    result = subprocess.run([sys.executable, "-m", "gpupool", "run", "--detach", str(path)],
+                            env=env, text=True, capture_output=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    for where in ("inputs.w.drive (line 6)", "inputs.bad-name (line 7)",
+                  "inputs.gone.local (line 8)", "inputs.n (line 9)"):
+        assert where in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout and not (tmp_path / "data").exists()
