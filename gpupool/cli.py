@@ -81,8 +81,8 @@ def run(ctx: click.Context, experiment_file: Path, detach: bool, wait_anyway: bo
     command that fixes it; with none usable it stops (exit 2) unless --wait is given.
     Data listed under inputs: (local path, kaggle, drive or url) is checked first (exit 2
     naming the input and its line) and is at $GPUPOOL_INPUT_<NAME> in every session
-    (README, "Data: inputs:"). Ctrl-C stops following; training sessions keep running, and `gpupool watch ID` or
-    `gpupool daemon` carries on scheduling.
+    (README, "Data: inputs:"). Ctrl-C stops following; training sessions keep running,
+    and `gpupool watch ID` or `gpupool daemon` carries on scheduling.
     """
     from gpupool import api
     from gpupool.spec import load_experiment

@@ -50,7 +50,8 @@ def test_a_version_gone_after_submit_fails_the_run_once(emu: KaggleEmulator, tmp
     assert done.state == ExperimentState.FAILED
     attempts = pool.state.attempts(experiment.id)
     assert len(attempts) == 1 and attempts[0].state == AttemptState.FAILED
-    assert "version 2 of Kaggle dataset bob/corpus-set (the newest is 1) no longer exists" in (done.message or "")
+    gone = "version 2 of Kaggle dataset bob/corpus-set (the newest is 1) no longer exists"
+    assert gone in (done.message or "")
     assert not emu.kernels
 
 
