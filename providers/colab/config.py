@@ -7,7 +7,7 @@ from pathlib import Path
 import platformdirs
 from pydantic import Field, field_validator, model_validator
 
-from gpupool.accounts import AccountSection, check_account_names, one_account_per_person
+from gpupool.accounts import AccountSection, checked_accounts
 from gpupool.durations import Seconds
 from gpupool.provider_config import ProviderConfig
 
@@ -59,9 +59,7 @@ class ColabConfig(ProviderConfig):
     @field_validator("accounts")
     @classmethod
     def _one_account_per_person(cls, accounts: dict[str, ColabAccount]) -> dict[str, ColabAccount]:
-        check_account_names(accounts)
-        one_account_per_person(accounts, _sign_in)
-        return accounts
+        return checked_accounts(accounts, _sign_in)
 
     @model_validator(mode="after")
     def _members_own_credentials(self) -> ColabConfig:
