@@ -30,11 +30,12 @@ from typing import TYPE_CHECKING, Any
 
 from gpupool.errors import InputUnavailable
 from gpupool.inputs import Content, HashCache, InputSources, hash_content, pack_content
+from gpupool.manifest import sha256_file
 from gpupool.session_inputs import CONTENT_FILE
 
 from .client import KaggleRemote
 from .config import KaggleConfig
-from .datasets import FAILED_STATUSES, add_version, create, file_sha256, wait_ready
+from .datasets import FAILED_STATUSES, add_version, create, wait_ready
 from .registry import Registry
 
 if TYPE_CHECKING:
@@ -159,7 +160,7 @@ class InputShipper:
             (staging / CONTENT_FILE).write_bytes(listing)
             packed = pack_content(content, staging / PACKED_NAME)
             tokens = [self.remote.upload(staging / CONTENT_FILE, hashlib.sha256(listing).hexdigest()),
-                      self.remote.upload(packed, file_sha256(packed))]
+                      self.remote.upload(packed, sha256_file(packed))]
             if status is None:
                 create(self.remote, self.owner, slug, tokens, private=not self.config.public)
                 self.registry.forget(slug)  # a new dataset: versions recorded before are gone
