@@ -39,7 +39,6 @@ class ColabConfig(ProviderConfig):
     max_concurrent: int = Field(1, ge=1, description="sessions at once per account (a person "
                                 "runs each notebook in a browser tab)")
     session_seconds: Seconds = Field(12 * 3600, gt=0, description="Colab's free session cap")
-    deadline_margin: Seconds = Field(600, ge=0, description="stop this long before the cap")
     start_timeout: Seconds = Field(1800, gt=0, description="withdraw if nobody runs it in time")
     heartbeat_seconds: Seconds = Field(30, gt=0, description="how often the notebook reports")
     heartbeat_timeout: Seconds = Field(600, gt=0, description="silence after which it is lost")

@@ -210,8 +210,7 @@ class ColabProvider(Provider):
         drive.put(target, MANIFEST, manifest.to_json().encode(), "application/json")
 
     def _parameters(self, launch: Launch, folder: str) -> dict[str, Any]:
-        env = runtime_env(launch, provider=self.name, session_dir="", restore_dir=None,
-                          deadline=None)
+        env = runtime_env(launch, provider=self.name)  # the notebook adds the session's own
         return {
             "ATTEMPT_ID": launch.attempt_id, "EXPERIMENT_ID": launch.experiment_id,
             "ATTEMPT_FOLDER_ID": folder, "FOLDER_TITLE": self.config.folder,
