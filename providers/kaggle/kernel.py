@@ -184,7 +184,8 @@ def main():
     env = dict(config["env"], **{contract.ENV_SESSION_DIR: str(session), contract.ENV_LOG_EVENTS: "1"})
     if config.get("checkpoint"):
         held = mounted(inputs, config["checkpoint"], "checkpoint")
-        restore = extract_tar(held / config["checkpoint_file"], scratch / "restore") / config["checkpoint_name"]
+        unpacked = extract_tar(held / config["checkpoint_file"], scratch / "restore")
+        restore = unpacked / config["checkpoint_name"]
         verify_local(restore, read_local(restore))
         env[contract.ENV_RESTORE_DIR] = str(restore)
     try:
