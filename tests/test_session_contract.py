@@ -235,7 +235,15 @@ def _tar(path: Path, members: dict[str, bytes], link: tuple[str, str] | None = N
     return path
 
 
-def test_extract_tar_unpacks(tmp_path):
+@pytest.fixture(params=["filter", "no-filter"])
+def tar_python(request, monkeypatch):
+    """Today's Python, and one without extraction filters (before 3.10.12 / 3.11.4)."""
+    if request.param == "no-filter":
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    return request.param
+
+
+def test_extract_tar_unpacks(tmp_path, tar_python):
     archive = _tar(tmp_path / "ok.tar.gz", {"a/b.txt": b"hello", "c.txt": b""})
     target = contract.extract_tar(archive, tmp_path / "out")
     assert (target / "a" / "b.txt").read_bytes() == b"hello" and (target / "c.txt").exists()
@@ -246,8 +254,14 @@ def test_extract_tar_unpacks(tmp_path):
     {"members": {}, "link": ("out-link", "/etc/passwd")},
     {"members": {}, "link": ("up-link", "../../outside")},
 ])
-def test_extract_tar_refuses_what_leaves_the_target(tmp_path, hostile):
+def test_extract_tar_refuses_what_leaves_the_target(tmp_path, hostile, tar_python):
     archive = _tar(tmp_path / "bad.tar.gz", hostile["members"], hostile.get("link"))
     with pytest.raises(tarfile.TarError):
         contract.extract_tar(archive, tmp_path / "out")
     assert not (tmp_path / "escape.txt").exists()
+
+
+def test_extract_tar_keeps_a_link_that_stays_inside(tmp_path, tar_python):
+    archive = _tar(tmp_path / "ok.tar.gz", {"a/b.txt": b"hello"}, ("inner", "a/b.txt"))
+    target = contract.extract_tar(archive, tmp_path / "out")
+    assert (target / "inner").is_symlink() and (target / "inner").read_bytes() == b"hello"

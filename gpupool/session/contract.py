@@ -208,9 +208,27 @@ def read_json(path: str | Path) -> dict[str, Any] | None:
 def extract_tar(archive: str | Path, target: str | Path) -> Path:
     """Unpack a .tar(.gz) into ``target`` with tarfile's "data" filter (no absolute paths,
     no links or paths leaving ``target``, no device files); returns ``target``. Raises
-    ``tarfile.TarError`` (a bad or refused member) or ``OSError``."""
+    ``tarfile.TarError`` (a bad or refused member) or ``OSError``.
+
+    Pythons older than 3.10.12 / 3.11.4 (Debian 12 ships 3.11.2) have no filters: there the
+    same members are refused by hand before anything is written (one function, because the
+    Kaggle script carries a copy of it)."""
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     with tarfile.open(archive, "r:*") as tar:
-        tar.extractall(target, filter="data")
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(target, filter="data")
+            return target
+        root = os.path.realpath(target)
+        for member in tar.getmembers():
+            where = os.path.realpath(os.path.join(root, member.name))
+            linked = os.path.join(os.path.dirname(where) if member.issym() else root, member.linkname)
+            leaves = [where] + ([os.path.realpath(linked)] if member.issym() or member.islnk() else [])
+            if (os.path.isabs(member.name) or not (member.isfile() or member.isdir() or member.issym()
+                                                   or member.islnk())
+                    or (member.issym() and os.path.isabs(member.linkname))
+                    or any(os.path.commonpath([root, path]) != root for path in leaves)):
+                raise tarfile.TarError(f"refused archive member {member.name!r}: it leaves "
+                                       f"{target} or is not a plain file, folder or link")
+        tar.extractall(target)
     return target
