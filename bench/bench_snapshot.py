@@ -1,4 +1,4 @@
-"""Snapshotting a Hugging Face-like checkpoint folder (gpupool.snapshot: copy + sha256 of every
+"""Snapshotting a Hugging Face-like checkpoint folder (gpupool.session.snapshot: copy + sha256 of every
 byte, manifest last) against `cp -r` of the same folder in the same run, and a second snapshot
 when nothing changed (goal: no byte read again, only a stat of each file).
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from _util import best_of, table
 
-from gpupool.snapshot import Folders, Snapshotter
+from gpupool.session.snapshot import Folders, Snapshotter
 
 # Shares of an HF Trainer checkpoint-N/ folder: weights, optimizer state (2x weights for Adam
 # would dominate; kept smaller here), and the small files beside them.

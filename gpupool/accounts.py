@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -52,12 +52,25 @@ class AccountSection(BaseModel):
 ACCOUNT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # fits the state tables' account column
 
 
+AccountsT = TypeVar("AccountsT", bound="Mapping[str, AccountSection]")
+
+
 def check_account_names(accounts: Mapping[str, AccountSection]) -> None:
     """Raise ``ValueError`` for an account name the state tables cannot hold."""
     for name in accounts:
         if not re.fullmatch(ACCOUNT_NAME, name):
             raise ValueError(f"account name {name!r}: use letters, digits, '_', '.', '-' "
                              "(at most 64, starting with a letter or digit)")
+
+
+def checked_accounts(accounts: AccountsT, identity: Callable[[AccountSection], object] | None = None
+                     ) -> AccountsT:
+    """A provider section's ``accounts``, checked (its ``field_validator`` returns this): names
+    the state tables can hold, one account per person. Raises ``ValueError``, which pydantic
+    reports at the section's line."""
+    check_account_names(accounts)
+    one_account_per_person(accounts, identity)
+    return accounts
 
 
 def one_account_per_person(accounts: Mapping[str, AccountSection],

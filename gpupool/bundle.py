@@ -14,10 +14,12 @@ from gpupool.errors import SpecError
 EXCLUDE_DIRS = {".git", "__pycache__", ".venv", "venv", "gpupool-session", ".ipynb_checkpoints",
                 ".mypy_cache", ".pytest_cache", ".ruff_cache"}
 MAX_BUNDLE_BYTES = 200 * 1024 * 1024
-# Files, or packages shipped whole; the integrations (framework callbacks) are imported only
-# by scripts that use them.
-RUNTIME_MODULES = ("__init__.py", "errors.py", "clock.py", "runtime.py", "manifest.py", "torch",
-                   "bootstrap.py", "snapshot.py", "integrations", "session_inputs.py")
+# What a session imports, under gpupool/: the session side whole (supervisor, snapshots, inputs,
+# the contract), the public runtime, its clock and checkpoint format, the torch helpers, and the
+# integrations (framework callbacks, imported only by scripts that use them). Packages go whole,
+# so a module added to one ships without a change here.
+RUNTIME_MODULES = ("__init__.py", "session", "runtime.py", "clock.py", "manifest.py", "errors.py",
+                   "torch", "integrations")
 
 
 def _workdir_files(workdir: Path, exclude: Iterable[str] = ()) -> Iterator[Path]:
@@ -62,7 +64,8 @@ def pack_workdir(workdir: Path, target: Path, exclude: Iterable[str] = ()) -> st
 
 
 def runtime_sources() -> dict[str, bytes]:
-    """gpupool's in-session modules (standard library only), as ``gpupool/<file>`` -> bytes."""
+    """gpupool's in-session modules, as ``gpupool/<file>`` -> bytes (standard library only, but
+    for ``torch`` and ``integrations``, which import their framework)."""
     here = Path(__file__).parent
     files = []
     for name in RUNTIME_MODULES:

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from gpupool.errors import CredentialsError, InputUnavailable, SpecError
-from gpupool.session_inputs import ENV_PREFIX
+from gpupool.session.contract import input_env_name
 
 if TYPE_CHECKING:
     from gpupool.provider import Provider
@@ -52,11 +52,6 @@ CHUNK = 1024 * 1024
 
 OpenUrl = Callable[[str], IO[bytes]]
 Problem = tuple[tuple[Any, ...], str]  # (location in the experiment file, message)
-
-
-def env_name(name: str) -> str:
-    """The session's environment variable holding input ``name``'s path."""
-    return ENV_PREFIX + name.upper()
 
 
 # -- checks that need no provider ---------------------------------------------------------
@@ -114,11 +109,11 @@ def _clashes(inputs: dict[str, InputSpec]) -> list[Problem]:
     problems: list[Problem] = []
     seen: dict[str, str] = {}
     for name in inputs:
-        other = seen.get(env_name(name))
+        other = seen.get(input_env_name(name))
         if other is not None:
             problems.append((("inputs", name), f"same session path and variable as {other!r} "
-                                               f"({env_name(name)}); rename one"))
-        seen[env_name(name)] = name
+                                               f"({input_env_name(name)}); rename one"))
+        seen[input_env_name(name)] = name
     names = list(inputs)
     for i, first in enumerate(names):
         for second in names[i + 1:]:

@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import ValidationError
 
-from gpupool import runtime
 from gpupool.clock import SYSTEM_CLOCK, Clock, as_clock
 from gpupool.errors import ConfigError, InputUnavailable, SpecError
 from gpupool.lifecycle import AttemptState
 from gpupool.manifest import Manifest
 from gpupool.provider_config import Capabilities, ProviderConfig, ProviderModel
+from gpupool.session import contract
 
 if TYPE_CHECKING:
     from gpupool.inputs import InputSources
@@ -338,34 +338,36 @@ class Provider(abc.ABC):
         raise InputUnavailable(self.name, f"{self.name} cannot download {item.kind} inputs")
 
 
-def runtime_env(launch: Launch, *, provider: str, session_dir: str, restore_dir: str | None,
-                deadline: float | None) -> dict[str, str]:
-    """The variables gpupool.runtime reads inside the session, plus the experiment's env."""
+def runtime_env(launch: Launch, *, provider: str, session_dir: str | None = None,
+                restore_dir: str | None = None) -> dict[str, str]:
+    """The variables gpupool.runtime and the session's supervisor read (the names of
+    ``gpupool.session.contract``), plus the experiment's env. ``session_dir`` and
+    ``restore_dir`` are left out when None (a remote session sets them where it runs); the
+    deadline is never here: the supervisor sets it when the session really starts."""
     env = dict(launch.spec.env)
     env.update({
-        runtime.ENV_EXPERIMENT: launch.experiment_id,
-        runtime.ENV_ATTEMPT: launch.attempt_id,
-        runtime.ENV_PROVIDER: provider,
-        runtime.ENV_SESSION_DIR: session_dir,
-        runtime.ENV_INTERVAL: str(launch.checkpoint_interval),
-        runtime.ENV_KEEP_LAST: str(launch.spec.checkpoint.keep_last),
+        contract.ENV_EXPERIMENT: launch.experiment_id,
+        contract.ENV_ATTEMPT: launch.attempt_id,
+        contract.ENV_PROVIDER: provider,
+        contract.ENV_INTERVAL: str(launch.checkpoint_interval),
+        contract.ENV_KEEP_LAST: str(launch.spec.checkpoint.keep_last),
     })
     if launch.spec.checkpoint.path is not None:  # the supervisor restores and snapshots these
-        env[runtime.ENV_CHECKPOINT_PATH] = launch.spec.checkpoint.path
-        env[runtime.ENV_SNAPSHOT_SETTLE] = str(launch.spec.checkpoint.settle)
+        env[contract.ENV_CHECKPOINT_PATH] = launch.spec.checkpoint.path
+        env[contract.ENV_SNAPSHOT_SETTLE] = str(launch.spec.checkpoint.settle)
     if launch.spec.outputs:
-        env[runtime.ENV_OUTPUTS] = json.dumps(list(launch.spec.outputs))
+        env[contract.ENV_OUTPUTS] = json.dumps(list(launch.spec.outputs))
+    if session_dir:
+        env[contract.ENV_SESSION_DIR] = session_dir
     if restore_dir:
-        env[runtime.ENV_RESTORE_DIR] = restore_dir
-    if deadline is not None:
-        env[runtime.ENV_DEADLINE] = f"{deadline:.3f}"
+        env[contract.ENV_RESTORE_DIR] = restore_dir
     env.update(launch.extra_env)
     return env
 
 
 STOPPED_BY = {  # exit.json's "stopped_by": who stopped the user's command, in words
-    "deadline": "stopped at the session deadline",
-    "signal": "stopped by a SIGTERM from outside the session (the platform, or a cancel)",
+    contract.STOPPED_BY_DEADLINE: "stopped at the session deadline",
+    contract.STOPPED_BY_SIGNAL: "stopped by a SIGTERM from outside the session (the platform, or a cancel)",
 }
 KILLED_CODES = {128 + signal.SIGKILL: signal.SIGKILL, 128 + signal.SIGTERM: signal.SIGTERM}
 
@@ -386,10 +388,10 @@ def classify_exit(returncode: int | None, outcome: str | None,
     provider must forward ``stopped_by`` from ``exit.json``: without it, a command the
     platform killed through the supervisor reads as killed by nobody (FAILED).
     """
-    if outcome == "done" and returncode in (0, None):
+    if outcome == contract.OUTCOME_DONE and returncode in (0, None):
         return AttemptState.SUCCEEDED, "training completed"
     stopper = STOPPED_BY.get(stopped_by or "")
-    if outcome == "yield" or returncode == runtime.EXIT_YIELD:
+    if outcome == contract.OUTCOME_YIELD or returncode == contract.EXIT_YIELD:
         why = stopper or "before the session deadline"
         return AttemptState.YIELDED, f"the script saved a checkpoint and yielded ({why})"
     if stopper is not None:

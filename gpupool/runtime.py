@@ -1,7 +1,9 @@
 """The in-session runtime: the part of gpupool that runs inside a training script.
 
-Standard library only (plus ``gpupool.manifest`` and ``gpupool.clock``), so it works in any
-Colab, Kaggle or local session. A resumable training script looks like this::
+Standard library only (plus ``gpupool.manifest``, ``gpupool.clock`` and
+``gpupool.session.contract``, whose names it keeps public: ``runtime.EXIT_YIELD``,
+``runtime.ENV_DEADLINE``...), so it works in any Colab, Kaggle or local session. A resumable
+training script looks like this::
 
     from gpupool import runtime
     import gpupool.torch as gt
@@ -27,7 +29,6 @@ into ``./gpupool-session``.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -40,30 +41,34 @@ from typing import Any
 
 from gpupool.clock import SYSTEM_CLOCK, Clock
 from gpupool.manifest import Manifest, list_local, publish_local
+from gpupool.session.contract import (  # the names shared with the scheduler, kept public here
+    CHECKPOINTS_DIR,
+    DEFAULT_INTERVAL_SECONDS,
+    DEFAULT_KEEP_LAST,
+    ENV_ATTEMPT,
+    ENV_CHECKPOINT_DIR,
+    ENV_DEADLINE,
+    ENV_EXPERIMENT,
+    ENV_INTERVAL,
+    ENV_KEEP_LAST,
+    ENV_LOG_EVENTS,
+    ENV_PROVIDER,
+    ENV_RESTORE_DIR,
+    ENV_RESUMED,
+    ENV_SESSION_DIR,
+    EVENT_CHECKPOINT,
+    EVENT_PREFIX,
+    EVENT_PROGRESS,
+    EVENTS_FILE,
+    EXIT_YIELD,
+    OUTCOME_DONE,
+    OUTCOME_FILE,
+    OUTCOME_YIELD,
+    SNAPSHOT_REQUEST,
+    event_line,
+    write_json_atomic,
+)
 
-ENV_EXPERIMENT = "GPUPOOL_EXPERIMENT"
-ENV_ATTEMPT = "GPUPOOL_ATTEMPT"
-ENV_PROVIDER = "GPUPOOL_PROVIDER"
-ENV_SESSION_DIR = "GPUPOOL_SESSION_DIR"
-ENV_RESTORE_DIR = "GPUPOOL_RESTORE_DIR"
-ENV_DEADLINE = "GPUPOOL_DEADLINE"
-ENV_INTERVAL = "GPUPOOL_CHECKPOINT_INTERVAL"
-ENV_KEEP_LAST = "GPUPOOL_KEEP_LAST"
-ENV_LOG_EVENTS = "GPUPOOL_LOG_EVENTS"
-# Bring-your-own scripts (see gpupool.snapshot): the folder the trainer checkpoints into, as an
-# absolute path in the session, and "1" only when a checkpoint was restored into it.
-ENV_CHECKPOINT_DIR = "GPUPOOL_CHECKPOINT_DIR"
-ENV_RESUMED = "GPUPOOL_RESUMED"
-# What the experiment file declares, handed to the session's supervisor (relative to the workdir).
-ENV_CHECKPOINT_PATH = "GPUPOOL_CHECKPOINT_PATH"
-ENV_OUTPUTS = "GPUPOOL_OUTPUTS"  # a JSON list of folders
-ENV_SNAPSHOT_SETTLE = "GPUPOOL_SNAPSHOT_SETTLE"  # seconds the checkpoint folder must be unchanged
-# A file in the session folder: its appearance (or a newer mtime) asks the supervisor for a
-# snapshot of the checkpoint folder.
-SNAPSHOT_REQUEST = "snapshot.request"
-
-EXIT_YIELD = 75  # EX_TEMPFAIL: "stopped on purpose, resume me"
-EVENT_PREFIX = "[gpupool] "
 PROGRESS_EVERY = 1.0  # seconds between progress records: report() stays cheap
 
 
@@ -80,10 +85,10 @@ class Session:
         self.attempt = env.get(ENV_ATTEMPT, "standalone")
         self.provider = env.get(ENV_PROVIDER, "standalone")
         self.session_dir = Path(env.get(ENV_SESSION_DIR) or "gpupool-session").absolute()
-        self.checkpoint_root = self.session_dir / "checkpoints"
+        self.checkpoint_root = self.session_dir / CHECKPOINTS_DIR
         self.deadline = float(env[ENV_DEADLINE]) if env.get(ENV_DEADLINE) else None
-        self.interval = float(env.get(ENV_INTERVAL) or 600)
-        self.keep_last = int(env.get(ENV_KEEP_LAST) or 3)
+        self.interval = float(env.get(ENV_INTERVAL) or DEFAULT_INTERVAL_SECONDS)
+        self.keep_last = int(env.get(ENV_KEEP_LAST) or DEFAULT_KEEP_LAST)
         self.log_events = env.get(ENV_LOG_EVENTS) == "1"
         self._given_restore = Path(env[ENV_RESTORE_DIR]) if env.get(ENV_RESTORE_DIR) else None
         self._checkpoint_dir = Path(env[ENV_CHECKPOINT_DIR]) if env.get(ENV_CHECKPOINT_DIR) else None
@@ -137,10 +142,9 @@ class Session:
         """Ask the session's supervisor to snapshot the checkpoint folder now (call it right
         after the trainer finished writing a checkpoint). Cheap: it touches one small file and
         never waits for the copy or the upload; requests made while one runs are merged."""
-        path = self.session_dir / SNAPSHOT_REQUEST
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"time": self.clock(), "attempt": self.attempt}))
-        os.replace(tmp, path)  # a new inode and mtime each time: the supervisor sees every ask
+        # a new inode and mtime each time (written beside, then replaced): the supervisor sees every ask
+        write_json_atomic(self.session_dir / SNAPSHOT_REQUEST,
+                          {"time": self.clock(), "attempt": self.attempt})
 
     # -- when to stop and when to save ----------------------------------------------------
 
@@ -178,12 +182,12 @@ class Session:
         if now - self._last_progress < PROGRESS_EVERY:
             return
         self._last_progress = now
-        self.event("progress", step=step, total=total, metrics=metrics)
+        self.event(EVENT_PROGRESS, step=step, total=total, metrics=metrics)
 
     def event(self, kind: str, **fields: Any) -> None:
         record = {"event": kind, "time": self.clock(), "attempt": self.attempt, **fields}
-        line = json.dumps(record, default=str)
-        with open(self.session_dir / "events.jsonl", "a", encoding="utf-8") as handle:
+        line = event_line(record)
+        with open(self.session_dir / EVENTS_FILE, "a", encoding="utf-8") as handle:
             handle.write(line + "\n")
         if self.log_events:
             print(EVENT_PREFIX + line, flush=True)
@@ -246,7 +250,7 @@ class Session:
             attempt=self.attempt, provider=self.provider, metadata=metadata,
         )
         self._last_checkpoint = self.clock.monotonic()
-        self.event("checkpoint", step=step, name=manifest.name, bytes=manifest.total_bytes)
+        self.event(EVENT_CHECKPOINT, step=step, name=manifest.name, bytes=manifest.total_bytes)
         self._prune()
 
     def _prune(self) -> None:
@@ -258,21 +262,19 @@ class Session:
     def complete(self, step: int, **metrics: float) -> None:
         """Training is finished: gpupool marks the experiment done after this session."""
         self.wait_for_background()
-        self._write_outcome("done", step)
+        self._write_outcome(OUTCOME_DONE, step)
         self.event("complete", step=step, metrics=metrics)
 
     def yield_session(self, step: int | None = None) -> None:
         """End this session on purpose (deadline or SIGTERM); gpupool resumes elsewhere."""
         self.wait_for_background()
-        self._write_outcome("yield", step)
+        self._write_outcome(OUTCOME_YIELD, step)
         self.event("yield", step=step)
         sys.exit(EXIT_YIELD)
 
     def _write_outcome(self, outcome: str, step: int | None) -> None:
-        path = self.session_dir / "outcome.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"outcome": outcome, "step": step, "time": self.clock()}))
-        os.replace(tmp, path)
+        write_json_atomic(self.session_dir / OUTCOME_FILE,
+                          {"outcome": outcome, "step": step, "time": self.clock()})
 
 
 _session: Session | None = None

@@ -42,7 +42,7 @@ from pydantic import (
 
 from gpupool.durations import parse_duration
 from gpupool.errors import SpecError, StoredSpecError
-from gpupool.snapshot import RESUME, normalise, resume_problems
+from gpupool.session.snapshot import RESUME, normalise, resume_problems
 from gpupool.yamlfile import compose, did_you_mean, load_yaml_model, locate, locate_in
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{1,48}[a-z0-9]$")

@@ -1,7 +1,7 @@
 """The local provider: one supervised subprocess per attempt on this machine.
 
 Each attempt gets a session folder under ``<data_dir>/sessions/<attempt>``; the supervisor
-(``gpupool.bootstrap``) runs detached from the scheduler, so a scheduler that dies or restarts
+(``gpupool.session.bootstrap``) runs detached from the scheduler, so a scheduler that dies or restarts
 leaves training running, and finds it again from the files the supervisor wrote.
 """
 
@@ -26,9 +26,9 @@ from pydantic import Field, field_validator
 
 from gpupool.durations import Seconds
 from gpupool.errors import CancelFailed, CorruptCheckpoint, InputUnavailable, ProviderError
-from gpupool.inputs import OpenUrl, env_name, fetch_url
+from gpupool.inputs import OpenUrl, fetch_url
 from gpupool.lifecycle import AttemptState
-from gpupool.manifest import Manifest, list_local
+from gpupool.manifest import MANIFEST, Manifest, list_local
 from gpupool.provider import (
     Availability,
     Launch,
@@ -39,15 +39,18 @@ from gpupool.provider import (
     runtime_env,
 )
 from gpupool.provider_config import Capabilities, ProviderConfig, ProviderModel
-from gpupool.runtime import ENV_ATTEMPT
+from gpupool.session import contract
 
 if TYPE_CHECKING:
     from gpupool.spec import ExperimentSpec
     from gpupool.state import Attempt
     from gpupool.store import CheckpointStore
 
-LOG_TAIL_BYTES = 64 * 1024
 LOCK_FILE = "session.lock"
+SUPERVISOR = "gpupool.session.bootstrap"  # run as python -m
+LOG_FILE = "log.txt"  # the supervisor's stdout and stderr
+LAUNCHED_FILE = "launched.json"  # the scheduler started the supervisor: {"pid"}
+RESTORE_DIR = "restore"  # the checkpoint handed to the session, downloaded from the store
 PROC = Path("/proc")
 
 
@@ -165,11 +168,11 @@ class LocalProvider(Provider):
             if item.local is not None:
                 if not item.local.exists():
                     raise InputUnavailable(self.name, f"input {name!r}: {item.local} no longer exists")
-                env[env_name(name)] = str(item.local)
+                env[contract.input_env_name(name)] = str(item.local)
             elif item.url is not None:
-                env[env_name(name)] = str(self.fetch(item.url, item.sha256))
+                env[contract.input_env_name(name)] = str(self.fetch(item.url, item.sha256))
             elif self.sources is not None:
-                env[env_name(name)] = str(self.sources.fetch(name, item))
+                env[contract.input_env_name(name)] = str(self.sources.fetch(name, item))
             else:
                 raise InputUnavailable(self.name, f"input {name!r}: {item.kind} inputs need a "
                                                   "pool that can ask the provider holding them")
@@ -184,29 +187,29 @@ class LocalProvider(Provider):
         session = self.session_dir(launch.attempt_id)
         session.mkdir(parents=True, exist_ok=True)
         lock = _try_lock(session / LOCK_FILE)
-        if lock is None or (session / "launched.json").exists() or (session / "started.json").exists():
+        if lock is None or (session / LAUNCHED_FILE).exists() or (session / contract.STARTED_FILE).exists():
             if lock is not None:
                 os.close(lock)
             return self._adopt(session)  # launched before a scheduler crash: never twice
         try:
             restore_dir = self._prepare_restore(launch, session)
-            config = {
-                "session_dir": str(session), "bundle": str(launch.bundle), "setup": launch.spec.setup,
-                "run": launch.spec.run, "session_seconds": self.planned_session_seconds(launch),
-                "deadline_margin": self.config.deadline_margin, "runtime_path": _gpupool_root(),
-                "env": self._env(launch, session, restore_dir),
-            }
-            (session / "session.json").write_text(json.dumps(config, indent=1))
+            config = contract.session_config(  # the deadline counts from the supervisor's start
+                session_dir=str(session), bundle=str(launch.bundle), setup=launch.spec.setup,
+                run=launch.spec.run, env=self._env(launch, session, restore_dir),
+                runtime_path=_gpupool_root(), session_seconds=self.planned_session_seconds(launch),
+                deadline_margin=self.config.deadline_margin)
+            (session / contract.SESSION_CONFIG).write_text(json.dumps(config, indent=1))
             process = self._spawn(session, lock)
         finally:
             os.close(lock)  # the supervisor holds its own copy of the lock for its whole life
         self._children[launch.attempt_id] = process
-        _write_json(session / "launched.json", {"pid": process.pid})
-        log = session / "log.txt"
+        contract.write_json_atomic(session / LAUNCHED_FILE, {"pid": process.pid})
+        log = session / LOG_FILE
         return Submission(remote_id=str(process.pid), message=f"pid {process.pid}, logs in {log}")
 
     def _adopt(self, session: Path) -> Submission:
-        info = _read_json(session / "launched.json") or _read_json(session / "started.json") or {}
+        info = (contract.read_json(session / LAUNCHED_FILE)
+                or contract.read_json(session / contract.STARTED_FILE) or {})
         pid = info.get("pid", "unknown")
         return Submission(remote_id=str(pid), deadline=info.get("deadline"),
                           message=f"adopted the session already started (pid {pid})")
@@ -214,15 +217,14 @@ class LocalProvider(Provider):
     def _prepare_restore(self, launch: Launch, session: Path) -> str | None:
         if launch.restore is None:
             return None
-        target = session / "restore" / launch.restore.name
-        if not (target / "manifest.json").exists():
+        target = session / RESTORE_DIR / launch.restore.name
+        if not (target / MANIFEST).exists():
             shutil.rmtree(target, ignore_errors=True)
             launch.store.download(launch.restore, target)
         return str(target)
 
     def _env(self, launch: Launch, session: Path, restore: str | None) -> dict[str, str]:
-        env = runtime_env(launch, provider=self.name, session_dir=str(session),
-                          restore_dir=restore, deadline=None)  # the supervisor sets it at start
+        env = runtime_env(launch, provider=self.name, session_dir=str(session), restore_dir=restore)
         env.update(self._input_env(launch.spec))
         python_dir = str(Path(self.config.python).parent)
         # the experiment's own PATH entries are kept (after the python that runs it), not dropped
@@ -233,10 +235,10 @@ class LocalProvider(Provider):
         return env
 
     def _spawn(self, session: Path, lock: int) -> subprocess.Popen[bytes]:
-        log = open(session / "log.txt", "ab")
+        log = open(session / LOG_FILE, "ab")
         try:
             return subprocess.Popen(
-                [self.config.python, "-m", "gpupool.bootstrap", str(session / "session.json")],
+                [self.config.python, "-m", SUPERVISOR, str(session / contract.SESSION_CONFIG)],
                 cwd=session, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, env=_bootstrap_env(), pass_fds=(lock,),
             )
@@ -248,9 +250,9 @@ class LocalProvider(Provider):
     def poll(self, attempt: Attempt, now: float) -> PollResult:
         session = self.session_dir(attempt.id)
         self._reap(attempt.id)
-        progress = _last_progress(session)
-        started = (_read_json(session / "started.json") or {}).get("time")
-        ended = _read_json(session / "exit.json")
+        progress = contract.last_event(session)
+        started = (contract.read_json(session / contract.STARTED_FILE) or {}).get("time")
+        ended = contract.read_json(session / contract.EXIT_FILE)
         if ended is not None:
             end_session_tree(attempt.id, session)  # e.g. DataLoader workers of a killed trainer
             state, message = classify_exit(ended.get("returncode"), ended.get("outcome"),
@@ -259,17 +261,17 @@ class LocalProvider(Provider):
                               started_at=started, message=message + _tail_hint(session, state))
         if _locked(session / LOCK_FILE):
             pass  # the supervisor is alive
-        elif not (session / "session.json").exists():
+        elif not (session / contract.SESSION_CONFIG).exists():
             return PollResult(AttemptState.LOST, message="the session was never started")
         else:
             end_session_tree(attempt.id, session)
             return PollResult(AttemptState.LOST, started_at=started, step=progress.get("step"),
                               message="the session's supervisor died without an exit status")
         state = AttemptState.RUNNING if started else AttemptState.SUBMITTED
-        saved = _last_event(session, "checkpoint")
+        saved = contract.last_event(session, contract.EVENT_CHECKPOINT)
+        metrics = contract.last_event(session, contract.EVENT_PROGRESS).get("metrics")
         return PollResult(state, step=progress.get("step"), heartbeat=progress.get("time"),
-                          started_at=started, total=progress.get("total"),
-                          metrics=_last_event(session, "progress").get("metrics") or None,
+                          started_at=started, total=progress.get("total"), metrics=metrics or None,
                           checkpoint=saved.get("name"), checkpoint_at=saved.get("time"))
 
     def _reap(self, attempt_id: str) -> None:
@@ -282,7 +284,7 @@ class LocalProvider(Provider):
         and yield), then, after ``cancel_grace_seconds``, SIGKILL to every process of the
         session. Returns once nothing of it runs; raises ``CancelFailed`` if something does."""
         session = self.session_dir(attempt.id)
-        started = _read_json(session / "started.json")
+        started = contract.read_json(session / contract.STARTED_FILE)
         if started and _locked(session / LOCK_FILE):
             _signal_pid(int(started["pid"]), signal.SIGTERM)  # the supervisor forwards it
             _wait_until(lambda: not _locked(session / LOCK_FILE), self.config.cancel_grace_seconds)
@@ -296,12 +298,12 @@ class LocalProvider(Provider):
 
     def logs(self, attempt: Attempt) -> str:
         try:
-            return (self.session_dir(attempt.id) / "log.txt").read_text(errors="replace")
+            return (self.session_dir(attempt.id) / LOG_FILE).read_text(errors="replace")
         except FileNotFoundError:
             return ""
 
     def collect(self, attempt: Attempt, store: CheckpointStore) -> list[Manifest]:
-        root = self.session_dir(attempt.id) / "checkpoints"
+        root = self.session_dir(attempt.id) / contract.CHECKPOINTS_DIR
         collected = []
         for manifest in reversed(list_local(root)):
             try:  # hashed once, while copied into the store (see gpupool.store)
@@ -312,7 +314,7 @@ class LocalProvider(Provider):
 
     def cleanup(self, attempt: Attempt) -> None:
         session = self.session_dir(attempt.id)
-        for name in ("code", "restore", "checkpoints"):
+        for name in (contract.CODE_DIR, RESTORE_DIR, contract.CHECKPOINTS_DIR):
             shutil.rmtree(session / name, ignore_errors=True)
 
 
@@ -339,19 +341,6 @@ def _bootstrap_env() -> dict[str, str]:
     root = _gpupool_root()
     env["PYTHONPATH"] = os.pathsep.join(p for p in [root, env.get("PYTHONPATH")] if p)
     return env
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
 
 
 def _try_lock(path: Path) -> int | None:
@@ -381,7 +370,7 @@ def end_session_tree(attempt_id: str, session: Path) -> list[int]:
     its environment (the trainer and its children, DataLoader workers, even ones that left its
     process group), found by environment rather than by a group id that may have been reused.
     Returns the pids still alive afterwards (none, normally)."""
-    trainer = _read_json(session / "trainer.json")
+    trainer = contract.read_json(session / contract.TRAINER_FILE)
     if trainer and not PROC.is_dir():  # no /proc to tell ours apart: the group is all we know
         _signal_group(int(trainer["pid"]), signal.SIGKILL)
     pids = session_processes(attempt_id)
@@ -394,7 +383,7 @@ def end_session_tree(attempt_id: str, session: Path) -> list[int]:
 def session_processes(attempt_id: str) -> list[int]:
     """Live processes (not zombies) whose environment names this attempt (Linux ``/proc``;
     elsewhere none are found and the trainer's process group is all that is killed)."""
-    marker = f"{ENV_ATTEMPT}={attempt_id}".encode()
+    marker = f"{contract.ENV_ATTEMPT}={attempt_id}".encode()
     found = []
     for entry in PROC.glob("[0-9]*"):
         try:
@@ -432,35 +421,11 @@ def _wait_until(condition: Callable[[], bool], timeout: float, poll: float = 0.0
     return True
 
 
-def _last_progress(session: Path) -> dict:
-    """The newest progress or checkpoint event the runtime wrote."""
-    return _last_event(session, None)
-
-
-def _last_event(session: Path, kind: str | None) -> dict:
-    """The newest event of ``kind`` (any with a step when None) in the session's tail."""
-    path = session / "events.jsonl"
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(max(0, path.stat().st_size - LOG_TAIL_BYTES))
-            lines = handle.read().decode(errors="replace").splitlines()
-    except OSError:
-        return {}
-    for line in reversed(lines):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("step") is not None and (kind is None or record.get("event") == kind):
-            return record
-    return {}
-
-
 def _tail_hint(session: Path, state: AttemptState) -> str:
     if state != AttemptState.FAILED:
         return ""
     try:
-        lines = (session / "log.txt").read_text(errors="replace").splitlines()[-5:]
+        lines = (session / LOG_FILE).read_text(errors="replace").splitlines()[-5:]
     except OSError:
         return ""
     return "; log ends with:\n" + "\n".join(lines)

@@ -13,12 +13,19 @@ from pathlib import Path
 
 import pytest
 
-from gpupool import runtime, snapshot
+from gpupool import runtime
 from gpupool.bundle import pack_workdir
 from gpupool.errors import SpecError
 from gpupool.manifest import list_local, read_local, verify_local
 from gpupool.runtime import Session
-from gpupool.snapshot import Folders, Snapshotter, restore_into, restored_checkpoint, substitute_resume
+from gpupool.session import snapshot
+from gpupool.session.snapshot import (
+    Folders,
+    Snapshotter,
+    restore_into,
+    restored_checkpoint,
+    substitute_resume,
+)
 from gpupool.spec import load_experiment
 from tests.test_cli import gpupool
 
@@ -300,7 +307,7 @@ def test_the_plain_example_loads():
     assert spec.checkpoint.path == "checkpoints" and spec.outputs == ["final", "runs"]
 
 
-# -- the session's supervisor (gpupool.bootstrap) ---------------------------------------------
+# -- the session's supervisor (gpupool.session.bootstrap) ---------------------------------------------
 
 SHOW_ENV = """import json, os, sys
 os.makedirs("out", exist_ok=True)
@@ -326,7 +333,7 @@ def run_session(tmp_path: Path, name: str, restore: Path | None = None) -> Path:
               "run": f"mkdir -p ckpt && {sys.executable} show.py {{{{resume: --from ckpt/n.txt}}}}",
               "env": env}
     (tmp_path / f"{name}.json").write_text(json.dumps(config))
-    subprocess.run([sys.executable, "-m", "gpupool.bootstrap", str(tmp_path / f"{name}.json")],
+    subprocess.run([sys.executable, "-m", "gpupool.session.bootstrap", str(tmp_path / f"{name}.json")],
                    check=True, capture_output=True, timeout=120,
                    env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     return session
@@ -398,7 +405,7 @@ def test_a_file_deleted_during_the_copy_keeps_the_previous_consistent_copy(tmp_p
 
 
 def test_a_script_with_folders_is_stopped_at_the_deadline_so_its_last_snapshot_fits():
-    from gpupool.bootstrap import _stop_at
+    from gpupool.session.bootstrap import _stop_at
 
     env = {"GPUPOOL_DEADLINE": "1000.000"}
     assert _stop_at(env, 1060.0, has_folders=True) == 1000.0

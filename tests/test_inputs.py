@@ -19,7 +19,6 @@ from gpupool.errors import InputUnavailable, SpecError
 from gpupool.inputs import (
     HashCache,
     InputSources,
-    env_name,
     fetch_url,
     hash_content,
     pack_content,
@@ -27,7 +26,8 @@ from gpupool.inputs import (
 )
 from gpupool.lifecycle import ExperimentState
 from gpupool.pool import Pool
-from gpupool.session_inputs import InputProblem, prepare
+from gpupool.session.contract import input_env_name
+from gpupool.session.inputs import InputProblem, prepare
 from gpupool.settings import PoolSettings
 from gpupool.spec import load_experiment
 from tests.helpers import drive_until_done
@@ -213,8 +213,8 @@ def test_local_session_reads_inputs_in_place(tmp_path: Path) -> None:
     assert done.state == ExperimentState.SUCCEEDED
     log = pool.provider("local").logs(pool.state.attempts(experiment.id)[0])
     expected = hashlib.sha256(b"abc" + b"defg").hexdigest()
-    assert f"INPUT {env_name('train')} 2 {expected}" in log
-    assert f"INPUT {env_name('vocab')} 1 {hashlib.sha256(body).hexdigest()}" in log
+    assert f"INPUT {input_env_name('train')} 2 {expected}" in log
+    assert f"INPUT {input_env_name('vocab')} 1 {hashlib.sha256(body).hexdigest()}" in log
     assert (data / "a.bin").read_bytes() == b"abc"  # used in place, untouched
 
 

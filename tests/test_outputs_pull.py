@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from gpupool import bootstrap, runtime
+from gpupool import runtime
 from gpupool.errors import CheckpointError
 from gpupool.manifest import list_local
-from gpupool.snapshot import Background, Folders, Snapshotter
+from gpupool.session import bootstrap
+from gpupool.session.snapshot import Background, Folders, Snapshotter
 from gpupool.store import CheckpointStore
 from gpupool_providers.colab.fs import register
 from tests.emulators.drive import (  # noqa: F401 - fixture

@@ -61,7 +61,7 @@ def test_classify_exit_keeps_its_two_argument_form() -> None:
     assert classify_exit(-9, None)[0] == F  # stopped_by=None: nobody in gpupool killed it
 
 
-# -- the supervisor (gpupool.bootstrap) ------------------------------------------------------
+# -- the supervisor (gpupool.session.bootstrap) ------------------------------------------------------
 
 def wait_for(condition, what: str, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
@@ -86,7 +86,7 @@ def start_supervisor(tmp: Path, run: str, **config: object) -> tuple[subprocess.
         "session_dir": str(session), "bundle": "unused", "run": run, "runtime_path": str(ROOT),
         "env": {"GPUPOOL_SESSION_DIR": str(session)}, **config}))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen([sys.executable, "-m", "gpupool.bootstrap",
+    process = subprocess.Popen([sys.executable, "-m", "gpupool.session.bootstrap",
                                 str(session / "session.json")], env=env, cwd=session,
                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     return process, session

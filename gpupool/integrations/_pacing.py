@@ -12,6 +12,7 @@ from typing import Any
 
 from gpupool.errors import RuntimeErrorInSession
 from gpupool.runtime import Session
+from gpupool.session.contract import EVENT_PROGRESS
 
 
 class Pacer:
@@ -95,4 +96,4 @@ def _inside(path: Path, folder: Path) -> bool:
 def progress_now(session: Session, step: int, total: int | None, metrics: dict[str, Any]) -> None:
     """A progress record written now, not throttled like ``report()``: the supervisor labels
     the snapshot it is asked for right after with this step."""
-    session.event("progress", step=step, total=total, metrics=metrics)
+    session.event(EVENT_PROGRESS, step=step, total=total, metrics=metrics)

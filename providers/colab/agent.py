@@ -18,7 +18,9 @@ Layout of an attempt's Drive folder::
     cancel.json     written by the scheduler to ask the session to stop
 
 ``run_attempt(params)`` does it all: GPU check, download, restore, supervise
-``gpupool.bootstrap`` under the session deadline. Two background threads: the uploader sends
+``gpupool.session.bootstrap`` under the session deadline. The names it shares with gpupool
+come from ``gpupool.session.contract``, whose source is the notebook cell before this one, so
+they are there before the runtime is downloaded. Two background threads: the uploader sends
 new checkpoints and the log; the heartbeat writes the status and looks for the stop request,
 so it never waits behind a transfer. A stop request, or uploads that cannot work (Drive full,
 credentials refused), stop the training (it saves on SIGTERM) and are reported at once.
@@ -28,12 +30,26 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 from pathlib import Path
 
-try:  # a module in the package; in the notebook, the cell before this one defines these
+try:  # modules in the package; in the notebook, the cells before this one define these
+    from gpupool.session.contract import (
+        CHECKPOINTS_DIR,
+        ENV_RESTORE_DIR,
+        ENV_SESSION_DIR,
+        EXIT_FILE,
+        OUTCOME_INPUT_PROBLEM,
+        SESSION_CONFIG,
+        extract_tar,
+        input_env_name,
+        last_event,
+        read_json,
+        session_config,
+        session_deadline,
+    )
+
     from .agent_drive import DriveFailure, DriveREST
 except ImportError:
     pass
@@ -148,7 +164,7 @@ class Uploader(threading.Thread):
             print(f"[gpupool] Drive sync failed: {err}", flush=True)
 
     def sync(self):
-        root = self.session_dir / "checkpoints"
+        root = self.session_dir / CHECKPOINTS_DIR
         ready = sorted(p for p in root.glob("ckpt-*") if (p / "manifest.json").is_file())
         for path in ready:
             if path.name in self.done or (self.done and path.name < self.done[-1]):
@@ -253,19 +269,10 @@ class Heartbeat(threading.Thread):
 
 def progress(session_dir):
     """The newest step the runtime reported (events.jsonl)."""
-    try:
-        lines = (Path(session_dir) / "events.jsonl").read_text().splitlines()[-200:]
-    except OSError:
+    record = last_event(session_dir)
+    if not record:
         return {}
-    for line in reversed(lines):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("step") is not None:
-            return {"step": record["step"], "total": record.get("total"),
-                    "heartbeat": record.get("time")}
-    return {}
+    return {"step": record["step"], "total": record.get("total"), "heartbeat": record.get("time")}
 
 
 def prepare(drive, p, work):
@@ -276,29 +283,27 @@ def prepare(drive, p, work):
         if item is None:
             raise DriveFailure(f"{title} is missing from the attempt's Drive folder")
         drive.download(item["id"], work / title)
-    with tarfile.open(work / "runtime.tar.gz") as tar:
-        tar.extractall(work / "runtime", filter="data")
-    sys.path.insert(0, str(work / "runtime"))
+    runtime = extract_tar(work / "runtime.tar.gz", work / "runtime")
+    sys.path.insert(0, str(runtime))
     env = dict(p["SESSION_ENV"])
     env.update(bring_inputs(drive, p.get("INPUTS") or {}, work / "gpupool-inputs"))
     session_dir = work / "session"
-    env["GPUPOOL_SESSION_DIR"] = str(session_dir)
+    env[ENV_SESSION_DIR] = str(session_dir)
     restored = restore(drive, folder, p.get("RESTORE_NAME"), work)
     if restored is not None:
-        env["GPUPOOL_RESTORE_DIR"] = str(restored)
-    now = time.time()
-    hard_end = now + float(p["SESSION_SECONDS"])
-    env["GPUPOOL_DEADLINE"] = f"{hard_end - float(p['DEADLINE_MARGIN']):.3f}"
-    return {"session_dir": str(session_dir), "bundle": str(work / "bundle.tar.gz"),
-            "setup": p.get("SETUP"), "run": p["RUN"], "hard_end": hard_end,
-            "runtime_path": str(work / "runtime"), "env": env}
+        env[ENV_RESTORE_DIR] = str(restored)
+    # counted from now: the time before a person opened the notebook is not this session's
+    deadline, hard_end = session_deadline(time.time(), p["SESSION_SECONDS"], p.get("DEADLINE_MARGIN"))
+    return session_config(session_dir=str(session_dir), bundle=str(work / "bundle.tar.gz"),
+                          setup=p.get("SETUP"), run=p["RUN"], env=env, runtime_path=str(runtime),
+                          deadline=deadline, hard_end=hard_end)
 
 
 def bring_inputs(drive, plan, root):
     """Copy every input onto the VM's disk through the Drive API (not the FUSE mount), verify
     it, make it read-only; returns ``{GPUPOOL_INPUT_<NAME>: path}``. Raises
-    ``session_inputs.InputProblem`` naming an input that is missing or wrong."""
-    from gpupool import session_inputs
+    ``gpupool.session.inputs.InputProblem`` naming an input that is missing or wrong."""
+    from gpupool.session import inputs as session_inputs
 
     env = {}
     for name, item in plan.items():
@@ -309,7 +314,7 @@ def bring_inputs(drive, plan, root):
                 raise
             raise session_inputs.InputProblem(f"input {name!r}: Drive file or folder "
                                               f"{item.get('id')} is gone ({err})") from None
-        env[session_inputs.ENV_PREFIX + name.upper()] = str(path)
+        env[input_env_name(name)] = str(path)
         print(f"[gpupool] input {name} ready at {path}", flush=True)
     return env
 
@@ -374,10 +379,10 @@ def restore(drive, folder, name, work):
 
 
 def supervise(config, work, make_threads):
-    """Run gpupool.bootstrap under the session's deadline while checkpoints stream to Drive
+    """Run gpupool.session.bootstrap under the session's deadline while checkpoints stream to Drive
     (uploader thread) and the status is reported (heartbeat thread); returns both threads,
     the heartbeat still running (the caller stops it after the last upload)."""
-    path = work / "session.json"
+    path = work / SESSION_CONFIG
     path.write_text(json.dumps(config))
     session_dir = Path(config["session_dir"])
     session_dir.mkdir(parents=True, exist_ok=True)
@@ -386,7 +391,7 @@ def supervise(config, work, make_threads):
     # `python` in the run command is the kernel's own interpreter (with torch on Colab)
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
     with open(session_dir / "log.txt", "ab") as log:
-        process = subprocess.Popen([sys.executable, "-m", "gpupool.bootstrap", str(path)],
+        process = subprocess.Popen([sys.executable, "-m", "gpupool.session.bootstrap", str(path)],
                                    cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
     # SIGTERM: the supervisor has the training script save, then exit
     uploader, heartbeat = make_threads(session_dir, lambda: process.terminate())
@@ -433,7 +438,7 @@ def install(drive, reporter, p, work):
         # InputProblem's class comes from the runtime prepare() unpacks, hence by name: an
         # input gone or wrong is reported apart, so gpupool fails the run instead of retrying
         if type(err).__name__ == "InputProblem":
-            reporter.status("input-problem", message=f"an input is unusable in the session: {err}")
+            reporter.status(OUTCOME_INPUT_PROBLEM, message=f"an input is unusable in the session: {err}")
         else:
             reporter.status("failed", message=f"could not prepare the session: {err}")
         raise
@@ -464,8 +469,7 @@ def train(drive, reporter, p, work, config):
         uploader.round()  # the checkpoint saved on the way out, while the heartbeat goes on
     heartbeat.stopping.set()
     heartbeat.join()
-    exit_file = session_dir / "exit.json"
-    ended = json.loads(exit_file.read_text()) if exit_file.exists() else {}
+    ended = read_json(session_dir / EXIT_FILE) or {}
     if heartbeat.stopped_because is None and uploader.fatal is not None:
         heartbeat.safe_beat()  # the upload failed for good on the way out: say why
     state, fields = heartbeat.stopped_because or ("finished", {})

@@ -7,7 +7,7 @@ from pathlib import Path
 import platformdirs
 from pydantic import Field, field_validator, model_validator
 
-from gpupool.accounts import AccountSection, check_account_names, one_account_per_person
+from gpupool.accounts import AccountSection, checked_accounts
 from gpupool.durations import Seconds
 from gpupool.provider_config import ProviderConfig
 
@@ -39,7 +39,6 @@ class ColabConfig(ProviderConfig):
     max_concurrent: int = Field(1, ge=1, description="sessions at once per account (a person "
                                 "runs each notebook in a browser tab)")
     session_seconds: Seconds = Field(12 * 3600, gt=0, description="Colab's free session cap")
-    deadline_margin: Seconds = Field(600, ge=0, description="stop this long before the cap")
     start_timeout: Seconds = Field(1800, gt=0, description="withdraw if nobody runs it in time")
     heartbeat_seconds: Seconds = Field(30, gt=0, description="how often the notebook reports")
     heartbeat_timeout: Seconds = Field(600, gt=0, description="silence after which it is lost")
@@ -59,9 +58,7 @@ class ColabConfig(ProviderConfig):
     @field_validator("accounts")
     @classmethod
     def _one_account_per_person(cls, accounts: dict[str, ColabAccount]) -> dict[str, ColabAccount]:
-        check_account_names(accounts)
-        one_account_per_person(accounts, _sign_in)
-        return accounts
+        return checked_accounts(accounts, _sign_in)
 
     @model_validator(mode="after")
     def _members_own_credentials(self) -> ColabConfig:

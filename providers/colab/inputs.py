@@ -7,7 +7,7 @@
   uploads nothing. Hashes come from the local cache (size + mtime): nothing is re-read.
 * A Drive input (a file or folder id) is only checked here (it exists and this account can
   read it); the notebook copies it onto the VM's disk through the Drive API (not the FUSE mount).
-* A url input is fetched in the notebook and verified (``gpupool.session_inputs``).
+* A url input is fetched in the notebook and verified (``gpupool.session.inputs``).
 * A Kaggle input is downloaded once into the pool's cache by the adapter that owns Kaggle
   (``gpupool.inputs.InputSources``), then goes to Drive like a local input (one folder per
   content).
@@ -37,7 +37,7 @@ from gpupool.inputs import (
     reuse_sealed,
     write_sealed,
 )
-from gpupool.session_inputs import CONTENT_FILE, PACKED_DIR
+from gpupool.session.inputs import CONTENT_FILE, PACKED_DIR
 
 if TYPE_CHECKING:
     from gpupool.spec import ExperimentSpec, InputSpec

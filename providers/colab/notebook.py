@@ -1,7 +1,8 @@
 """Render the notebook of one Colab attempt (nbformat).
 
 Cells: instructions, a ``parameters`` cell (papermill's convention: tests inject the emulator's
-URL and a test token after it), the agent's source (standard library only), then one cell per
+URL and a test token after it), the agent's source (standard library only: the session
+contract, ``gpupool.session.contract``, then the Drive client and the agent), then one cell per
 step: GPU check, install + restore, train, release the runtime. The notebook carries no
 credential of the user's machine: on Colab it signs in as the person who runs it.
 """
@@ -11,7 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-AGENT_SOURCES = [Path(__file__).with_name("agent_drive.py"), Path(__file__).with_name("agent.py")]
+from gpupool.session import contract
+
+# The contract first: the agent uses its names before gpupool's runtime is downloaded.
+AGENT_SOURCES = [Path(contract.__file__), Path(__file__).with_name("agent_drive.py"),
+                 Path(__file__).with_name("agent.py")]
 DRIVE_BASE_URL = "https://www.googleapis.com"
 PARAMETER_DEFAULTS = {
     "DRIVE_BASE_URL": DRIVE_BASE_URL,

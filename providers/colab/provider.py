@@ -32,6 +32,7 @@ from gpupool.provider import (
     runtime_env,
 )
 from gpupool.provider_config import Capabilities, ProviderModel
+from gpupool.session.contract import OUTCOME_INPUT_PROBLEM
 
 from . import drive as gdrive
 from . import notebook
@@ -63,7 +64,7 @@ class ColabProvider(Provider):
         "running": AttemptState.RUNNING,
         "no-gpu": AttemptState.UNAVAILABLE,
         "failed": AttemptState.FAILED,
-        "input-problem": AttemptState.FAILED,  # final: see poll()
+        OUTCOME_INPUT_PROBLEM: AttemptState.FAILED,  # final: see poll()
         "stopped": AttemptState.CANCELLED,
     }
     input_kinds = frozenset({"local", "drive", "url", "kaggle"})  # kaggle: downloaded, then as local
@@ -211,8 +212,7 @@ class ColabProvider(Provider):
         drive.put(target, MANIFEST, manifest.to_json().encode(), "application/json")
 
     def _parameters(self, launch: Launch, folder: str) -> dict[str, Any]:
-        env = runtime_env(launch, provider=self.name, session_dir="", restore_dir=None,
-                          deadline=None)
+        env = runtime_env(launch, provider=self.name)  # the notebook adds the session's own
         return {
             "ATTEMPT_ID": launch.attempt_id, "EXPERIMENT_ID": launch.experiment_id,
             "ATTEMPT_FOLDER_ID": folder, "FOLDER_TITLE": self.config.folder,
@@ -263,7 +263,7 @@ class ColabProvider(Provider):
                               quota_spent=True, **common)
         if state == "failed":
             return PollResult(AttemptState.FAILED, message=status.get("message"), **common)
-        if state == "input-problem":  # an input gone or wrong: another try cannot help
+        if state == OUTCOME_INPUT_PROBLEM:  # an input gone or wrong: another try cannot help
             return PollResult(AttemptState.FAILED, message=status.get("message"), final=True,
                               **common)
         if now - float(status.get("time") or 0) > self.config.heartbeat_timeout:

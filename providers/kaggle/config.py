@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
-from gpupool.accounts import AccountSection, check_account_names, one_account_per_person
+from gpupool.accounts import AccountSection, checked_accounts
 from gpupool.durations import Seconds
 from gpupool.provider_config import ProviderConfig
 
@@ -92,8 +92,7 @@ class KaggleConfig(ProviderConfig):
     @field_validator("accounts")
     @classmethod
     def _one_account_per_person(cls, accounts: dict[str, KaggleAccount]) -> dict[str, KaggleAccount]:
-        check_account_names(accounts)
-        one_account_per_person(accounts, _identity)
+        checked_accounts(accounts, _identity)
         missing = [name for name, entry in accounts.items() if entry.credentials is None]
         if len(accounts) > 1 and missing:
             raise ValueError(f"{', '.join(map(repr, missing))}: each member's own credentials "

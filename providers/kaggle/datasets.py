@@ -33,6 +33,7 @@ from typing import Any
 from gpupool.bundle import runtime_sources
 from gpupool.errors import InputUnavailable, ProviderError, ProviderUnavailable
 from gpupool.inputs import progress_bar, reuse_sealed, write_sealed
+from gpupool.manifest import sha256_file
 from gpupool.provider import Launch
 
 from .client import KaggleRemote, OutcomeUnknown, RemoteNotFound
@@ -62,7 +63,7 @@ def stage_code(bundle: Path, staging: Path) -> dict[str, str]:
             info = tarfile.TarInfo(name)
             info.size, info.mode, info.mtime = len(data), 0o644, 0
             tar.addfile(info, io.BytesIO(data))
-    return {name: file_sha256(staging / name) for name in (CODE, RUNTIME)}
+    return {name: sha256_file(staging / name) for name in (CODE, RUNTIME)}
 
 
 @contextmanager
@@ -87,15 +88,8 @@ def stage_checkpoint(launch: Launch, staging: Path) -> list[tuple[Path, str]]:
     with tarfile.open(staging / CHECKPOINT, "w") as tar:
         tar.add(restore, arcname=launch.restore.name)
     shutil.rmtree(staging / "restore")
-    return [(staging / CHECKPOINT, file_sha256(staging / CHECKPOINT))]
+    return [(staging / CHECKPOINT, sha256_file(staging / CHECKPOINT))]
 
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def ship_code(remote: KaggleRemote, config: KaggleConfig, owner: str, registry: Registry,

@@ -10,7 +10,7 @@
 * A Kaggle input (``owner/slug[@version]``) is attached as a dataset source: no transfer.
 * A Drive input is downloaded once into the pool's cache by the adapter that owns Drive
   (``gpupool.inputs.InputSources``), then shipped like a local input (a version of its dataset).
-* A url input is fetched inside the kernel and verified (``gpupool.session_inputs``).
+* A url input is fetched inside the kernel and verified (``gpupool.session.inputs``).
 
 The kernel finds each dataset's folder under ``/kaggle/input`` and verifies uploaded content
 byte for byte before the user's command starts.
@@ -30,17 +30,18 @@ from typing import TYPE_CHECKING, Any
 
 from gpupool.errors import InputUnavailable
 from gpupool.inputs import Content, HashCache, InputSources, hash_content, pack_content
-from gpupool.session_inputs import CONTENT_FILE
+from gpupool.manifest import sha256_file
+from gpupool.session.inputs import CONTENT_FILE
 
 from .client import KaggleRemote
 from .config import KaggleConfig
-from .datasets import FAILED_STATUSES, add_version, create, file_sha256, wait_ready
+from .datasets import FAILED_STATUSES, add_version, create, wait_ready
 from .registry import Registry
 
 if TYPE_CHECKING:
     from gpupool.spec import ExperimentSpec, InputSpec
 
-PACKED_NAME = "data.tar"  # Kaggle unpacks it into data/ (gpupool.session_inputs.PACKED_DIR)
+PACKED_NAME = "data.tar"  # Kaggle unpacks it into data/ (gpupool.session.inputs.PACKED_DIR)
 
 
 @dataclass
@@ -161,7 +162,7 @@ class InputShipper:
             (staging / CONTENT_FILE).write_bytes(listing)
             packed = pack_content(content, staging / PACKED_NAME)
             tokens = [self.remote.upload(staging / CONTENT_FILE, hashlib.sha256(listing).hexdigest()),
-                      self.remote.upload(packed, file_sha256(packed))]
+                      self.remote.upload(packed, sha256_file(packed))]
             if status is None:
                 create(self.remote, self.owner, slug, tokens, private=not self.config.public)
                 self.registry.forget(slug)  # a new dataset: versions recorded before are gone

@@ -4,24 +4,27 @@ The kernel's code is a small generated script that carries the attempt's marker 
 datasets hold its code and checkpoint, how to run it). It finds those datasets under
 ``$KAGGLE_ROOT/input`` (``/kaggle/input``; both layouts, since Kaggle changed the mount layout
 in 2026), checks the code archives' sha256, puts the shipped runtime on ``sys.path`` and hands
-over to ``gpupool.bootstrap`` with the session folder in ``/kaggle/working/gpupool``, whose
-files become the session's output. The deadline is computed inside the kernel at its start,
-because the time spent queued is unknown. Nothing secret goes into the script or the metadata:
-the session needs no Kaggle credentials.
+over to ``gpupool.session.bootstrap`` with the session folder in ``/kaggle/working/gpupool``,
+whose files become the session's output. The deadline is computed inside the kernel at its
+start, because the time spent queued is unknown. Every name the script shares with gpupool
+comes from ``gpupool.session.contract``: imported once the runtime is unpacked, and its
+``extract_tar`` copied into the script to unpack the runtime. Nothing secret goes into the
+script or the metadata: the session needs no Kaggle credentials.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import re
 from typing import Any
 
 from gpupool.lifecycle import AttemptState
+from gpupool.session import contract
 
 CODE_FILE, RUNTIME_FILE, CHECKPOINT_FILE = "code.gpupool", "runtime.gpupool", "checkpoint.gpupool"
 SESSION_SUBDIR = "gpupool"  # under /kaggle/working
-INPUT_OUTCOME = "input-problem"  # exit.json's outcome when an input is missing or wrong
 MAX_SLUG = 50
 
 # Every KernelWorkerStatus, mapped once. COMPLETE and ERROR are refined by the session's
@@ -85,10 +88,11 @@ def save_request(*, owner: str, slug: str, script: str, sources: list[str], priv
 
 
 def render_script(marker: dict[str, Any]) -> str:
-    """The kernel's code: a fixed bootstrap with the attempt's marker filled in."""
+    """The kernel's code: a fixed bootstrap with the attempt's marker filled in, and the
+    contract's ``extract_tar`` (the one function it needs before the runtime is unpacked)."""
     return BOOTSTRAP.replace("@MARKER@", json.dumps(json.dumps(marker, sort_keys=True))) \
         .replace("@SUBDIR@", json.dumps(SESSION_SUBDIR)) \
-        .replace("@INPUT_OUTCOME@", json.dumps(INPUT_OUTCOME))
+        .replace("@EXTRACT_TAR@\n", inspect.getsource(contract.extract_tar))
 
 
 def script_marker(script: str) -> dict[str, Any]:
@@ -103,8 +107,9 @@ def marker(attempt_id: str, *, code: str, code_files: dict[str, str], checkpoint
            inputs: dict[str, Any] | None = None) -> dict[str, Any]:
     """What the kernel is told: ``code`` ("owner/slug" holding ``code_files``, name -> sha256:
     the bundle and the runtime), ``checkpoint`` ("owner/slug" holding the one to resume
-    from), how to run the session, and the experiment's data plan ``inputs`` (see
-    gpupool.session_inputs.prepare)."""
+    from), how to run the session (``margin``: seconds kept before the end, see
+    ``contract.deadline_margin``), and the experiment's data plan ``inputs`` (see
+    gpupool.session.inputs.prepare)."""
     return {
         "attempt": attempt_id, "code": code, "code_files": code_files, "bundle": CODE_FILE,
         "runtime": RUNTIME_FILE, "checkpoint": checkpoint, "checkpoint_file": CHECKPOINT_FILE,
@@ -115,8 +120,8 @@ def marker(attempt_id: str, *, code: str, code_files: dict[str, str], checkpoint
 
 BOOTSTRAP = '''\
 """gpupool session bootstrap (generated; holds no credentials). Finds this attempt's code and
-checkpoint among the mounted datasets, checks them, then runs gpupool.bootstrap with its
-session folder in /kaggle/working."""
+checkpoint among the mounted datasets, checks them, then runs gpupool.session.bootstrap with
+its session folder in /kaggle/working."""
 import hashlib
 import json
 import os
@@ -155,11 +160,8 @@ def check_sha256(path, expected):
         sys.exit(f"gpupool: {path.name} does not match its sha256 (damaged in transit)")
 
 
-def extract(archive, target):
-    target.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive, "r:*") as tar:
-        tar.extractall(target, filter="data")
-    return target
+# gpupool.session.contract.extract_tar, copied in: the runtime that holds it is not unpacked yet
+@EXTRACT_TAR@
 
 
 def main():
@@ -170,39 +172,38 @@ def main():
     for name, sha256 in config["code_files"].items():
         check_sha256(code / name, sha256)
     scratch = Path(tempfile.mkdtemp(prefix="gpupool-"))
-    runtime = extract(code / config["runtime"], scratch / "runtime")
+    runtime = extract_tar(code / config["runtime"], scratch / "runtime")
     sys.path.insert(0, str(runtime))
-    from gpupool import bootstrap, session_inputs
     from gpupool.manifest import read_local, verify_local
+    from gpupool.session import bootstrap, contract
+    from gpupool.session import inputs as session_inputs
 
     session = kaggle / "working" / SUBDIR
     session.mkdir(parents=True, exist_ok=True)
-    hard_end = start + float(config["session_seconds"])
-    env = dict(config["env"])
-    env.update(GPUPOOL_SESSION_DIR=str(session), GPUPOOL_LOG_EVENTS="1",
-               GPUPOOL_DEADLINE="%.3f" % (hard_end - float(config["margin"])))
+    deadline, hard_end = contract.session_deadline(start, config["session_seconds"], config["margin"])
+    env = dict(config["env"], **{contract.ENV_SESSION_DIR: str(session), contract.ENV_LOG_EVENTS: "1"})
     if config.get("checkpoint"):
         held = mounted(inputs, config["checkpoint"], "checkpoint")
-        restore = extract(held / config["checkpoint_file"], scratch / "restore") / config["checkpoint_name"]
+        unpacked = extract_tar(held / config["checkpoint_file"], scratch / "restore")
+        restore = unpacked / config["checkpoint_name"]
         verify_local(restore, read_local(restore))
-        env["GPUPOOL_RESTORE_DIR"] = str(restore)
+        env[contract.ENV_RESTORE_DIR] = str(restore)
     try:
         env.update(session_inputs.prepare(config.get("inputs", {}),
                                           lambda ref: locate_dataset(inputs, ref), scratch))
     except session_inputs.InputProblem as err:  # recorded: retrying cannot bring the input back
-        (session / "exit.json").write_text(json.dumps({"outcome": @INPUT_OUTCOME@, "message": str(err)}))
+        (session / contract.EXIT_FILE).write_text(
+            json.dumps({"outcome": contract.OUTCOME_INPUT_PROBLEM, "message": str(err)}))
         sys.exit(f"gpupool: {err}")
-    session_config = {
-        "session_dir": str(session), "bundle": str(code / config["bundle"]),
-        "setup": config.get("setup"), "run": config["run"], "hard_end": hard_end,
-        "runtime_path": str(runtime), "env": env,
-    }
-    (scratch / "session.json").write_text(json.dumps(session_config))
-    bootstrap.main(str(scratch / "session.json"))
-    shutil.rmtree(session / "code", ignore_errors=True)  # outputs hold checkpoints, not code
-    result = json.loads((session / "exit.json").read_text())
-    done = result.get("outcome") in ("done", "yield") or result.get("returncode") in (0, 75)
-    sys.exit(0 if done else 1)
+    session_config = contract.session_config(
+        session_dir=str(session), bundle=str(code / config["bundle"]), setup=config.get("setup"),
+        run=config["run"], env=env, runtime_path=str(runtime), deadline=deadline, hard_end=hard_end)
+    path = scratch / contract.SESSION_CONFIG
+    path.write_text(json.dumps(session_config))
+    bootstrap.main(str(path))
+    shutil.rmtree(session / contract.CODE_DIR, ignore_errors=True)  # outputs hold checkpoints, not code
+    result = contract.read_json(session / contract.EXIT_FILE) or {}
+    sys.exit(0 if contract.ended_cleanly(result) else 1)
 
 
 main()

@@ -15,15 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from gpupool.lifecycle import AttemptState
-from gpupool.manifest import ManifestError, list_local, verify_local
+from gpupool.manifest import MANIFEST, ManifestError, list_local, verify_local
 from gpupool.provider import PollResult, classify_exit
-from gpupool.runtime import EVENT_PREFIX
+from gpupool.session import contract
 
 from .client import KaggleRemote, KernelStatus, OutputFile
-from .kernel import INPUT_OUTCOME, SESSION_SUBDIR
+from .kernel import SESSION_SUBDIR
 
-CHECKPOINTS = f"{SESSION_SUBDIR}/checkpoints/"
-EXIT_FILES = (f"{SESSION_SUBDIR}/exit.json", f"{SESSION_SUBDIR}/started.json")
+CHECKPOINTS = f"{SESSION_SUBDIR}/{contract.CHECKPOINTS_DIR}/"
+EXIT_FILES = (f"{SESSION_SUBDIR}/{contract.EXIT_FILE}", f"{SESSION_SUBDIR}/{contract.STARTED_FILE}")
 TAIL_LINES = 20
 
 
@@ -47,14 +47,7 @@ def entry_lines(entries: list[Any]) -> list[str]:
 
 def events(lines: list[str]) -> list[dict[str, Any]]:
     """The runtime's structured records (``[gpupool] {...}`` lines)."""
-    found = []
-    for line in lines:
-        if line.startswith(EVENT_PREFIX + "{"):
-            try:
-                found.append(json.loads(line[len(EVENT_PREFIX):]))
-            except ValueError:
-                continue
-    return found
+    return [record for record in map(contract.parse_event_line, lines) if record is not None]
 
 
 def progress(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -64,7 +57,7 @@ def progress(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def tail(lines: list[str], count: int = TAIL_LINES) -> str:
-    plain = [line for line in lines if not line.startswith(EVENT_PREFIX + "{")]
+    plain = [line for line in lines if contract.parse_event_line(line) is None]
     return "\n".join(plain[-count:])
 
 
@@ -81,7 +74,7 @@ def checkpoint_files(files: list[OutputFile]) -> list[OutputFile]:
     """Output files of complete checkpoints (those whose manifest.json was written)."""
     names = {f.name for f in files}
     complete = {n.rsplit("/", 1)[0] + "/" for n in names
-                if n.startswith(CHECKPOINTS) and n.endswith("/manifest.json")}
+                if n.startswith(CHECKPOINTS) and n.endswith("/" + MANIFEST)}
     return [f for f in files if safe_name(f.name) and any(f.name.startswith(c) for c in complete)]
 
 
@@ -133,13 +126,13 @@ def ending(remote: KaggleRemote, status: KernelStatus, files: list[OutputFile], 
         return PollResult(AttemptState.CANCELLED, step=seen.get("step"),
                           message=with_kaggle_message("the Kaggle session was cancelled", status))
     found = read_exit(remote, files, scratch)
-    started = (found.get("started.json") or {}).get("time") or seen.get("first_time")
-    ended = found.get("exit.json")
+    started = (found.get(contract.STARTED_FILE) or {}).get("time") or seen.get("first_time")
+    ended = found.get(contract.EXIT_FILE)
     if ended is None:
         state = AttemptState.LOST
         message = with_kaggle_message(f"Kaggle ended the session ({status.name}) before it "
                                       "recorded an exit", status)
-    elif ended.get("outcome") == INPUT_OUTCOME:  # gone or wrong: another try cannot help
+    elif ended.get("outcome") == contract.OUTCOME_INPUT_PROBLEM:  # gone or wrong: another try cannot help
         return PollResult(AttemptState.FAILED, started_at=started, final=True,
                           message=f"an input is unusable in the session: {ended.get('message')}")
     else:

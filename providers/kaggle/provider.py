@@ -319,9 +319,7 @@ class KaggleProvider(Provider):
 
     def _marker(self, launch: Launch, plan: InputPlan, code: str, files: dict[str, str],
                 checkpoint: str | None) -> dict[str, Any]:
-        env = runtime_env(launch, provider=self.name, session_dir="", restore_dir=None,
-                          deadline=None)
-        env.pop("GPUPOOL_SESSION_DIR", None)  # set inside the kernel, like the deadline
+        env = runtime_env(launch, provider=self.name)  # the kernel adds its session folder
         restore = launch.restore
         return marker(launch.attempt_id, code=code, code_files=files, checkpoint=checkpoint,
                       checkpoint_name=restore.name if restore else None,

@@ -14,7 +14,7 @@ import pytest
 from gpupool.errors import SpecError
 from gpupool.lifecycle import AttemptState
 from gpupool.scheduler import Scheduler
-from gpupool.session_inputs import InputProblem
+from gpupool.session.inputs import InputProblem
 from gpupool.spec import ExperimentSpec
 from gpupool_providers.colab.agent import DriveREST, bring_inputs
 from tests.emulators.drive import drive_emulator_fixture  # noqa: F401

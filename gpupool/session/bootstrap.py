@@ -4,9 +4,10 @@ Standard library only: this is what starts inside every session (a local subproc
 kernel, a Colab notebook). It is the supervisor of the user's command: it forwards SIGTERM,
 stops the command at the session's hard end (SIGTERM, then SIGKILL after a grace period), and
 records how the command ended in ``exit.json`` so gpupool can tell a finished run from one to
-resume, one that failed, and one that was killed.
+resume, one that failed, and one that was killed. The files and names it shares with the
+scheduler are those of ``gpupool.session.contract``.
 
-    python -m gpupool.bootstrap session.json
+    python -m gpupool.session.bootstrap session.json
 """
 
 from __future__ import annotations
@@ -17,21 +18,20 @@ import re
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 from typing import Any
 
 from gpupool.errors import CheckpointError
+from gpupool.session import contract
 
 GRACE_SECONDS = 30.0
-EXIT_YIELD = 75  # gpupool.runtime.EXIT_YIELD: the script saved and stopped on purpose
 
 
 def _stop_at(env: dict[str, str], hard_end: float | None, has_folders: bool) -> float | None:
     """When the supervisor stops the command. A script with declared folders is stopped at the
     deadline told to the runtime, so its last snapshot is taken before the session's hard end."""
-    deadline = env.get("GPUPOOL_DEADLINE")
+    deadline = env.get(contract.ENV_DEADLINE)
     if has_folders and deadline:
         return min(float(deadline), hard_end) if hard_end is not None else float(deadline)
     return hard_end
@@ -41,35 +41,21 @@ def load_config(path: Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def unpack(bundle: Path, workdir: Path) -> None:
-    workdir.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(bundle, "r:*") as tar:
-        tar.extractall(workdir, filter="data")
-
-
 def session_limits(config: dict[str, Any], started: float) -> tuple[float | None, float | None]:
-    """(deadline told to the runtime, hard end), counted from when the session really started
-    (a queued Kaggle kernel or a notebook opened late must not lose its time)."""
-    cap = config.get("session_seconds")
-    if cap is None:
-        return None, config.get("hard_end")
-    margin = config.get("deadline_margin")
-    if margin is None:
-        margin = min(300.0, 0.1 * float(cap))
-    return started + float(cap) - float(margin), started + float(cap)
+    """(deadline told to the runtime, hard end), epoch seconds. With ``session_seconds`` they
+    count from ``started``, when the supervisor really started, and follow the one margin rule
+    (``contract.deadline_margin``); otherwise they are the ``deadline`` and ``hard_end`` the
+    caller measured from the session's own start (see ``contract.session_config``)."""
+    if config.get("session_seconds") is not None:
+        return contract.session_deadline(started, config["session_seconds"], config.get("deadline_margin"))
+    return config.get("deadline"), config.get("hard_end")
 
 
 def session_environment(config: dict[str, Any], deadline: float | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.update({str(k): str(v) for k, v in config.get("env", {}).items()})
     if deadline is not None:
-        env["GPUPOOL_DEADLINE"] = f"{deadline:.3f}"
+        env[contract.ENV_DEADLINE] = f"{deadline:.3f}"
     paths = [p for p in [config.get("runtime_path"), env.get("PYTHONPATH")] if p]
     if paths:
         env["PYTHONPATH"] = os.pathsep.join(paths)
@@ -86,8 +72,8 @@ class Supervisor:
     """Runs the command in its own process group and enforces the hard end of the session.
 
     ``stopped_by`` records who stopped the command, for ``exit.json``: None (nobody: it ended
-    on its own, or a signal from elsewhere such as the OOM killer), "deadline" (this supervisor,
-    at the hard end) or "signal" (a SIGTERM this supervisor received and forwarded: the
+    on its own, or a signal from elsewhere such as the OOM killer), STOPPED_BY_DEADLINE (this
+    supervisor, at the hard end) or STOPPED_BY_SIGNAL (a SIGTERM it received and forwarded: the
     platform, or a cancel). When the command ends, whatever it left in its process group
     (DataLoader workers) is killed, so nothing of a session outlives it."""
 
@@ -101,11 +87,11 @@ class Supervisor:
 
     def forward_sigterm(self) -> None:
         def _forward(signum: int, frame: Any) -> None:
-            self.terminate("signal")
+            self.terminate(contract.STOPPED_BY_SIGNAL)
 
         signal.signal(signal.SIGTERM, _forward)
 
-    def terminate(self, by: str = "signal") -> None:
+    def terminate(self, by: str = contract.STOPPED_BY_SIGNAL) -> None:
         if self.terminated_at is None:
             self.terminated_at = time.time()
             self.stopped_by = by
@@ -126,23 +112,21 @@ class Supervisor:
                 return code
             now = time.time()
             if self.hard_end is not None and now >= self.hard_end:
-                self.terminate("deadline")
+                self.terminate(contract.STOPPED_BY_DEADLINE)
             if self.terminated_at is not None and now >= self.terminated_at + GRACE_SECONDS:
                 self._signal(signal.SIGKILL)
             time.sleep(poll)
 
 
 def read_outcome(session_dir: Path) -> str | None:
-    try:
-        return str(json.loads((session_dir / "outcome.json").read_text())["outcome"])
-    except (OSError, ValueError, KeyError):
-        return None
+    outcome = (contract.read_json(session_dir / contract.OUTCOME_FILE) or {}).get("outcome")
+    return None if outcome is None else str(outcome)
 
 
 def tracker_environment(env: dict[str, str]) -> None:
     """One Weights & Biases run across every session of the experiment: its id derived from
     the experiment's (unless the user set one), resumed when it exists."""
-    experiment = env.get("GPUPOOL_EXPERIMENT")
+    experiment = env.get(contract.ENV_EXPERIMENT)
     if experiment:
         env.setdefault("WANDB_RUN_ID", re.sub(r"[^A-Za-z0-9_-]", "-", experiment)[:64])
         env.setdefault("WANDB_RESUME", "allow")
@@ -151,37 +135,38 @@ def tracker_environment(env: dict[str, str]) -> None:
 def prepare_folders(session_dir: Path, workdir: Path, env: dict[str, str], run: str
                     ) -> tuple[str, Any]:
     """Restore the declared checkpoint/output folders into place and start snapshotting them
-    (gpupool.snapshot); returns the run command with ``{{resume: ...}}`` resolved, and the
+    (gpupool.session.snapshot); returns the run command with ``{{resume: ...}}`` resolved, and the
     background snapshotter (None when no folder is declared)."""
-    if not (env.get("GPUPOOL_CHECKPOINT_PATH") or env.get("GPUPOOL_OUTPUTS")):
+    if not (env.get(contract.ENV_CHECKPOINT_PATH) or env.get(contract.ENV_OUTPUTS)):
         return run, None  # a runtime script: nothing more to import or start
-    from gpupool import runtime, snapshot
+    from gpupool.session import snapshot
 
     folders = snapshot.Folders.from_env(env, workdir)
     if folders is None:
         return run, None
     known, start_step = {}, 0
-    if env.get(runtime.ENV_RESTORE_DIR):
-        restore_dir = Path(env[runtime.ENV_RESTORE_DIR])
+    if env.get(contract.ENV_RESTORE_DIR):
+        restore_dir = Path(env[contract.ENV_RESTORE_DIR])
         known = snapshot.restore_into(folders, restore_dir)
         start_step = snapshot.read_local(restore_dir).step
     resumed = snapshot.restored_checkpoint(folders, known)
     if folders.checkpoint:
         folder = (workdir / folders.checkpoint).absolute()
         folder.mkdir(parents=True, exist_ok=True)
-        env[runtime.ENV_CHECKPOINT_DIR] = str(folder)
+        env[contract.ENV_CHECKPOINT_DIR] = str(folder)
     if resumed:
-        env[runtime.ENV_RESUMED] = "1"
+        env[contract.ENV_RESUMED] = "1"
         print(f"[gpupool] restored {len(known)} file(s) into {', '.join(folders.all())}", flush=True)
     snapper = snapshot.Snapshotter(
-        folders, session_dir, keep_last=int(env.get(runtime.ENV_KEEP_LAST) or 3), known=known,
-        info={"experiment": env.get(runtime.ENV_EXPERIMENT, ""), "attempt": env.get(runtime.ENV_ATTEMPT, ""),
-              "provider": env.get(runtime.ENV_PROVIDER, "")},
-        quiet=float(env.get(runtime.ENV_SNAPSHOT_SETTLE) or snapshot.DEFAULT_QUIET), start_step=start_step,
+        folders, session_dir, keep_last=int(env.get(contract.ENV_KEEP_LAST) or contract.DEFAULT_KEEP_LAST),
+        known=known, info={"experiment": env.get(contract.ENV_EXPERIMENT, ""),
+                           "attempt": env.get(contract.ENV_ATTEMPT, ""),
+                           "provider": env.get(contract.ENV_PROVIDER, "")},
+        quiet=float(env.get(contract.ENV_SNAPSHOT_SETTLE) or snapshot.DEFAULT_QUIET), start_step=start_step,
         reported_step=lambda: snapshot.last_reported_step(session_dir),
     )
-    background = snapshot.Background(snapper, float(env.get(runtime.ENV_INTERVAL) or 600),
-                                     session_dir / runtime.SNAPSHOT_REQUEST)
+    interval = float(env.get(contract.ENV_INTERVAL) or contract.DEFAULT_INTERVAL_SECONDS)
+    background = snapshot.Background(snapper, interval, session_dir / contract.SNAPSHOT_REQUEST)
     run = snapshot.substitute_resume(run, workdir, folders.checkpoint, resumed)
     return run, background.start()
 
@@ -189,16 +174,16 @@ def prepare_folders(session_dir: Path, workdir: Path, env: dict[str, str], run: 
 def main(config_path: str) -> int:
     config = load_config(Path(config_path))
     session_dir = Path(config["session_dir"])
-    workdir = session_dir / "code"
+    workdir = session_dir / contract.CODE_DIR
     session_dir.mkdir(parents=True, exist_ok=True)
     if not workdir.exists():
-        unpack(Path(config["bundle"]), workdir)
+        contract.extract_tar(config["bundle"], workdir)
     started = time.time()
     deadline, hard_end = session_limits(config, started)
     env = session_environment(config, deadline)
     tracker_environment(env)
-    write_json_atomic(session_dir / "started.json",
-                      {"time": started, "pid": os.getpid(), "deadline": deadline})
+    contract.write_json_atomic(session_dir / contract.STARTED_FILE,
+                               {"time": started, "pid": os.getpid(), "deadline": deadline})
     stopped_by: str | None = None
     try:
         run, snapshots = prepare_folders(session_dir, workdir, env, config["run"])
@@ -213,14 +198,14 @@ def main(config_path: str) -> int:
         print(f"[gpupool] run: {run}", flush=True)
         supervisor = Supervisor(run, workdir, env, _stop_at(env, hard_end, snapshots is not None))
         supervisor.forward_sigterm()
-        write_json_atomic(session_dir / "trainer.json", {"pid": supervisor.process.pid})
+        contract.write_json_atomic(session_dir / contract.TRAINER_FILE, {"pid": supervisor.process.pid})
         code = supervisor.wait()
         stopped_by = supervisor.stopped_by
     if snapshots is not None:  # the folders as the trainer left them (only if consistent)
-        snapshots.finish(code, time.time(), clean_codes=(0, EXIT_YIELD))
+        snapshots.finish(code, time.time(), clean_codes=contract.CLEAN_EXIT_CODES)
     result = {"returncode": code, "outcome": read_outcome(session_dir), "stopped_by": stopped_by,
               "started": started, "ended": time.time()}
-    write_json_atomic(session_dir / "exit.json", result)
+    contract.write_json_atomic(session_dir / contract.EXIT_FILE, result)
     print(f"[gpupool] session ended: {json.dumps(result)}", flush=True)
     return 0
 

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ENV_PREFIX = "GPUPOOL_INPUT_"
+from gpupool.session import contract
+
 CONTENT_FILE = "gpupool-content.json"
 PACKED_DIR = "data"  # the uploaded data.tar, unpacked by the service
 CHUNK = 1024 * 1024
@@ -40,7 +41,7 @@ def prepare(plan: dict[str, dict[str, Any]], locate: Callable[[str], Path | None
             path = fetch(item["url"], item.get("sha256"), scratch / "inputs" / name)
         else:
             raise InputProblem(f"input {name!r}: unknown kind {item['kind']!r}")
-        env[ENV_PREFIX + name.upper()] = str(path)
+        env[contract.input_env_name(name)] = str(path)
     return env
 
 

@@ -1,6 +1,6 @@
 """Checkpoint and output folders of a script that does not use ``gpupool.runtime``.
 
-Standard library only: this runs inside every session, in the supervisor (``gpupool.bootstrap``).
+Standard library only: this runs inside every session, in the supervisor (``gpupool.session.bootstrap``).
 The experiment file names a checkpoint folder (``checkpoint.path``) and output folders
 (``outputs``), relative to the workdir. A *snapshot* is a regular gpupool checkpoint
 (``ckpt-*`` with a manifest written last, see ``gpupool.manifest``) whose files are paths
@@ -48,6 +48,7 @@ from gpupool.manifest import (
     read_local,
     seal,
 )
+from gpupool.session import contract
 
 RESUME = re.compile(r"\{\{\s*resume\s*:(?P<text>.*?)\}\}", re.DOTALL)
 RESUME_OPEN = re.compile(r"\{\{\s*resume\b")
@@ -111,10 +112,8 @@ class Folders:
     @classmethod
     def from_env(cls, env: dict[str, str], workdir: Path) -> Folders | None:
         """From ``GPUPOOL_CHECKPOINT_PATH`` and ``GPUPOOL_OUTPUTS`` (a JSON list); None if neither."""
-        from gpupool import runtime
-
-        checkpoint = env.get(runtime.ENV_CHECKPOINT_PATH) or None
-        outputs = tuple(json.loads(env.get(runtime.ENV_OUTPUTS) or "[]"))
+        checkpoint = env.get(contract.ENV_CHECKPOINT_PATH) or None
+        outputs = tuple(json.loads(env.get(contract.ENV_OUTPUTS) or "[]"))
         if checkpoint is None and not outputs:
             return None
         return cls(Path(workdir), checkpoint, outputs)
@@ -205,7 +204,7 @@ class Snapshotter:
                  start_step: int = 0, reported_step: Callable[[], int | None] = lambda: None,
                  clock: Callable[[], float] = time.time):
         self.folders, self.session_dir = folders, Path(session_dir)
-        self.root = self.session_dir / "checkpoints"
+        self.root = self.session_dir / contract.CHECKPOINTS_DIR
         self.session_dir.mkdir(parents=True, exist_ok=True)
         self.info, self.keep_last, self.quiet, self.clock = info, keep_last, quiet, clock
         # Files whose content we hold an immutable copy of (restored, or last published), and
@@ -468,21 +467,8 @@ def _request_key(path: Path) -> tuple[int, int] | None:
 
 def last_reported_step(session_dir: Path) -> int | None:
     """The newest step the script reported through the runtime (events.jsonl), if any."""
-    path = Path(session_dir) / "events.jsonl"
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(max(0, path.stat().st_size - 65536))
-            lines = handle.read().decode(errors="replace").splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        try:
-            step = json.loads(line).get("step")
-        except (ValueError, AttributeError):
-            continue
-        if isinstance(step, int):
-            return step
-    return None
+    step = contract.last_event(session_dir).get("step")
+    return step if isinstance(step, int) else None
 
 
 def normalise(folder: str) -> str:
