@@ -160,7 +160,11 @@ class InputSpec(_Strict):
     def _shorthand(cls, value: Any) -> Any:
         if value is None:  # `name:` with nothing after it (pydantic would say "instance of")
             raise ValueError("needs a source: a local path, or {local|kaggle|drive|url: ...}")
-        return {"local": value} if isinstance(value, str) else value
+        if isinstance(value, (str, Path)):
+            return {"local": value}
+        if not isinstance(value, dict):
+            raise ValueError(f"must be a local path or {{local|kaggle|drive|url: ...}}, not {value!r}")
+        return value
 
     @field_validator("local", "kaggle", "drive", "url", mode="before")
     @classmethod
@@ -168,6 +172,8 @@ class InputSpec(_Strict):
         # "" would silently mean the experiment file's folder (local) or an id Drive never has
         if isinstance(value, str) and not value.strip():
             raise ValueError("is empty; give the source, or remove the input")
+        if value is not None and not isinstance(value, (str, Path)):
+            raise ValueError(f"must be text (a path, dataset, id or address), not {value!r}")
         return value
 
     @field_validator("local")
@@ -314,6 +320,14 @@ class ExperimentSpec(_Strict):
             return {str(k): str(v) for k, v in value.items()}
         return value
 
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _inputs_mapping(cls, value: Any) -> Any:
+        if not isinstance(value, dict):  # `inputs:` left empty, or given as a list
+            raise ValueError("must map input names to sources, e.g. `train: data/train` on "
+                             "the next line, indented (or remove inputs:)")
+        return value
+
     @field_validator("workdir")
     @classmethod
     def _workdir(cls, value: Path, info: ValidationInfo) -> Path:
@@ -370,10 +384,10 @@ def _inputs_problems_alone(path: Path) -> list[tuple[str, str]]:
     when the file as a whole did not validate, so one run reports every bad input."""
     from gpupool.inputs import local_problems
 
-    text = path.read_text(encoding="utf-8")
     try:
+        text = path.read_text(encoding="utf-8")
         data = yaml.safe_load(text)
-    except yaml.YAMLError:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):  # reported by the load already
         return []
     inputs = data.get("inputs") if isinstance(data, dict) else None
     if not isinstance(inputs, dict):

@@ -54,6 +54,19 @@ def test_an_input_with_no_value_says_it_needs_a_source(tmp_path: Path) -> None:
                                                "{local|kaggle|drive|url: ...}")]
 
 
+@pytest.mark.parametrize("body, field, message", [
+    ("  w: 5\n", "inputs.w (line 6)", "must be a local path or {local|kaggle|drive|url: ...}, not 5"),
+    ("  w: [a]\n", "inputs.w (line 6)", "must be a local path or"),
+    ("  w: {local: 3}\n", "inputs.w.local (line 6)", "must be text (a path, dataset, id or address)"),
+    ("", "inputs (line 5)", "must map input names to sources"),  # `inputs:` left empty
+])
+def test_a_source_of_the_wrong_shape_is_explained_not_pydantic(
+        tmp_path: Path, body: str, field: str, message: str) -> None:
+    problems = problems_of(experiment(tmp_path, body))
+    assert any(where == field and message in what for where, what in problems), problems
+    assert not any("instance of" in what or "class" in what for _, what in problems), problems
+
+
 def test_a_tilde_in_a_local_path_is_the_home_folder(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     home = tmp_path / "home"
