@@ -13,6 +13,7 @@ from gpupool.errors import SpecError
 from gpupool.lifecycle import AttemptState, ExperimentState
 from gpupool.spec import load_experiment
 from gpupool_providers.kaggle.inputs import InputPlan, InputShipper
+from tests.emulators.drive import drive_emulator_fixture  # noqa: F401
 from tests.emulators.kaggle import KaggleEmulator
 from tests.helpers import drive_until_done
 from tests.providers.test_kaggle_inputs import (  # noqa: F401 - fixtures used by name
@@ -76,3 +77,47 @@ def test_an_input_missing_in_the_session_fails_the_run_once(
     attempts = pool.state.attempts(experiment.id)
     assert len(attempts) == 1 and attempts[0].state == AttemptState.FAILED
     assert "input 'corpus': dataset bob/corpus-set is not attached" in (done.message or "")
+
+
+# -- caches of downloaded inputs notice changed bytes --------------------------------------------
+
+def _tamper(path: Path, data: bytes) -> None:
+    """Write other bytes of the same size and put the mtime back (as a careless edit would)."""
+    import os
+
+    before = path.stat()
+    path.chmod(0o644)
+    path.write_bytes(data)
+    path.chmod(0o444)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def test_a_changed_kaggle_download_is_downloaded_again(emu: KaggleEmulator, tmp_path: Path) -> None:
+    from gpupool.spec import InputSpec
+
+    emu.add_dataset("bob/corpus-set", {"t.csv": b"x,y\n1,2\n"}, private=False)
+    kaggle = make_pool(tmp_path).provider("kaggle")
+    dest = tmp_path / "cache"
+    got = kaggle.download_input(InputSpec(kaggle="bob/corpus-set"), dest)
+    assert (got / "t.csv").stat().st_mode & 0o777 == 0o444
+    assert kaggle.download_input(InputSpec(kaggle="bob/corpus-set"), dest) == got
+    assert emu.dataset_downloads() == ["bob/corpus-set"]  # unchanged: used again
+    _tamper(got / "t.csv", b"x,y\n6,6\n")
+    again = kaggle.download_input(InputSpec(kaggle="bob/corpus-set"), dest)
+    assert (again / "t.csv").read_bytes() == b"x,y\n1,2\n"
+    assert emu.dataset_downloads() == ["bob/corpus-set"] * 2
+
+
+def test_a_changed_drive_download_is_downloaded_again(drive_emulator, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from gpupool.spec import InputSpec
+    from tests.providers.colab_support import make_provider
+
+    item = drive_emulator.state.create("vocab.txt", content=b"words")
+    colab = make_provider(drive_emulator, tmp_path)
+    dest = tmp_path / "cache"
+    got = colab.download_input(InputSpec(drive=item.id), dest)
+    assert colab.download_input(InputSpec(drive=item.id), dest) == got
+    downloads = len(drive_emulator.calls("files.download"))
+    _tamper(got, b"WORDS")
+    assert colab.download_input(InputSpec(drive=item.id), dest).read_bytes() == b"words"
+    assert len(drive_emulator.calls("files.download")) > downloads
