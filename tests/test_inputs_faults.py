@@ -250,3 +250,18 @@ def test_cli_reports_every_bad_input_with_exit_2(tmp_path: Path) -> None:
                   "inputs.gone.local (line 8)", "inputs.n (line 9)"):
         assert where in result.stderr, result.stderr
     assert "Traceback" not in result.stderr + result.stdout and not (tmp_path / "data").exists()
+
+
+# -- in the session: what fails the run at once, and what may work on another try ----------------
+
+def test_a_session_input_problem_says_whether_another_try_can_help(tmp_path: Path) -> None:
+    """A dataset not attached is final (the run fails once); a fetch cut on the way is not."""
+    from gpupool.session.inputs import InputProblem, fetch, prepare
+
+    with pytest.raises(InputProblem) as gone:
+        prepare({"corpus": {"kind": "dataset", "ref": "bob/set", "packed": False}},
+                lambda ref: None, tmp_path)
+    assert not gone.value.transient and "not attached" in str(gone.value)
+    with pytest.raises(InputProblem) as cut:
+        fetch("http://127.0.0.1:9/x.txt", None, tmp_path / "url")  # port 9: nothing listens
+    assert cut.value.transient and "cannot fetch" in str(cut.value)

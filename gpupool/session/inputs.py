@@ -25,7 +25,13 @@ CHUNK = 1024 * 1024
 
 
 class InputProblem(Exception):
-    """An input is missing or does not match its hash; the message names it."""
+    """An input is missing or does not match its hash; the message names it. ``transient``:
+    it may work on another try (a fetch that failed on the way), so the session is not
+    reported as an input problem (which fails the whole run at once)."""
+
+    def __init__(self, message: str, *, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 def prepare(plan: dict[str, dict[str, Any]], locate: Callable[[str], Path | None],
@@ -80,7 +86,7 @@ def fetch(url: str, sha256: str | None, folder: Path) -> Path:
                 digest.update(chunk)
                 out.write(chunk)
     except OSError as err:
-        raise InputProblem(f"cannot fetch {url}: {err}") from None
+        raise InputProblem(f"cannot fetch {url}: {err}", transient=True) from None
     if sha256 is not None and digest.hexdigest() != sha256:
         target.unlink()
         raise InputProblem(f"{url} has sha256 {digest.hexdigest()}, not {sha256}")

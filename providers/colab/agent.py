@@ -437,7 +437,7 @@ def install(drive, reporter, p, work):
         beats.halt()
         # InputProblem's class comes from the runtime prepare() unpacks, hence by name: an
         # input gone or wrong is reported apart, so gpupool fails the run instead of retrying
-        if type(err).__name__ == "InputProblem":
+        if type(err).__name__ == "InputProblem" and not getattr(err, "transient", False):
             reporter.status(OUTCOME_INPUT_PROBLEM, message=f"an input is unusable in the session: {err}")
         else:
             reporter.status("failed", message=f"could not prepare the session: {err}")

@@ -192,6 +192,8 @@ def main():
         env.update(session_inputs.prepare(config.get("inputs", {}),
                                           lambda ref: locate_dataset(inputs, ref), scratch))
     except session_inputs.InputProblem as err:  # recorded: retrying cannot bring the input back
+        if err.transient:
+            sys.exit(f"gpupool: {err}")
         (session / contract.EXIT_FILE).write_text(
             json.dumps({"outcome": contract.OUTCOME_INPUT_PROBLEM, "message": str(err)}))
         sys.exit(f"gpupool: {err}")
