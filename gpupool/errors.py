@@ -128,7 +128,8 @@ class CancelFailed(ProviderError):
 
 class InputUnavailable(ProviderError):
     """An input cannot be brought into the session (deleted dataset, wrong sha256, unreadable
-    file). Retrying elsewhere cannot help, so the scheduler fails the attempt with this reason."""
+    file). Retrying, here or elsewhere, cannot help, so the scheduler fails the attempt and the
+    experiment with this reason (no retries)."""
 
 
 class RemoteNotFound(ProviderError):
