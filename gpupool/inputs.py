@@ -263,6 +263,19 @@ class HashCache:
         os.replace(tmp, self.path)
 
 
+def foreign_content(foreign: InputSources | None, provider: str, name: str, item: InputSpec,
+                    cache: HashCache) -> Content:
+    """The content of input ``name`` whose source lives at another provider, downloaded into
+    this machine's cache by ``foreign`` and hashed (only files the cache does not know).
+
+    Raises InputUnavailable when the placing ``provider`` was given no downloader (a pool
+    always gives one; a bare adapter in a test may not), or as ``InputSources.fetch`` does."""
+    if foreign is None:
+        raise InputUnavailable(provider, f"input {name!r}: {item.kind} inputs need a pool "
+                                         "that can ask the provider holding them")
+    return hash_content(foreign.fetch(name, item), cache)
+
+
 def hash_content(root: Path, cache: HashCache) -> Content:
     """Hash the file or folder at ``root``, reading only files the cache does not know.
 

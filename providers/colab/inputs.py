@@ -32,6 +32,7 @@ from gpupool.inputs import (
     Content,
     HashCache,
     InputSources,
+    foreign_content,
     hash_content,
     progress_bar,
     reuse_sealed,
@@ -82,10 +83,7 @@ class DriveInputs:
                     "is_dir": meta.get("mimeType") == FOLDER_MIME}
         if item.url is not None:
             return {"kind": "url", "url": item.url, "sha256": item.sha256}
-        if self.foreign is None:
-            raise InputUnavailable("colab", f"input {name!r}: {item.kind} inputs need a pool "
-                                            "that can ask the provider holding them")
-        content = hash_content(self.foreign.fetch(name, item), self.cache)
+        content = foreign_content(self.foreign, "colab", name, item, self.cache)
         return {"kind": "drive_content", "id": self.ensure_content(content)}
 
     def ensure_content(self, content: Content) -> str:

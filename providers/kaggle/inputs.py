@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpupool.errors import InputUnavailable
-from gpupool.inputs import Content, HashCache, InputSources, hash_content, pack_content
+from gpupool.inputs import Content, HashCache, InputSources, foreign_content, hash_content, pack_content
 from gpupool.manifest import sha256_file
 from gpupool.session.inputs import CONTENT_FILE
 
@@ -113,10 +113,7 @@ class InputShipper:
             return {"kind": "dataset", "ref": ref, "packed": False}
         if item.url is not None:
             return {"kind": "url", "url": item.url, "sha256": item.sha256}
-        if self.foreign is None:
-            raise InputUnavailable("kaggle", f"input {name!r}: {item.kind} inputs need a pool "
-                                             "that can ask the provider holding them")
-        content = hash_content(self.foreign.fetch(name, item), self.cache)
+        content = foreign_content(self.foreign, "kaggle", name, item, self.cache)
         ref = self.ensure_content(name, content, experiment)
         sources.append(ref)
         return {"kind": "dataset", "ref": ref, "packed": True}
