@@ -4,6 +4,7 @@ shell completion of experiment IDs. Registered on the main group by ``gpupool.cl
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,14 +74,24 @@ def checkpoints(ctx: click.Context, experiment_id: str, as_json: bool) -> None:
     verify (every file's sha256 against the manifest). A resume starts at the one marked latest."""
     from gpupool import api
 
-    base = _base()
-    pool = base._open_pool(ctx)
-    experiment = api.experiment(pool, experiment_id)
-    rows = api.checkpoints(pool, experiment.id)
+    experiment, rows = _experiment_rows(ctx, experiment_id, api.checkpoints)
     if as_json:
-        base._print_json(rows)
+        _base()._print_json(rows)
         return
-    _render_checkpoints(base._console(), experiment.id, rows)
+    _render_checkpoints(_base()._console(), experiment.id, rows)
+
+
+Rows = list[dict[str, Any]]
+
+
+def _experiment_rows(ctx: click.Context, experiment_id: str,
+                     rows_of: Callable[[Any, str], Rows]) -> tuple[Any, Rows]:
+    """The experiment an id (or unique prefix) names, and the rows ``rows_of(pool, id)`` gives."""
+    from gpupool import api
+
+    pool = _base()._open_pool(ctx)
+    experiment = api.experiment(pool, experiment_id)
+    return experiment, rows_of(pool, experiment.id)
 
 
 def _render_checkpoints(console: Any, experiment_id: str, rows: list[dict[str, Any]]) -> None:
@@ -208,18 +219,15 @@ def metrics(ctx: click.Context, experiment_id: str, as_csv: bool, metric: str | 
     session of the experiment, as sampled by the scheduler (about one a poll)."""
     from gpupool import api
 
-    base = _base()
-    pool = base._open_pool(ctx)
-    experiment = api.experiment(pool, experiment_id)
-    rows = api.metrics(pool, experiment.id)
+    experiment, rows = _experiment_rows(ctx, experiment_id, api.metrics)
     if as_json:
-        base._print_json(rows)
+        _base()._print_json(rows)
     elif as_csv:
         _write_csv(rows)
     elif metric:
         _plot(experiment.id, rows, metric)
     else:
-        _render_metrics(base._console(), experiment.id, rows[-last:], len(rows))
+        _render_metrics(_base()._console(), experiment.id, rows[-last:], len(rows))
 
 
 def _metric_names(rows: list[dict[str, Any]]) -> list[str]:
