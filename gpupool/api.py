@@ -245,7 +245,8 @@ def follow_logs(pool: Pool, experiment_id: str, echo: Callable[[str], None], *,
 
 def metrics(pool: Pool, experiment_id: str) -> list[dict[str, Any]]:
     """Every metrics sample the training script reported, oldest first: ``time`` (epoch
-    seconds), ``attempt`` (session number), ``step`` and one key a metric. Raises ``NotFound``."""
+    seconds), ``attempt`` (the attempt id, ``<experiment>-a<n>``), ``step`` and one key a
+    metric. Raises ``NotFound``."""
     from gpupool.progress import metric_rows
 
     return metric_rows(pool.state, pool.state.experiment(experiment_id).id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -64,6 +65,10 @@ def cli(ctx: click.Context, config: Path | None) -> None:
     """
     ctx.ensure_object(dict)
     ctx.obj["config"] = config
+    if ctx.invoked_subcommand != "daemon":  # the daemon logs at INFO with times, set up there
+        # the library's loggers have only a NullHandler; on the command line warnings show
+        # as plain lines on stderr, as Python's last-resort handler printed them before
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
 
 @cli.command()
@@ -413,7 +418,7 @@ def _render_quota(rows: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
     table = Table(title="GPU quota", title_justify="left")
-    for column in ("provider", "account", "used", "", "left", "resets in", "source"):
+    for column in ("provider", "account", "used", "of total", "left", "resets in", "source"):
         table.add_column(column)
     for row in rows:
         if row["total_hours"] is None:

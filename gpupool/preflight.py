@@ -24,6 +24,7 @@ class ProviderCheck:
     reason: str
     fix: str | None = None
     on_cpu: bool = False  # a GPU experiment that would train on this provider's CPU
+    cpu_switch: str | None = None  # the setting that turns that off, when the adapter has one
 
 
 def check_providers(pool: Pool, spec: ExperimentSpec) -> list[ProviderCheck]:
@@ -52,7 +53,15 @@ def check_provider(pool: Pool, spec: ExperimentSpec, name: str) -> ProviderCheck
     if not ok:
         return ProviderCheck(name, False, reason, _fix(provider, where))
     on_cpu = spec.resources.wants_gpu and provider.accepts_cpu()
-    return ProviderCheck(name, True, reason, on_cpu=on_cpu)
+    return ProviderCheck(name, True, reason, on_cpu=on_cpu, cpu_switch=_cpu_switch(provider))
+
+
+def _cpu_switch(provider: Provider) -> str | None:
+    """``providers.NAME.cpu_fallback`` when the adapter's settings have that key: the
+    capability says an adapter may train on the CPU, not that a third party's config can
+    turn it off."""
+    has_key = "cpu_fallback" in type(provider.config).model_fields
+    return f"providers.{provider.name}.cpu_fallback" if has_key else None
 
 
 def _check_accounts(provider: Provider, name: str, accounts: list[str]) -> tuple[bool, str]:
@@ -74,8 +83,9 @@ def _fix(provider: Provider, where: str) -> str:
     name = provider.name
     if provider.capabilities.interactive_sign_in:  # `gpupool auth NAME` sets them up
         return f"gpupool auth {name}"
-    if provider.capabilities.cpu_fallback:
-        return f"set providers.{name}.cpu_fallback: true in {where}, or install a CUDA GPU driver"
+    switch = _cpu_switch(provider) if provider.capabilities.cpu_fallback else None
+    if switch:
+        return f"set {switch}: true in {where}, or install a CUDA GPU driver"
     return f"see `gpupool providers` and providers.{name} in {where}"
 
 
@@ -95,9 +105,9 @@ def report_lines(checks: list[ProviderCheck]) -> list[str]:
             lines.append(f"  will use {check.name}: {check.reason}")
             if check.on_cpu:
                 lines.append(f"    note: no GPU on {check.name}, so this GPU experiment will train "
-                             "on the CPU there (much slower); set "
-                             f"providers.{check.name}.cpu_fallback: "
-                             "false to wait for a GPU instead")
+                             "on the CPU there (much slower)" + (
+                                 f"; set {check.cpu_switch}: false to wait for a GPU instead"
+                                 if check.cpu_switch else ""))
         else:
             lines.append(f"  skipping {check.name}: {check.reason}")
             if check.fix:

@@ -176,3 +176,16 @@ def test_run_schedules_in_this_process_until_the_experiment_ends(tmp_path):
     assert seen[-1] == "succeeded" and "succeeded" not in seen[:-1]
     assert api.status_page(pool).scheduler["running"] is False  # the lease was handed back
     assert api.step_once(pool, role="daemon") is not None  # so another scheduler steps at once
+
+
+def test_the_library_prints_nothing_until_the_application_sets_up_logging() -> None:
+    """A warning from gpupool or an adapter reaches no stderr through Python's last-resort
+    handler: a script using the library face decides where its logs go."""
+    import subprocess
+    import sys
+
+    code = ("import logging, gpupool, gpupool_providers\n"
+            "logging.getLogger('gpupool.quota').warning('quota API failed')\n"
+            "logging.getLogger('gpupool_providers.kaggle.provider').warning('quota API failed')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stderr == "", result.stderr

@@ -154,3 +154,29 @@ def test_the_run_preflight_fix_comes_from_declared_capabilities(tmp_path: Path) 
     check = check_provider(pool, spec, "journal")
     assert (check.usable, check.reason, check.fix) == (False, "not signed in", "gpupool auth journal")
     pool.close()
+
+
+class CpuOnly(JournalProvider):
+    """A third party's adapter that trains on the CPU when there is no GPU, with no
+    ``cpu_fallback`` key in its settings to turn that off."""
+
+    capabilities = Capabilities(cpu_fallback=True)
+
+    def gpu_kinds(self) -> set[str]:
+        return set()
+
+
+def test_the_cpu_note_names_a_setting_only_when_the_adapter_has_it(tmp_path: Path) -> None:
+    from gpupool.preflight import check_provider, report_lines
+    from gpupool.spec import ExperimentSpec
+
+    assert "cpu_fallback" not in CpuOnly.Config.model_fields
+    journal = CpuOnly(JournalProvider.Config(folder=str(tmp_path)), tmp_path, lambda: 0.0)
+    pool = Pool(PoolSettings(data_dir=tmp_path / "data"), providers={"journal": journal})
+    spec = ExperimentSpec(name="on-cpu", run="python t.py", providers=["journal"],
+                          resources={"gpu": "any"})
+    check = check_provider(pool, spec, "journal")
+    assert check.usable and check.on_cpu and check.cpu_switch is None
+    note = "\n".join(report_lines([check]))
+    assert "train on the CPU there" in note and "cpu_fallback" not in note
+    pool.close()
