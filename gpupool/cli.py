@@ -184,7 +184,8 @@ def _summary(outcome: Any, console: Any) -> int:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True,
               help="Experiments per page.")
-@click.option("--page", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--page", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Which page of experiments, newest first.")
 @click.pass_context
 def status(ctx: click.Context, experiment_id: str | None, as_json: bool, limit: int, page: int) -> None:
     """Show experiments, or one experiment with every attempt and its recent events."""

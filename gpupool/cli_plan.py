@@ -29,7 +29,8 @@ def _base() -> Any:
 @click.option("--save-seconds", type=float, default=10.0, show_default=True,
               help="Training stall per checkpoint.")
 @click.option("--days", type=float, default=56.0, show_default=True, help="Virtual days simulated.")
-@click.option("--runs", type=click.IntRange(1, 100_000), default=200, show_default=True)
+@click.option("--runs", type=click.IntRange(1, 100_000), default=200, show_default=True,
+              help="Simulated runs; more give steadier percentiles, slower.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
