@@ -32,6 +32,7 @@ from gpupool.provider import Provider, Quota
 if TYPE_CHECKING:
     from gpupool.state import Attempt, Cooldown, State
 
+
 @dataclass(frozen=True)
 class QuotaLeft:
     """One account's GPU time now.
