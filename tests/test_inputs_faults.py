@@ -15,6 +15,7 @@ import pytest
 from gpupool.errors import InputUnavailable, SpecError
 from gpupool.inputs import fetch_url, first_unreadable, reuse_sealed, write_sealed
 from gpupool.spec import load_experiment
+from tests.test_inputs import Opener
 
 HEAD = "name: with-inputs\nworkdir: work\nrun: python check.py\nproviders: [local]\ninputs:\n"
 
@@ -140,15 +141,6 @@ def test_unreadable_files_deep_in_a_folder_are_found(tmp_path: Path,
 
 
 # -- caches of downloaded inputs ------------------------------------------------------------
-
-class Opener:
-    def __init__(self, data: bytes):
-        self.data, self.calls = data, 0
-
-    def __call__(self, url: str) -> io.BytesIO:
-        self.calls += 1
-        return io.BytesIO(self.data)
-
 
 def _tamper(path: Path, data: bytes, *, keep_mtime: bool) -> None:
     before = path.stat()
